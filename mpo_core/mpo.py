@@ -1,0 +1,347 @@
+"""The :class:`MPO` container: cores plus shapes, dense reconstruction, canonical forms, save/load.
+
+Core ``k`` has shape ``(d_{k-1}, in_shape[k], out_shape[k], d_k)`` with ``d_0 = d_n = 1``
+(rows first, as tensorly's TT-matrix). The represented matrix is::
+
+    W[(i1..in), (j1..jn)] = T1[:, i1, j1, :] @ T2[:, i2, j2, :] @ ... @ Tn[:, in, jn, :]
+
+with row index ``ravel((i1..in), in_shape)`` and column index ``ravel((j1..jn), out_shape)``
+in C (row-major) order.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Any, Sequence
+
+import torch
+
+from mpo_core.truncation import BondSpec, bond_limits, split_threshold, truncated_svd_split
+
+__all__ = ["MPO"]
+
+_FORMAT = "mpo_core.MPO"
+_VERSION = 1
+
+
+class MPO:
+    """A matrix product operator (tensor-train matrix).
+
+    Parameters
+    ----------
+    cores : sequence of torch.Tensor
+        ``n`` 4-D cores, core ``k`` of shape ``(d_{k-1}, i_k, j_k, d_k)`` with ``d_0 = d_n = 1``,
+        all of one floating dtype and on one device. They are stored as given (no copy).
+    in_shape, out_shape : sequence of int, optional
+        Checked against the cores when given; inferred from them otherwise.
+    error_bound : float, default 0.0
+        A guaranteed bound on ``||W - to_dense()||_F`` for the matrix ``W`` this MPO
+        approximates (0 when exact).
+    norm : float, optional
+        ``||W||_F`` of that matrix, when known (used for relative error reports).
+    canonical_center : int, optional
+        When set, cores left of it are left-orthogonal and cores right of it right-orthogonal.
+    spectra : list of torch.Tensor, optional
+        Singular values at each of the ``n - 1`` bonds (kept and discarded), when known.
+    metadata : dict, optional
+        Free-form, saved with the MPO.
+    """
+
+    def __init__(
+        self,
+        cores: Sequence[torch.Tensor],
+        in_shape: Sequence[int] | None = None,
+        out_shape: Sequence[int] | None = None,
+        *,
+        error_bound: float = 0.0,
+        norm: float | None = None,
+        canonical_center: int | None = None,
+        spectra: Sequence[torch.Tensor] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.cores = _validate_cores(cores)
+        n = len(self.cores)
+        shapes = (tuple(c.shape[1] for c in self.cores), tuple(c.shape[2] for c in self.cores))
+        for name, given, actual in (("in_shape", in_shape, shapes[0]), ("out_shape", out_shape, shapes[1])):
+            if given is not None and tuple(given) != actual:
+                raise ValueError(f"{name}={tuple(given)} does not match the cores' modes {actual}")
+        self.in_shape, self.out_shape = shapes
+        if not (isinstance(error_bound, (int, float)) and math.isfinite(error_bound) and error_bound >= 0):
+            raise ValueError(f"error_bound must be a finite float >= 0, got {error_bound!r}")
+        self.error_bound = float(error_bound)
+        self.norm = None if norm is None else float(norm)
+        if canonical_center is not None and not 0 <= canonical_center < n:
+            raise ValueError(f"canonical_center must be in [0, {n}), got {canonical_center}")
+        self.canonical_center = canonical_center
+        self.spectra = None if spectra is None else list(spectra)
+        self.metadata = dict(metadata or {})
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def n(self) -> int:
+        """Number of cores."""
+        return len(self.cores)
+
+    @property
+    def ranks(self) -> list[int]:
+        """Bond dimensions ``[1, d_1, ..., d_{n-1}, 1]``."""
+        return [1] + [c.shape[3] for c in self.cores]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(prod(in_shape), prod(out_shape))``: the shape of :meth:`to_dense`."""
+        return math.prod(self.in_shape), math.prod(self.out_shape)
+
+    @property
+    def num_params(self) -> int:
+        """Total number of entries in the cores."""
+        return sum(c.numel() for c in self.cores)
+
+    @property
+    def compression(self) -> float:
+        """Dense entries divided by core entries (> 1 means smaller than dense)."""
+        rows, cols = self.shape
+        return rows * cols / self.num_params
+
+    @property
+    def central_index(self) -> int:
+        """Index of the central core, ``n // 2``."""
+        return self.n // 2
+
+    @property
+    def central(self) -> torch.Tensor:
+        """The central core (the one MPOBERT shares across layers)."""
+        return self.cores[self.central_index]
+
+    @property
+    def auxiliary(self) -> list[torch.Tensor]:
+        """All cores but the central one, in order."""
+        return [c for k, c in enumerate(self.cores) if k != self.central_index]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cores[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.cores[0].device
+
+    @property
+    def relative_error_bound(self) -> float | None:
+        """``error_bound / ||W||_F`` when the norm of the source matrix is known (0 for a zero matrix)."""
+        if self.norm is None:
+            return None
+        return self.error_bound / self.norm if self.norm > 0 else 0.0
+
+    def param_shares(self) -> list[float]:
+        """Fraction of :attr:`num_params` held by each core."""
+        total = self.num_params
+        return [c.numel() / total for c in self.cores]
+
+    # ------------------------------------------------------------------ math
+    def to_dense(self) -> torch.Tensor:
+        """Contract the cores into the ``(prod(in_shape), prod(out_shape))`` matrix (C order)."""
+        acc = self.cores[0][0]  # (i1, j1, d1)
+        for core in self.cores[1:]:
+            rows, cols, _ = acc.shape
+            _, i, j, d = core.shape
+            # (R, C, a) x (a, i, j, d) -> (R, i, C, j, d): rows keep (i1..ik), cols keep (j1..jk)
+            acc = torch.einsum("rca,aijd->ricjd", acc, core).reshape(rows * i, cols * j, d)
+        return acc[..., 0]
+
+    def frobenius_norm(self) -> float:
+        """``||to_dense()||_F`` computed from the cores (no dense matrix is formed)."""
+        if self.canonical_center is not None:
+            return float(torch.linalg.vector_norm(self.cores[self.canonical_center]))
+        return float(torch.linalg.vector_norm(self.canonicalize(self.n - 1).cores[-1]))
+
+    def relative_error(self, matrix: torch.Tensor) -> float:
+        """Actual ``||matrix - to_dense()||_F / ||matrix||_F`` (0 when both are zero)."""
+        matrix = torch.as_tensor(matrix).to(device=self.device)
+        dense = self.to_dense().to(torch.float64)
+        ref = matrix.to(torch.float64)
+        num = float(torch.linalg.vector_norm(ref - dense))
+        den = float(torch.linalg.vector_norm(ref))
+        return num / den if den > 0 else num
+
+    def canonicalize(self, center: int) -> "MPO":
+        """Return an equal MPO in mixed-canonical form around core ``center``.
+
+        Cores ``k < center`` become left-orthogonal (``sum_{a,i,j} T[a,i,j,b] T[a,i,j,b'] = δ_bb'``),
+        cores ``k > center`` right-orthogonal (``sum_{i,j,b} T[a,i,j,b] T[a',i,j,b] = δ_aa'``), by QR
+        sweeps; ``to_dense()`` is unchanged up to rounding. Bonds larger than the rank of their
+        unfolding shrink to it. Computed in the cores' dtype (use float64 for 1e-12 accuracy).
+        """
+        center = _check_index(center, self.n, "center")
+        cores = list(self.cores)
+        for k in range(center):
+            d0, i, j, d1 = cores[k].shape
+            q, r = torch.linalg.qr(cores[k].reshape(d0 * i * j, d1))
+            cores[k] = q.reshape(d0, i, j, q.shape[1])
+            cores[k + 1] = torch.tensordot(r, cores[k + 1], dims=1)
+        for k in range(self.n - 1, center, -1):
+            d0, i, j, d1 = cores[k].shape
+            q, r = torch.linalg.qr(cores[k].reshape(d0, i * j * d1).mT)
+            cores[k] = q.mT.reshape(q.shape[1], i, j, d1)
+            cores[k - 1] = torch.tensordot(cores[k - 1], r.mT, dims=1)
+        return self._replace(cores, canonical_center=center)
+
+    def round(self, max_bond: BondSpec = None, rel_tol: float | None = None) -> "MPO":
+        """TT-rounding (recompression) of this MPO.
+
+        Right-orthogonalizes, then sweeps left to right with truncated SVDs. With ``rel_tol=ε``
+        the result ``R`` obeys ``||self - R||_F <= ε ||self||_F`` (per-split threshold
+        ``ε ||self||_F / sqrt(n - 1)``); ``max_bond`` caps each bond (int or per-bond list).
+        The returned :attr:`error_bound` adds this rounding's discarded norm to the existing
+        bound (triangle inequality), so it still bounds the distance to the original matrix.
+        """
+        right = self.canonicalize(0)
+        norm = float(torch.linalg.vector_norm(right.cores[0]))
+        cores = list(right.cores)
+        spectra, discarded_sq = [], 0.0
+        bonds = bond_limits(max_bond, self.n)
+        delta = split_threshold(rel_tol, norm, self.n)
+        for k in range(self.n - 1):
+            d0, i, j, _ = cores[k].shape
+            left, right_part, s, disc = truncated_svd_split(cores[k].reshape(d0 * i * j, -1), bonds[k], delta)
+            cores[k] = left.reshape(d0, i, j, left.shape[1])
+            cores[k + 1] = torch.tensordot(right_part, cores[k + 1], dims=1)
+            spectra.append(s)
+            discarded_sq += disc
+        return self._replace(
+            cores,
+            error_bound=self.error_bound + math.sqrt(discarded_sq),
+            canonical_center=self.n - 1,
+            spectra=spectra,
+        )
+
+    # ------------------------------------------------------------------ conversion
+    def to(self, *args: Any, **kwargs: Any) -> "MPO":
+        """Move/cast every core like :meth:`torch.Tensor.to`; metadata is kept."""
+        return self._replace([c.to(*args, **kwargs) for c in self.cores])
+
+    def clone(self) -> "MPO":
+        return self._replace([c.clone() for c in self.cores])
+
+    def _replace(self, cores: list[torch.Tensor], **changes: Any) -> "MPO":
+        fields = dict(
+            error_bound=self.error_bound,
+            norm=self.norm,
+            canonical_center=self.canonical_center,
+            spectra=self.spectra,
+            metadata=self.metadata,
+        )
+        fields.update(changes)
+        return MPO(cores, **fields)
+
+    # ------------------------------------------------------------------ persistence
+    def state(self) -> dict[str, Any]:
+        """A plain dict (tensors, ints, floats) describing this MPO; inverse of :meth:`from_state`."""
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "cores": [c.detach().cpu() for c in self.cores],
+            "in_shape": list(self.in_shape),
+            "out_shape": list(self.out_shape),
+            "error_bound": self.error_bound,
+            "norm": self.norm,
+            "canonical_center": self.canonical_center,
+            "spectra": None if self.spectra is None else [s.detach().cpu() for s in self.spectra],
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], map_location: str | torch.device | None = None) -> "MPO":
+        """Rebuild an MPO from :meth:`state`; a malformed state raises ``ValueError``."""
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError("not an mpo_core.MPO state (missing or wrong 'format' field)")
+        if state.get("version") != _VERSION:
+            raise ValueError(f"unsupported MPO state version {state.get('version')!r}; this mpo_core reads {_VERSION}")
+        missing = {"cores", "in_shape", "out_shape", "error_bound"} - state.keys()
+        if missing:
+            raise ValueError(f"MPO state is missing fields {sorted(missing)}")
+        cores = state["cores"]
+        if map_location is not None:
+            cores = [c.to(map_location) for c in cores]
+        return cls(
+            cores,
+            state["in_shape"],
+            state["out_shape"],
+            error_bound=state["error_bound"],
+            norm=state.get("norm"),
+            canonical_center=state.get("canonical_center"),
+            spectra=state.get("spectra"),
+            metadata=state.get("metadata"),
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write this MPO to ``path`` atomically (temporary file, then rename)."""
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".mpo-", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(self.state(), fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device | None = None) -> "MPO":
+        """Read an MPO written by :meth:`save`; a corrupt or foreign file raises ``ValueError``."""
+        try:
+            state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # torch raises several unrelated types for a corrupt file
+            raise ValueError(f"cannot read an MPO from {os.fspath(path)!r}: {exc}") from exc
+        return cls.from_state(state, map_location=map_location)
+
+    def __repr__(self) -> str:
+        rows, cols = self.shape
+        return (
+            f"MPO(shape=({rows}, {cols}), in_shape={self.in_shape}, out_shape={self.out_shape}, "
+            f"ranks={self.ranks}, params={self.num_params}, compression={self.compression:.2f}x, "
+            f"error_bound={self.error_bound:.3g}, dtype={self.dtype}, device={self.device})"
+        )
+
+
+def _check_index(value: int, n: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= value < n:
+        raise ValueError(f"{name} must be in [0, {n}), got {value}")
+    return value
+
+
+def _validate_cores(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    if isinstance(cores, torch.Tensor) or not isinstance(cores, Sequence):
+        raise TypeError("cores must be a list of 4-D tensors")
+    cores = list(cores)
+    if not cores:
+        raise ValueError("cores must not be empty")
+    for k, core in enumerate(cores):
+        if not isinstance(core, torch.Tensor):
+            raise TypeError(f"cores[{k}] must be a torch.Tensor, got {type(core).__name__}")
+        if core.dim() != 4:
+            raise ValueError(f"cores[{k}] must be 4-D (d_left, in, out, d_right), got shape {tuple(core.shape)}")
+        if not core.is_floating_point():
+            raise TypeError(f"cores[{k}] must have a floating dtype, got {core.dtype}")
+        if core.dtype != cores[0].dtype or core.device != cores[0].device:
+            raise ValueError(
+                f"cores[{k}] is {core.dtype} on {core.device}, but cores[0] is {cores[0].dtype} on {cores[0].device}"
+            )
+        if k > 0 and core.shape[0] != cores[k - 1].shape[3]:
+            raise ValueError(
+                f"bond mismatch: cores[{k - 1}] ends with {cores[k - 1].shape[3]}, cores[{k}] starts with {core.shape[0]}"
+            )
+    if cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
+        raise ValueError(
+            f"boundary bonds must be 1, got d_0={cores[0].shape[0]} and d_n={cores[-1].shape[3]}"
+        )
+    return cores

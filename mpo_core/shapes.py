@@ -1,0 +1,154 @@
+"""Factorize dimensions into MPO modes and validate shape arguments.
+
+All reshapes in mpo-core are C (row-major) order: a row index ``r`` of a matrix with
+``in_shape = (i1, ..., in)`` is ``r = ravel_multi_index((a1, ..., an), in_shape)``,
+so ``a1`` is the slowest-varying mode and ``an`` the fastest.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from functools import lru_cache
+from typing import Sequence
+
+__all__ = ["factorize", "resolve_shapes", "placement_order"]
+
+
+def _check_positive_int(value: object, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _factor_multisets(dim: int, n: int, min_factor: int, start: int):
+    """Yield non-decreasing tuples of ``n`` factors >= start whose product is ``dim``."""
+    if n == 1:
+        if dim >= start:
+            yield (dim,)
+        return
+    f = start
+    while f ** n <= dim:
+        if dim % f == 0:
+            for rest in _factor_multisets(dim // f, n - 1, min_factor, f):
+                yield (f,) + rest
+        f += 1
+
+
+def placement_order(n: int) -> list[int]:
+    """Positions filled by factors in descending size: centre, centre+1, centre-1, centre-2, centre+2, ...
+
+    The largest factor goes to the central mode (index ``n // 2``); this order reproduces
+    the published MPOBERT shapes (768 -> (4, 4, 4, 4, 3), 3072 -> (4, 4, 8, 6, 4),
+    4096 -> (4, 4, 8, 8, 4)).
+    """
+    c = n // 2
+    order = [c]
+    for d in range(1, n):
+        for pos in ((c + d, c - d) if d % 2 else (c - d, c + d)):
+            if 0 <= pos < n:
+                order.append(pos)
+    return order
+
+
+@lru_cache(maxsize=4096)
+def factorize(dim: int, n: int, min_factor: int = 2) -> tuple[int, ...]:
+    """Split ``dim`` into ``n`` balanced integer factors, the central one largest.
+
+    Parameters
+    ----------
+    dim : int
+        The dimension to factor (>= 1).
+    n : int
+        Number of factors (>= 1).
+    min_factor : int, default 2
+        Smallest factor allowed. With the default, a dimension that has no factorization
+        into ``n`` factors >= 2 (e.g. a prime with ``n > 1``) is an error rather than a
+        silent ``(1, ..., dim, ..., 1)``; pass ``min_factor=1`` to allow unit modes.
+
+    Returns
+    -------
+    tuple of int
+        The most square-like factorization (smallest variance of log-factors, then
+        smallest maximum factor), arranged by :func:`placement_order`. Its product is ``dim``.
+
+    Raises
+    ------
+    ValueError
+        If no factorization into ``n`` factors >= ``min_factor`` exists.
+
+    Examples
+    --------
+    >>> factorize(768, 5), factorize(3072, 5), factorize(4096, 5)
+    ((4, 4, 4, 4, 3), (4, 4, 8, 6, 4), (4, 4, 8, 8, 4))
+    """
+    _check_positive_int(dim, "dim")
+    _check_positive_int(n, "n")
+    _check_positive_int(min_factor, "min_factor")
+    best: tuple[float, int, tuple[int, ...]] | None = None
+    mean_log = math.log(dim) / n
+    for factors in _factor_multisets(dim, n, min_factor, min_factor):
+        score = sum((math.log(f) - mean_log) ** 2 for f in factors)
+        key = (round(score, 12), max(factors), factors)
+        if best is None or key < best:
+            best = key
+    if best is None:
+        raise ValueError(
+            f"dim={dim} cannot be factored into n={n} factors >= {min_factor}; "
+            f"choose another n, pass explicit shapes, or min_factor=1"
+        )
+    shape = [0] * n
+    for pos, f in zip(placement_order(n), sorted(best[2], reverse=True)):
+        shape[pos] = f
+    return tuple(shape)
+
+
+def _as_shape(shape: Sequence[int], name: str) -> tuple[int, ...]:
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(shape).__name__}")
+    if len(shape) == 0:
+        raise ValueError(f"{name} must have at least one mode")
+    return tuple(_check_positive_int(s, f"{name}[{k}]") for k, s in enumerate(shape))
+
+
+def resolve_shapes(
+    rows: int,
+    cols: int,
+    in_shape: Sequence[int] | None = None,
+    out_shape: Sequence[int] | None = None,
+    n: int | None = None,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Return validated ``(in_shape, out_shape)`` for a ``rows x cols`` matrix.
+
+    Either give both shapes explicitly (their products must be ``rows`` and ``cols`` and
+    their lengths equal), or give ``n`` and let :func:`factorize` choose; a given shape
+    plus ``n`` must agree in length. A missing shape is factorized with the other's length.
+    """
+    if n is not None:
+        _check_positive_int(n, "n")
+    shapes = {}
+    for name, shape, dim in (("in_shape", in_shape, rows), ("out_shape", out_shape, cols)):
+        if shape is None:
+            continue
+        shape = _as_shape(shape, name)
+        if math.prod(shape) != dim:
+            raise ValueError(f"{name}={shape} has product {math.prod(shape)}, expected {dim}")
+        if n is not None and len(shape) != n:
+            raise ValueError(f"{name}={shape} has {len(shape)} modes but n={n}")
+        shapes[name] = shape
+    if len(shapes) == 2 and len(shapes["in_shape"]) != len(shapes["out_shape"]):
+        raise ValueError(
+            f"in_shape={shapes['in_shape']} and out_shape={shapes['out_shape']} must have the same number of modes"
+        )
+    if n is None:
+        if not shapes:
+            raise ValueError("give in_shape and out_shape, or n (the number of cores)")
+        n = len(next(iter(shapes.values())))
+    in_s = shapes.get("in_shape") or factorize(rows, n)
+    out_s = shapes.get("out_shape") or factorize(cols, n)
+    return in_s, out_s

@@ -1,0 +1,112 @@
+"""Truncated SVD splits and the bond/threshold rules shared by decomposition and rounding.
+
+The guarantee (Oseledets 2011, TT-SVD): if every one of the ``n - 1`` sequential splits
+discards singular values of norm at most ``δ = ε ||W||_F / sqrt(n - 1)``, the result obeys
+``||W - Ŵ||_F <= sqrt(sum of squared discarded singular values) <= ε ||W||_F``.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Sequence, Union
+
+import numpy as np
+import scipy.linalg
+import torch
+
+__all__ = ["BondSpec", "bond_limits", "split_threshold", "robust_svd", "truncated_svd_split"]
+
+BondSpec = Union[int, Sequence[int], None]
+
+
+def bond_limits(max_bond: BondSpec, n: int) -> list[int | None]:
+    """Per-bond caps for the ``n - 1`` inner bonds from ``max_bond``.
+
+    ``max_bond`` is ``None`` (no cap), an int >= 1 (same cap everywhere), a list of ``n - 1``
+    ints, or a full ranks list of ``n + 1`` ints whose two boundary entries are 1.
+    """
+    if max_bond is None:
+        return [None] * (n - 1)
+    if isinstance(max_bond, (str, bytes)):
+        raise TypeError(f"max_bond must be an int or a list of ints, got {type(max_bond).__name__}")
+    if isinstance(max_bond, Sequence) or isinstance(max_bond, torch.Tensor):
+        values = list(max_bond)
+        if len(values) == n + 1:
+            if int(values[0]) != 1 or int(values[-1]) != 1:
+                raise ValueError(f"a full ranks list must start and end with 1, got {values}")
+            values = values[1:-1]
+        if len(values) != n - 1:
+            raise ValueError(f"max_bond list must have n-1={n - 1} (or n+1={n + 1}) entries, got {len(values)}")
+    else:
+        values = [max_bond] * (n - 1)
+    out = []
+    for k, v in enumerate(values):
+        if isinstance(v, bool):
+            raise TypeError(f"max_bond[{k}] must be an int, got bool")
+        try:
+            v = operator.index(v)
+        except TypeError:
+            raise TypeError(f"max_bond[{k}] must be an int, got {type(v).__name__}") from None
+        if v < 1:
+            raise ValueError(f"max_bond must be >= 1, got {v} at bond {k + 1}")
+        out.append(v)
+    return out
+
+
+def check_rel_tol(rel_tol: float | None) -> float | None:
+    """Validate ``rel_tol``: ``None`` or a finite float in ``[0, 1)``."""
+    if rel_tol is None:
+        return None
+    if isinstance(rel_tol, bool) or not isinstance(rel_tol, (int, float, np.floating)):
+        raise TypeError(f"rel_tol must be a float, got {type(rel_tol).__name__}")
+    if not (0.0 <= float(rel_tol) < 1.0):
+        raise ValueError(f"rel_tol must be in [0, 1), got {rel_tol}")
+    return float(rel_tol)
+
+
+def split_threshold(rel_tol: float | None, norm: float, n: int) -> float | None:
+    """Per-split discarded-norm threshold ``rel_tol * norm / sqrt(n - 1)`` (``None`` if no ``rel_tol``)."""
+    rel_tol = check_rel_tol(rel_tol)
+    if rel_tol is None or n < 2:
+        return None
+    return rel_tol * norm / math.sqrt(n - 1)
+
+
+def robust_svd(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``mat = U diag(S) Vh``; falls back to LAPACK ``gesvd`` when torch's driver fails to converge."""
+    try:
+        return torch.linalg.svd(mat, full_matrices=False)
+    except (torch.linalg.LinAlgError, RuntimeError):
+        u, s, vh = scipy.linalg.svd(
+            mat.detach().cpu().numpy(), full_matrices=False, lapack_driver="gesvd", check_finite=False
+        )
+        return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(mat.device) for a in (u, s, vh))
+
+
+def truncated_svd_split(
+    mat: torch.Tensor, max_rank: int | None, delta: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Split ``mat ≈ left @ right`` by a truncated SVD.
+
+    Keeps the smallest rank ``r`` whose discarded singular values have norm ``<= delta``
+    (all of them when ``delta`` is ``None``), capped at ``max_rank``, and at least 1.
+    ``left = U[:, :r]`` has orthonormal columns; ``right = diag(S[:r]) Vh[:r]``.
+
+    Returns
+    -------
+    left, right, singular_values, discarded_sq
+        ``singular_values`` are all of them (kept and discarded); ``discarded_sq`` is the
+        sum of the squared discarded ones, as a Python float.
+    """
+    u, s, vh = robust_svd(mat)
+    rank = s.shape[0]
+    if delta is not None:
+        # tail[r] = sum_{l >= r} s_l^2; keep the smallest r with tail[r] <= delta^2
+        tail = torch.flip(torch.cumsum(torch.flip(s.double() ** 2, [0]), 0), [0])
+        tail = torch.cat([tail, tail.new_zeros(1)])
+        rank = int(torch.nonzero(tail <= delta * delta)[0, 0])
+    if max_rank is not None:
+        rank = min(rank, max_rank)
+    rank = max(rank, 1)
+    discarded_sq = float((s[rank:].double() ** 2).sum())
+    return u[:, :rank], s[:rank, None] * vh[:rank], s, discarded_sq
