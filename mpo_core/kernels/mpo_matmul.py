@@ -1,0 +1,192 @@
+"""Fused MPO matmul: ``act(x @ W + b)`` with ``W`` rebuilt tile by tile on chip.
+
+Design (the cost model lives in :func:`mpo_core.ops.mpo_linear.mpo_linear_cost`)
+---------------------------------------------------------------------------------
+The MPO ``W[(i1..in), (j1..jn)] = T1[i1,j1] ... Tn[in,jn]`` is cut at one bond ``p``
+(``1 <= p < n``, chosen by ``ops``) into two pre-contracted factors, built by torch
+in ``ops``:
+
+    left [s, iL, jL] = (T1 ... Tp)[iL, jL, s]        shape (D, IL, JL)
+    right[s, iR, jR] = (Tp+1 ... Tn)[s, iR, jR]      shape (D, IR, JR)
+
+so that ``W[(iL, iR), (jL, jR)] = sum_s left[s, iL, jL] * right[s, iR, jR]``
+(a sum of ``D = d_p`` Kronecker products, C order: row ``k = iL*IR + iR``,
+column ``n = jL*JR + jR``). ``W`` itself never reaches global memory: each program
+owns a ``BLOCK_M x BLOCK_N`` output tile and, for each ``BLOCK_K`` step, gathers
+the ``left``/``right`` entries of its ``BLOCK_K x BLOCK_N`` weight tile, sums the
+``D`` products in fp32 registers, casts the tile to the input dtype and feeds it to
+``tl.dot`` with the ``x`` tile (fp32 accumulation). The epilogue adds the bias,
+optionally stores the pre-activation (for backward), applies GELU (erf form, or
+tanh form written as ``z * sigmoid(2u)`` = ``0.5 z (1 + tanh u)`` since the
+interpreter has no ``tanh``) and stores ``y`` in the input dtype.
+
+Per call with ``M`` rows, ``K = IL*IR`` inputs, ``N = JL*JR`` outputs:
+
+* tensor-core FLOPs ``2*M*K*N`` -- exactly the dense GEMM's;
+* rebuild FLOPs ``2*D*K*N*ceil(M/BLOCK_M)`` on the FMA units (each program
+  rebuilds the tiles it needs; ``D/BLOCK_M`` of the GEMM's count);
+* compulsory HBM bytes ``(M*K + M*N [+ M*N pre] + N) * b + (|left| + |right|) * b``;
+  the factor gathers are re-read per row block from L2 like a GEMM's ``W`` tiles.
+
+Nothing here decides when this kernel runs, on which split or dtype: that policy is
+in :mod:`mpo_core.ops.mpo_linear`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+#: Activation names accepted by :func:`mpo_matmul` and their kernel codes.
+ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2}
+
+_SQRT1_2 = 0.7071067811865476
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+@triton.jit
+def _mpo_matmul_kernel(
+    x_ptr, left_ptr, right_ptr, bias_ptr, y_ptr, pre_ptr,
+    M, N, K, IL, JL, IR, JR, D,
+    stride_xm, stride_xk,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped program order (Triton matmul tutorial): GROUP_M row blocks share column blocks in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    jl = offs_n // JR
+    jr = offs_n % JR
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x_tile = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+        )
+        il = offs_k // IR
+        ir = offs_k % IR
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        l_off = il[:, None] * JL + jl[None, :]
+        r_off = ir[:, None] * JR + jr[None, :]
+        w = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for s in range(D):
+            lv = tl.load(left_ptr + s * IL * JL + l_off, mask=w_mask, other=0.0)
+            rv = tl.load(right_ptr + s * IR * JR + r_off, mask=w_mask, other=0.0)
+            w += lv.to(tl.float32) * rv.to(tl.float32)
+        acc = tl.dot(x_tile, w.to(x_tile.dtype), acc, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_off = offs_m[:, None] * N + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if STORE_PRE:
+        tl.store(pre_ptr + out_off, acc.to(pre_ptr.dtype.element_ty), mask=out_mask)
+    if ACTIVATION == 1:
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * _SQRT1_2))
+    elif ACTIVATION == 2:
+        u = _SQRT_2_OVER_PI * (acc + 0.044715 * acc * acc * acc)
+        acc = acc * tl.sigmoid(2.0 * u)
+    tl.store(y_ptr + out_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
+    for bm, bn, bk, w, st in [
+        (128, 128, 32, 8, 3),
+        (128, 64, 32, 4, 3),
+        (64, 128, 32, 4, 3),
+        (256, 128, 32, 8, 3),
+        (128, 256, 32, 8, 3),
+        (256, 64, 64, 8, 3),
+    ]
+]
+_autotuned_kernel = triton.autotune(configs=_GPU_CONFIGS, key=["M", "N", "K", "D"])(_mpo_matmul_kernel)
+
+#: Whether the kernel runs on Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import).
+INTERPRETED: bool = isinstance(_mpo_matmul_kernel, InterpretedFunction)
+# The interpreter runs programs one after another: one fixed, small tiling (tl.dot needs >= 16).
+_INTERPRETER_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}
+
+
+def mpo_matmul(
+    x: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str = "none",
+    store_pre: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the fused kernel: ``act(x @ W + bias)`` with ``W = sum_s left[s] (x) right[s]``.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``(M, K)`` input, fp32/fp16/bf16, any strides.
+    left : Tensor
+        ``(D, IL, JL)`` left factor, same dtype and device as ``x``.
+    right : Tensor
+        ``(D, IR, JR)`` right factor, same dtype and device; ``K == IL*IR``.
+    bias : Tensor, optional
+        ``(N,)`` with ``N = JL*JR``, same dtype.
+    activation : {"none", "gelu", "gelu_tanh"}
+        Epilogue activation.
+    store_pre : bool
+        Also return the pre-activation ``x @ W + bias`` (for the backward pass).
+
+    Returns
+    -------
+    tuple of Tensor
+        ``y`` of shape ``(M, N)`` in ``x.dtype``, and the pre-activation of the same
+        shape when ``store_pre`` else an empty ``(0,)`` tensor.
+
+    Notes
+    -----
+    Shapes are checked by the caller (:mod:`mpo_core.ops.mpo_linear`); this helper
+    only asserts the invariants the kernel's indexing relies on.
+    """
+    d, il, jl = left.shape
+    d_r, ir, jr = right.shape
+    m, k = x.shape
+    n = jl * jr
+    assert d == d_r and k == il * ir, "left/right factors do not match x"
+    assert activation in ACTIVATION_CODES, activation
+    left = left.contiguous()
+    right = right.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    pre = torch.empty((m, n) if store_pre else (0,), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y, pre
+    args = (x, left, right, bias if bias is not None else y, y, pre if store_pre else y,
+            m, n, k, il, jl, ir, jr, d, x.stride(0), x.stride(1))
+    flags = dict(
+        HAS_BIAS=bias is not None,
+        ACTIVATION=ACTIVATION_CODES[activation],
+        STORE_PRE=store_pre,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+    )
+    if INTERPRETED:
+        meta = _INTERPRETER_META
+        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _mpo_matmul_kernel[grid](*args, **flags, **meta)
+    else:
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _autotuned_kernel[grid](*args, **flags)
+    return y, pre
+
