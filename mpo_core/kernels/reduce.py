@@ -1,0 +1,45 @@
+"""Column sum of per-program partial sums: the second, race-free stage of a reduction.
+
+Backward kernels that need a reduction over rows (dgamma/dbeta of LayerNorm, dbias
+of bias+GELU) write one fp32 partial row per program into a ``(G, N)`` buffer; this
+kernel sums it over ``G``. Grid: one program per ``BLOCK_N`` columns.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _column_sum_kernel(P, OUT, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    acc = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        rows = g0 + tl.arange(0, BLOCK_G)
+        mask = (rows[:, None] < G) & col_mask[None, :]
+        acc += tl.load(P + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=col_mask)
+
+
+def column_sum(partial: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Sum a contiguous fp32 ``(G, N)`` buffer over its first dim into a new ``(N,)`` tensor."""
+    g, n = partial.shape
+    out = torch.empty(n, dtype=out_dtype, device=partial.device)
+    block_n = min(triton.next_power_of_2(n), 128)
+    block_g = min(triton.next_power_of_2(g), 32)
+    _column_sum_kernel[(triton.cdiv(n, block_n),)](partial, out, g, n, BLOCK_G=block_g, BLOCK_N=block_n)
+    return out
+
+
+def num_partials(rows: int, device: torch.device) -> int:
+    """How many partial rows (programs) a row-reducing backward kernel should use.
+
+    A few programs per SM on a GPU (enough to fill it while keeping the second stage
+    small); on the CPU interpreter, where programs run one after another, only a few.
+    """
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(rows, 4 * sms))
+    return max(1, min(rows, 4))
