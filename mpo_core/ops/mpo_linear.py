@@ -1,0 +1,446 @@
+"""Fused MPO linear layer ``act(x @ W + b)``: autograd op, torch reference, dispatch, cost model.
+
+``W`` (``prod(in_shape) x prod(out_shape)``, rows are input modes, C order) is given
+as MPO cores ``T_k`` of shape ``(d_{k-1}, i_k, j_k, d_k)``; see DESIGN.md section 1.
+
+Paths
+-----
+* **reference** (:func:`mpo_linear_reference`): rebuild the dense ``W`` with torch,
+  ``F.linear``, activation. The one reference every test compares against; also the
+  path on CPU and on GPUs below compute capability 8.0.
+* **triton** (``backend="triton"``): cut the MPO at bond ``p`` (:func:`choose_split`:
+  the smallest bond, ties broken by the smaller factor storage), pre-contract the
+  cores on each side with torch into ``left (D, IL, JL)`` and ``right (D, IR, JR)``
+  (``D = d_p``), and run :mod:`mpo_core.kernels.mpo_matmul`, which rebuilds each
+  ``W`` tile on chip as ``sum_s left[s] (x) right[s]`` and never writes ``W`` to
+  global memory. Registered as the custom op ``mpo_core::mpo_kron_linear``
+  (``torch.library.custom_op`` + ``register_fake`` + ``register_autograd``); the
+  pre-contraction stays in plain torch autograd, so core gradients flow through it.
+
+Backward (triton path), with ``g = dy * act'(pre)`` (``pre`` stored by the forward
+epilogue when a gradient is needed):
+
+* ``dx = g @ W^T``: the same fused kernel on the transposed factors
+  (``left^T (D, JL, IL)``, ``right^T (D, JR, IR)``): ``2*M*K*N`` tensor FLOPs,
+  as the dense path, and still no ``W`` in memory;
+* ``dW = x^T @ g`` (torch GEMM, ``2*M*K*N`` FLOPs, as the dense path), then
+  ``dleft[s] = sum dW * right[s]`` and ``dright[s] = sum dW * left[s]``
+  (``2*D*K*N`` FLOPs each, independent of ``M``); the factored alternative
+  (contracting ``x`` and ``g`` with the factors first) costs ``2*M*K*N*D/(JR or IR)``
+  and is never cheaper once ``D >= IR, JR``, so materializing ``dW`` is the FLOP-optimal
+  choice. Core gradients then follow by autograd through the pre-contraction.
+* ``dbias = sum_rows g``.
+
+So the backward costs ``4*M*K*N`` GEMM FLOPs like the dense path, plus terms
+independent of ``M`` (``4*D*K*N`` and the pre-contraction's) and ``2*D*K*N*M/BLOCK_M``
+on-chip rebuild FLOPs in the ``dx`` kernel; :func:`mpo_linear_cost` gives the numbers.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = (None, "gelu", "gelu_tanh")
+BACKENDS = (None, "torch", "triton")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Row-block size the cost model assumes for the on-chip rebuild (the GPU configs use 64..256).
+MODEL_BLOCK_M = 128
+
+
+# ----------------------------------------------------------------------------- validation
+def _validate(
+    x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None, activation: str | None
+) -> tuple[list[torch.Tensor], tuple[int, ...], tuple[int, ...]]:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x: expected shape (..., prod(in_shape)), got a 0-d tensor")
+    if isinstance(cores, torch.Tensor) or not isinstance(cores, Sequence):
+        raise TypeError(f"cores: expected a sequence of 4-d tensors, got {type(cores).__name__}")
+    cores = list(cores)
+    if len(cores) < 2:
+        raise ValueError(f"cores: expected at least 2 cores (a 1-core MPO is a dense matrix), got {len(cores)}")
+    for k, c in enumerate(cores):
+        if not isinstance(c, torch.Tensor):
+            raise TypeError(f"cores[{k}]: expected a torch.Tensor, got {type(c).__name__}")
+        if c.dim() != 4:
+            raise ValueError(f"cores[{k}]: expected shape (d_left, in, out, d_right), got {tuple(c.shape)}")
+        if min(c.shape) < 1:
+            raise ValueError(f"cores[{k}]: every dimension must be >= 1, got {tuple(c.shape)}")
+        if c.dtype != x.dtype:
+            raise TypeError(f"cores[{k}]: dtype {c.dtype} does not match x.dtype {x.dtype}")
+        if c.device != x.device:
+            raise ValueError(f"cores[{k}]: device {c.device} does not match x.device {x.device}")
+    if cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
+        raise ValueError(
+            f"cores: boundary bonds must be 1, got d_0={cores[0].shape[0]} and d_n={cores[-1].shape[3]}"
+        )
+    for k in range(len(cores) - 1):
+        if cores[k].shape[3] != cores[k + 1].shape[0]:
+            raise ValueError(
+                f"cores: cores do not chain: cores[{k}] has right bond {cores[k].shape[3]} "
+                f"but cores[{k + 1}] has left bond {cores[k + 1].shape[0]}"
+            )
+    in_shape = tuple(int(c.shape[1]) for c in cores)
+    out_shape = tuple(int(c.shape[2]) for c in cores)
+    if x.shape[-1] != math.prod(in_shape):
+        raise ValueError(
+            f"x: last dim must equal prod(in_shape)={math.prod(in_shape)} for in_shape={in_shape}, got {x.shape[-1]}"
+        )
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (math.prod(out_shape),):
+            raise ValueError(f"bias: expected shape ({math.prod(out_shape)},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias: dtype {bias.dtype} does not match x.dtype {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias: device {bias.device} does not match x.device {x.device}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    return cores, in_shape, out_shape
+
+
+# ----------------------------------------------------------------------------- torch helpers
+def _contract(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Contract consecutive cores into one ``(d_left, prod(in), prod(out), d_right)`` tensor (C order)."""
+    t = cores[0]
+    for c in cores[1:]:
+        x0, a, b, _ = t.shape
+        _, i, j, e = c.shape
+        t = torch.einsum("xabd,dije->xaibje", t, c).reshape(x0, a * i, b * j, e)
+    return t
+
+
+def _apply_activation(z: torch.Tensor, activation: str | None) -> torch.Tensor:
+    if activation is None:
+        return z
+    return F.gelu(z, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def mpo_linear_reference(
+    x: torch.Tensor,
+    cores: Sequence[torch.Tensor],
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """The torch reference: rebuild dense ``W`` from the cores, ``F.linear``, activation.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``(..., prod(in_shape))``, float32/float16/bfloat16.
+    cores : sequence of Tensor
+        MPO cores ``(d_{k-1}, in_k, out_k, d_k)``, ``d_0 = d_n = 1``, dtype and device of ``x``.
+    bias : Tensor, optional
+        ``(prod(out_shape),)``.
+    activation : {None, "gelu", "gelu_tanh"}
+        ``"gelu"`` is the erf form, ``"gelu_tanh"`` the tanh approximation.
+
+    Returns
+    -------
+    Tensor
+        ``act(x @ W + bias)`` of shape ``(..., prod(out_shape))``, computed in ``x.dtype``
+        with plain torch autograd.
+    """
+    cores, _, _ = _validate(x, cores, bias, activation)
+    w = _contract(cores)[0, :, :, 0]
+    return _apply_activation(F.linear(x, w.t(), bias), activation)
+
+
+# ----------------------------------------------------------------------------- split + cost model
+def choose_split(in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequence[int]) -> int:
+    """The bond ``p`` (``1 <= p < n``) at which the fused kernel cuts the MPO.
+
+    Minimizes the bond ``D = ranks[p]`` (the on-chip rebuild costs ``2*D`` FLOPs per
+    weight entry), then the storage ``|left| + |right|`` of the two pre-contracted factors.
+
+    Parameters
+    ----------
+    in_shape, out_shape : sequence of int
+        Mode sizes, length ``n >= 2``.
+    ranks : sequence of int
+        ``[1, d_1, ..., d_{n-1}, 1]``.
+
+    Returns
+    -------
+    int
+        The split bond ``p``.
+    """
+    n = len(in_shape)
+
+    def key(p: int) -> tuple[int, int]:
+        left = math.prod(in_shape[:p]) * math.prod(out_shape[:p]) * ranks[p]
+        right = ranks[p] * math.prod(in_shape[p:]) * math.prod(out_shape[p:])
+        return ranks[p], left + right
+
+    return min(range(1, n), key=key)
+
+
+def _check_cost_args(tokens: int, in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequence[int],
+                     dtype_bytes: int) -> None:
+    if not isinstance(tokens, int) or tokens < 0:
+        raise ValueError(f"tokens: expected an int >= 0, got {tokens!r}")
+    if len(in_shape) < 2 or len(in_shape) != len(out_shape):
+        raise ValueError(f"in_shape/out_shape: expected equal lengths >= 2, got {in_shape} and {out_shape}")
+    if any(int(s) < 1 for s in (*in_shape, *out_shape)):
+        raise ValueError(f"in_shape/out_shape: every mode must be >= 1, got {in_shape} and {out_shape}")
+    if len(ranks) != len(in_shape) + 1 or ranks[0] != 1 or ranks[-1] != 1 or min(ranks) < 1:
+        raise ValueError(f"ranks: expected [1, d_1, ..., d_(n-1), 1] with n={len(in_shape)}, got {list(ranks)}")
+    if dtype_bytes not in (1, 2, 4, 8):
+        raise ValueError(f"dtype_bytes: expected 1, 2, 4 or 8, got {dtype_bytes!r}")
+
+
+def mpo_linear_cost(
+    tokens: int,
+    in_shape: Sequence[int],
+    out_shape: Sequence[int],
+    ranks: Sequence[int],
+    dtype_bytes: int,
+    *,
+    bias: bool = True,
+    activation: str | None = None,
+    block_m: int = MODEL_BLOCK_M,
+) -> dict:
+    """FLOPs and HBM bytes of the fused triton path (model numbers, not measurements).
+
+    Parameters
+    ----------
+    tokens : int
+        Rows ``M`` of ``x``.
+    in_shape, out_shape : sequence of int
+        MPO mode sizes (``K = prod(in_shape)``, ``N = prod(out_shape)``).
+    ranks : sequence of int
+        ``[1, d_1, ..., d_{n-1}, 1]``.
+    dtype_bytes : int
+        Bytes per element of ``x``, ``W`` and ``y`` (2 for fp16/bf16, 4 for fp32).
+    bias : bool
+        Whether a bias is added.
+    activation : {None, "gelu", "gelu_tanh"}
+        Epilogue activation (its FLOPs are counted as ~8 per output).
+    block_m : int
+        Row block of the kernel: each block rebuilds every ``W`` tile once.
+
+    Returns
+    -------
+    dict
+        ``flops`` / ``bytes``: forward totals. Breakdown: ``split``, ``bond`` (``D``),
+        ``flops_gemm`` (tensor-core, ``2*M*K*N``), ``flops_rebuild`` (FMA units,
+        ``2*D*K*N*ceil(M/block_m)``), ``flops_precontract``, ``flops_epilogue``,
+        ``factor_elems`` (``|left| + |right|``); backward totals ``flops_bwd``
+        (``flops_bwd_gemm`` on tensor cores, the rest FMA), ``bytes_bwd``; and the
+        dense path's GEMM FLOPs ``flops_dense_fwd = 2*M*K*N``, ``flops_dense_bwd = 4*M*K*N``.
+        Bytes are compulsory HBM traffic: each tensor read or written once (tile
+        re-reads are assumed to hit L2).
+    """
+    _check_cost_args(tokens, in_shape, out_shape, ranks, dtype_bytes)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    m, b = tokens, dtype_bytes
+    n_modes = len(in_shape)
+    k_dim, n_dim = math.prod(in_shape), math.prod(out_shape)
+    p = choose_split(in_shape, out_shape, ranks)
+    d = ranks[p]
+    core_elems = sum(ranks[k] * in_shape[k] * out_shape[k] * ranks[k + 1] for k in range(n_modes))
+    left_elems = math.prod(in_shape[:p]) * math.prod(out_shape[:p]) * d
+    right_elems = d * math.prod(in_shape[p:]) * math.prod(out_shape[p:])
+    # Pre-contraction: left to right over cores[:p], right to left over cores[p:].
+    pre_flops = 0
+    rows = in_shape[0] * out_shape[0]
+    for k in range(1, p):
+        pre_flops += 2 * rows * ranks[k] * in_shape[k] * out_shape[k] * ranks[k + 1]
+        rows *= in_shape[k] * out_shape[k]
+    cols = in_shape[-1] * out_shape[-1]
+    for k in range(n_modes - 2, p - 1, -1):
+        pre_flops += 2 * ranks[k] * in_shape[k] * out_shape[k] * ranks[k + 1] * cols
+        cols *= in_shape[k] * out_shape[k]
+    gemm = 2 * m * k_dim * n_dim
+    rebuild = 2 * d * k_dim * n_dim * math.ceil(m / block_m) if m else 0
+    epilogue = m * n_dim * ((1 if bias else 0) + (8 if activation else 0))
+    factor_elems = left_elems + right_elems
+    # Forward bytes: cores read, factors written then read, x read, y (and pre, for training) written.
+    fwd_bytes = b * (core_elems + 2 * factor_elems + m * k_dim + m * n_dim + (n_dim if bias else 0))
+    # Backward: act' (reads dy, pre; writes g), dx kernel (reads g, factors; writes dx),
+    # dW GEMM (reads x, g; writes dW), dleft/dright (read dW, factors; write them), dbias,
+    # pre-contraction backward (~2x its forward), core grads written.
+    bwd_gemm = 2 * gemm
+    bwd_flops = bwd_gemm + rebuild + 4 * d * k_dim * n_dim + 2 * pre_flops + (m * n_dim if bias else 0) \
+        + (8 * m * n_dim if activation else 0)
+    bwd_bytes = b * (
+        (3 * m * n_dim if activation else 0)
+        + m * n_dim + factor_elems + m * k_dim
+        + m * k_dim + m * n_dim + k_dim * n_dim
+        + k_dim * n_dim + 2 * factor_elems
+        + (m * n_dim + n_dim if bias else 0)
+        + 2 * factor_elems + 2 * core_elems
+    )
+    return dict(
+        flops=gemm + rebuild + pre_flops + epilogue,
+        bytes=fwd_bytes,
+        split=p,
+        bond=d,
+        flops_gemm=gemm,
+        flops_rebuild=rebuild,
+        flops_precontract=pre_flops,
+        flops_epilogue=epilogue,
+        factor_elems=factor_elems,
+        flops_bwd=bwd_flops,
+        flops_bwd_gemm=bwd_gemm,
+        bytes_bwd=bwd_bytes,
+        flops_dense_fwd=gemm,
+        flops_dense_bwd=2 * gemm,
+    )
+
+
+# ----------------------------------------------------------------------------- custom op
+@torch.library.custom_op("mpo_core::mpo_kron_linear", mutates_args=())
+def _kron_linear_op(
+    x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, bias: Optional[torch.Tensor],
+    activation: str, store_pre: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from mpo_core.kernels.mpo_matmul import mpo_matmul
+
+    return mpo_matmul(x, left, right, bias, activation, store_pre)
+
+
+@_kron_linear_op.register_fake
+def _(x, left, right, bias, activation, store_pre):
+    n = left.shape[2] * right.shape[2]
+    y = x.new_empty((x.shape[0], n))
+    return y, x.new_empty((x.shape[0], n) if store_pre else (0,))
+
+
+def _setup_context(ctx, inputs, output):
+    x, left, right, bias, activation, store_pre = inputs
+    ctx.activation = activation
+    ctx.store_pre = store_pre
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, left, right, bias, output[1])
+
+
+def _backward(ctx, grad_y, grad_pre):
+    x, left, right, bias, pre = ctx.saved_tensors
+    g = grad_y
+    if ctx.activation != "none":
+        if not ctx.store_pre:  # the caller chose not to keep it: recompute (one extra forward GEMM)
+            pre = _kron_linear_op(x, left, right, bias, "none", False)[0]
+        approximate = "tanh" if ctx.activation == "gelu_tanh" else "none"
+        g = torch.ops.aten.gelu_backward(grad_y, pre, approximate=approximate)
+    if ctx.store_pre and grad_pre is not None:
+        g = g + grad_pre
+    need_x, need_left, need_right, need_bias = ctx.needs_input_grad[:4]
+    dx = dleft = dright = dbias = None
+    if need_x:
+        dx = _kron_linear_op(g, left.transpose(1, 2), right.transpose(1, 2), None, "none", False)[0]
+    if need_left or need_right:
+        _, il, jl = left.shape
+        _, ir, jr = right.shape
+        dw = (x.t() @ g).view(il, ir, jl, jr)
+        if need_left:
+            dleft = torch.einsum("aibj,sij->sab", dw, right)
+        if need_right:
+            dright = torch.einsum("aibj,sab->sij", dw, left)
+    if need_bias and ctx.has_bias:
+        dbias = g.sum(0)
+    return dx, dleft, dright, dbias, None, None
+
+
+_kron_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- dispatch
+def _cuda_triton_ok(x: torch.Tensor) -> bool:
+    """Whether ``backend=None`` picks the Triton kernel: ``x`` on CUDA with compute capability >= 8.0."""
+    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 0)
+
+
+def _check_triton_forced(x: torch.Tensor) -> None:
+    if _cuda_triton_ok(x):
+        return
+    reason = None
+    if x.is_cuda:
+        reason = (f"device {x.device} has compute capability {torch.cuda.get_device_capability(x.device)}; "
+                  "tl.dot needs >= 8.0 (use backend='torch')")
+    elif x.device.type != "cpu":
+        reason = f"x is on {x.device}, which Triton does not support here"
+    else:
+        try:
+            from mpo_core.kernels import mpo_matmul as kernel_module
+        except ImportError as exc:
+            reason = f"Triton cannot be imported ({exc})"
+        else:
+            if not kernel_module.INTERPRETED:
+                reason = ("x is on the CPU and the kernel was not built for Triton's interpreter: set "
+                          "TRITON_INTERPRET=1 before mpo_core.kernels.mpo_matmul is first imported")
+    if reason is not None:
+        raise RuntimeError(f"backend='triton' requested but unavailable: {reason}")
+
+
+def mpo_linear(
+    x: torch.Tensor,
+    cores: Sequence[torch.Tensor],
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``act(x @ W + bias)`` with ``W`` given as MPO cores, fused on GPU.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``(..., prod(in_shape))``, float32/float16/bfloat16 (fp32 accumulation).
+    cores : sequence of Tensor
+        ``n >= 2`` MPO cores ``(d_{k-1}, in_k, out_k, d_k)`` with ``d_0 = d_n = 1``, in
+        ``x``'s dtype and device; ``W[(i1..in), (j1..jn)] = T1[0,i1,j1,:] @ ... @ Tn[:,in,jn,0]``
+        (C order, rows are input modes, so this is ``MPOLinear``'s ``weight.T``).
+    bias : Tensor, optional
+        ``(prod(out_shape),)``.
+    activation : {None, "gelu", "gelu_tanh"}
+        Epilogue: exact (erf) GELU or its tanh approximation.
+    backend : {None, "torch", "triton"}
+        ``None``: the Triton kernel when ``x`` is on a CUDA GPU of compute capability
+        >= 8.0, else the torch reference. ``"torch"``: the reference. ``"triton"``: the
+        kernel (on CPU only under ``TRITON_INTERPRET=1``); raises ``RuntimeError`` if
+        it cannot run.
+
+    Returns
+    -------
+    Tensor
+        ``(..., prod(out_shape))`` in ``x.dtype``; differentiable w.r.t. ``x``, every
+        core and ``bias``.
+
+    Raises
+    ------
+    TypeError
+        Non-tensor arguments, unsupported dtype, or dtypes that differ from ``x.dtype``.
+    ValueError
+        Cores that do not chain, ``x.shape[-1] != prod(in_shape)``, bad bias shape,
+        unknown activation or backend.
+    RuntimeError
+        ``backend="triton"`` where the kernel cannot run.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    cores, in_shape, out_shape = _validate(x, cores, bias, activation)
+    if backend is None:
+        backend = "triton" if _cuda_triton_ok(x) else "torch"
+    if backend == "torch":
+        return mpo_linear_reference(x, cores, bias, activation)
+    _check_triton_forced(x)
+    ranks = [1] + [int(c.shape[3]) for c in cores]
+    p = choose_split(in_shape, out_shape, ranks)
+    # Factors pre-contracted in fp32 (tiny next to the GEMM), then cast to the compute dtype.
+    left = _contract([c.float() for c in cores[:p]])[0].permute(2, 0, 1).to(x.dtype)
+    right = _contract([c.float() for c in cores[p:]])[..., 0].to(x.dtype)
+    x2d = x.reshape(-1, x.shape[-1])
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or any(c.requires_grad for c in cores) or (bias is not None and bias.requires_grad)
+    )
+    y, _ = _kron_linear_op(x2d, left, right, bias, activation or "none", activation is not None and needs_grad)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
