@@ -1,0 +1,137 @@
+"""Backend choice for the fused ops: device, dtype and what this installation has.
+
+Order for ``backend=None``: on CUDA tensors the CUDA extension, then Triton, then the
+torch reference; on CPU tensors the torch reference (``CPU_DEFAULT``). A forced
+backend that cannot run raises :class:`BackendUnavailableError` saying why.
+Every look at the GPU's compute capability goes through :func:`device_capability`,
+so tests can mock it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mpo_core._backends import _triton_importable, extension
+
+BACKENDS = ("torch", "triton", "cuda", "cpp")
+
+CPU_DEFAULT = "torch"
+"""Default on CPU tensors. The C++ residual+LayerNorm is used on CPU only when forced
+(``backend="cpp"``) until a measured benchmark shows it faster than torch eager."""
+
+TRITON_MIN_CAPABILITY = (7, 0)
+"""Triton elementwise / norm kernels run from Volta on."""
+
+TRITON_DOT_MIN_CAPABILITY = (8, 0)
+"""Triton ``tl.dot`` (matmul) kernels need tensor cores as Triton uses them: Ampere on."""
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CPP_DTYPES = (torch.float32, torch.float64)
+
+# extension functions each op needs, for "cuda" (on CUDA tensors) and "cpp" (on CPU tensors)
+_EXT_FUNCTIONS = {
+    "layer_norm": ("residual_layernorm_forward", "residual_layernorm_backward"),
+    "residual_layer_norm": ("residual_layernorm_forward", "residual_layernorm_backward"),
+    "residual_dropout_layer_norm": ("residual_dropout_layernorm_forward", "residual_dropout_layernorm_backward"),
+    "bias_gelu": ("bias_gelu_forward", "bias_gelu_backward"),
+}
+_CPP_OPS = ("layer_norm", "residual_layer_norm")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was forced that cannot run this op on these inputs here."""
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability ``(major, minor)`` of a CUDA device (the one place that asks)."""
+    return torch.cuda.get_device_capability(device)
+
+
+def triton_supported(device: torch.device, uses_dot: bool = False) -> bool:
+    """Whether Triton kernels can run on ``device``.
+
+    CUDA devices need compute capability 7.0 (8.0 when the kernel uses ``tl.dot``); CPU
+    tensors need the Triton interpreter (``TRITON_INTERPRET=1`` set before the kernels
+    are imported).
+    """
+    if not _triton_importable():
+        return False
+    if device.type == "cuda":
+        need = TRITON_DOT_MIN_CAPABILITY if uses_dot else TRITON_MIN_CAPABILITY
+        return device_capability(device) >= need
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _why_unavailable(op: str, backend: str, x: torch.Tensor) -> str | None:
+    """``None`` when ``backend`` can run ``op`` on ``x``, else the reason it cannot."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if x.dtype not in _TRITON_DTYPES:
+            return f"the Triton kernels take float32/float16/bfloat16, got {x.dtype}"
+        if triton_supported(x.device):
+            return None
+        if not _triton_importable():
+            return "Triton is not installed"
+        if x.device.type == "cuda":
+            return f"compute capability {device_capability(x.device)} < {TRITON_MIN_CAPABILITY}"
+        return f"Triton on {x.device.type} tensors needs TRITON_INTERPRET=1 set before mpo_core kernels are imported"
+    ext = extension()
+    if ext is None:
+        return "the extension mpo_core._C was not built"
+    missing = [name for name in _EXT_FUNCTIONS[op] if not hasattr(ext, name)]
+    if missing:
+        return f"mpo_core._C has no {', '.join(missing)}"
+    if backend == "cuda":
+        if x.device.type != "cuda":
+            return f"the CUDA kernels need CUDA tensors, got {x.device.type}"
+        if not getattr(ext, "WITH_CUDA", False):
+            return "mpo_core._C was built without CUDA"
+        if x.dtype not in _TRITON_DTYPES:
+            return f"the CUDA kernels take float32/float16/bfloat16, got {x.dtype}"
+        return None
+    if op not in _CPP_OPS:
+        return f"the C++ CPU extension has no {op} (it has residual + LayerNorm without dropout)"
+    if x.device.type != "cpu":
+        return f"backend 'cpp' runs on CPU tensors, got {x.device.type} (use backend='cuda')"
+    if x.dtype not in _CPP_DTYPES:
+        return f"the C++ LayerNorm takes float32/float64, got {x.dtype}"
+    return None
+
+
+def resolve_backend(op: str, x: torch.Tensor, backend: str | None) -> str:
+    """The backend that runs ``op`` on input ``x``.
+
+    Parameters
+    ----------
+    op : str
+        ``"layer_norm"``, ``"residual_layer_norm"``, ``"residual_dropout_layer_norm"`` or ``"bias_gelu"``.
+    x : torch.Tensor
+        The op's main input (its device and dtype decide).
+    backend : str or None
+        ``None`` picks (see the module docstring); one of :data:`BACKENDS` forces it.
+
+    Returns
+    -------
+    str
+        One of :data:`BACKENDS`.
+
+    Raises
+    ------
+    ValueError
+        ``backend`` is not ``None`` or one of :data:`BACKENDS`.
+    BackendUnavailableError
+        The forced backend cannot run here; the message says why.
+    """
+    if op not in _EXT_FUNCTIONS:
+        raise ValueError(f"op must be one of {sorted(_EXT_FUNCTIONS)}, got {op!r}")
+    if backend is None:
+        candidates = ("cuda", "triton", "torch") if x.device.type == "cuda" else (CPU_DEFAULT, "torch")
+        return next(b for b in candidates if _why_unavailable(op, b, x) is None)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+    reason = _why_unavailable(op, backend, x)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {backend!r} cannot run {op} here: {reason}")
+    return backend
