@@ -46,7 +46,9 @@ import torch.nn.functional as F
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
 BACKENDS = (None, "torch", "triton")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: dtypes the reference accepts; the kernel takes the first three (fp32 accumulation).
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_KERNEL_DTYPES = _DTYPES[:3]
 #: Row-block size the cost model assumes for the on-chip rebuild (the GPU configs use 64..256).
 MODEL_BLOCK_M = 128
 
@@ -58,7 +60,7 @@ def _validate(
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _DTYPES:
-        raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {x.dtype}")
+        raise TypeError(f"x: expected dtype float32, float16, bfloat16 or float64, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("x: expected shape (..., prod(in_shape)), got a 0-d tensor")
     if isinstance(cores, torch.Tensor) or not isinstance(cores, Sequence):
@@ -135,7 +137,7 @@ def mpo_linear_reference(
     Parameters
     ----------
     x : Tensor
-        ``(..., prod(in_shape))``, float32/float16/bfloat16.
+        ``(..., prod(in_shape))``, float32/float16/bfloat16/float64.
     cores : sequence of Tensor
         MPO cores ``(d_{k-1}, in_k, out_k, d_k)``, ``d_0 = d_n = 1``, dtype and device of ``x``.
     bias : Tensor, optional
@@ -394,7 +396,8 @@ def mpo_linear(
     Parameters
     ----------
     x : Tensor
-        ``(..., prod(in_shape))``, float32/float16/bfloat16 (fp32 accumulation).
+        ``(..., prod(in_shape))``, float32/float16/bfloat16 (the kernel accumulates in
+        fp32); float64 runs the reference.
     cores : sequence of Tensor
         ``n >= 2`` MPO cores ``(d_{k-1}, in_k, out_k, d_k)`` with ``d_0 = d_n = 1``, in
         ``x``'s dtype and device; ``W[(i1..in), (j1..jn)] = T1[0,i1,j1,:] @ ... @ Tn[:,in,jn,0]``
@@ -404,8 +407,8 @@ def mpo_linear(
     activation : {None, "gelu", "gelu_tanh"}
         Epilogue: exact (erf) GELU or its tanh approximation.
     backend : {None, "torch", "triton"}
-        ``None``: the Triton kernel when ``x`` is on a CUDA GPU of compute capability
-        >= 8.0, else the torch reference. ``"torch"``: the reference. ``"triton"``: the
+        ``None``: the Triton kernel when ``x`` is fp32/fp16/bf16 on a CUDA GPU of
+        compute capability >= 8.0, else the torch reference. ``"torch"``: the reference. ``"triton"``: the
         kernel (on CPU only under ``TRITON_INTERPRET=1``); raises ``RuntimeError`` if
         it cannot run.
 
@@ -418,7 +421,8 @@ def mpo_linear(
     Raises
     ------
     TypeError
-        Non-tensor arguments, unsupported dtype, or dtypes that differ from ``x.dtype``.
+        Non-tensor arguments, unsupported dtype (float64 with ``backend="triton"``), or
+        dtypes that differ from ``x.dtype``.
     ValueError
         Cores that do not chain, ``x.shape[-1] != prod(in_shape)``, bad bias shape,
         unknown activation or backend.
@@ -429,9 +433,11 @@ def mpo_linear(
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     cores, in_shape, out_shape = _validate(x, cores, bias, activation)
     if backend is None:
-        backend = "triton" if _cuda_triton_ok(x) else "torch"
+        backend = "triton" if x.dtype in _KERNEL_DTYPES and _cuda_triton_ok(x) else "torch"
     if backend == "torch":
         return mpo_linear_reference(x, cores, bias, activation)
+    if x.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"x: backend='triton' takes float32, float16 or bfloat16, got {x.dtype}")
     _check_triton_forced(x)
     ranks = [1] + [int(c.shape[3]) for c in cores]
     p = choose_split(in_shape, out_shape, ranks)

@@ -1,0 +1,398 @@
+"""Fused MPO linear (mpo_core.ops.mpo_linear + mpo_core.kernels.mpo_matmul) vs the torch reference.
+
+On CPU the Triton kernel runs under TRITON_INTERPRET=1 (set by conftest), forced with
+``backend="triton"``. Errors are relative to the reference's largest magnitude:
+``max|a - ref| / max|ref|``. Tolerances: fp32 2e-5 (observed ~5e-7); fp16 inputs
+5e-3 against the fp32 reference on the same fp16 values (factors and each rebuilt
+W tile are rounded to fp16 before the fp32-accumulated dot, and the interpreter
+does not fuse fma).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
+
+from mpo_core.ops import mpo_linear as ops
+from mpo_core.ops.mpo_linear import choose_split, mpo_linear, mpo_linear_cost, mpo_linear_reference
+
+# The interpreter's numpy exp overflows (harmlessly: sigmoid -> 0) for very negative inputs.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+ACTS = [None, "gelu", "gelu_tanh"]
+# (in_shape, out_shape, ranks): n = 2..5, odd factors, ranks including 1.
+CASES = [
+    ((3, 5), (7, 2), [1, 1, 1]),
+    ((5, 3), (2, 7), [1, 6, 1]),
+    ((3, 2, 5), (2, 4, 3), [1, 3, 4, 1]),
+    ((2, 3, 2, 2), (3, 2, 2, 3), [1, 2, 4, 1, 1]),
+    ((2, 1, 3, 2, 2), (2, 3, 1, 2, 2), [1, 4, 4, 3, 2, 1]),
+]
+FP32_TOL = 2e-5
+FP16_TOL = 5e-3
+
+
+def make_cores(in_shape, out_shape, ranks, dtype=torch.float32, seed=0, requires_grad=False):
+    """Random cores scaled so that W has entries of order 1."""
+    g = torch.Generator().manual_seed(seed)
+    cores = []
+    for k, (i, j) in enumerate(zip(in_shape, out_shape)):
+        c = torch.randn(ranks[k], i, j, ranks[k + 1], generator=g, dtype=torch.float64) / math.sqrt(ranks[k])
+        cores.append(c.to(dtype).requires_grad_(requires_grad))
+    return cores
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
+
+
+def dense_w(cores) -> torch.Tensor:
+    """Independent dense rebuild (row-by-row matrix products, C order) for checking the reference itself."""
+    in_shape = [c.shape[1] for c in cores]
+    out_shape = [c.shape[2] for c in cores]
+    w = torch.empty(math.prod(in_shape), math.prod(out_shape), dtype=torch.float64)
+    for r in range(w.shape[0]):
+        ii = torch.unravel_index(torch.tensor(r), in_shape)
+        for col in range(w.shape[1]):
+            jj = torch.unravel_index(torch.tensor(col), out_shape)
+            v = torch.ones(1, 1, dtype=torch.float64)
+            for c, i, j in zip(cores, ii, jj):
+                v = v @ c[:, i, j, :].double()
+            w[r, col] = v[0, 0]
+    return w
+
+
+# ----------------------------------------------------------------------------- reference sanity
+def test_reference_matches_independent_dense_rebuild():
+    in_shape, out_shape, ranks = CASES[2]
+    cores = make_cores(in_shape, out_shape, ranks, torch.float64)
+    x = torch.randn(4, math.prod(in_shape), dtype=torch.float64)
+    b = torch.randn(math.prod(out_shape), dtype=torch.float64)
+    w = dense_w(cores)
+    ref = torch.nn.functional.gelu(x @ w + b)
+    assert rel_err(mpo_linear_reference(x, cores, b, "gelu"), ref) < 1e-12
+    tanh_ref = 0.5 * (x @ w) * (1 + torch.tanh(math.sqrt(2 / math.pi) * ((x @ w) + 0.044715 * (x @ w) ** 3)))
+    assert rel_err(mpo_linear_reference(x, cores, None, "gelu_tanh"), tanh_ref) < 1e-12
+
+
+# ----------------------------------------------------------------------------- forward
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{len(c[0])}")
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_forward_fp32(case, activation, with_bias):
+    in_shape, out_shape, ranks = case
+    cores = make_cores(in_shape, out_shape, ranks)
+    x = torch.randn(2, 37, math.prod(in_shape))  # 74 rows: not a multiple of the row block
+    b = torch.randn(math.prod(out_shape)) if with_bias else None
+    y = mpo_linear(x, cores, b, activation, backend="triton")
+    ref = mpo_linear_reference(x, cores, b, activation)
+    assert y.shape == ref.shape == (2, 37, math.prod(out_shape)) and y.dtype == torch.float32
+    assert rel_err(y, ref) < FP32_TOL
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]], ids=lambda c: f"n{len(c[0])}")
+@pytest.mark.parametrize("activation", ACTS)
+def test_forward_fp16(case, activation):
+    in_shape, out_shape, ranks = case
+    cores = make_cores(in_shape, out_shape, ranks, torch.float16)
+    x = torch.randn(45, math.prod(in_shape)).half()
+    b = torch.randn(math.prod(out_shape)).half()
+    y = mpo_linear(x, cores, b, activation, backend="triton")
+    assert y.dtype == torch.float16
+    ref = mpo_linear_reference(x.float(), [c.float() for c in cores], b.float(), activation)
+    assert rel_err(y, ref) < FP16_TOL
+
+
+def test_forward_larger_tiles_and_strided_input():
+    """K and N span several 16/32-wide tiles; x is a non-contiguous view."""
+    in_shape, out_shape, ranks = (4, 3, 5), (5, 2, 6), [1, 3, 2, 1]
+    cores = make_cores(in_shape, out_shape, ranks, seed=3)
+    x = torch.randn(70, 2 * 60)[:, ::2]
+    assert not x.is_contiguous()
+    b = torch.randn(60)
+    assert rel_err(mpo_linear(x, cores, b, "gelu", backend="triton"), mpo_linear_reference(x, cores, b, "gelu")) < FP32_TOL
+
+
+def test_empty_batch():
+    cores = make_cores(*CASES[0])
+    y = mpo_linear(torch.randn(0, 15), cores, None, "gelu", backend="triton")
+    assert y.shape == (0, 14)
+
+
+# ----------------------------------------------------------------------------- backward
+def _grads(fn, x, cores, b, activation, gy):
+    y = fn(x, cores, b, activation)
+    inputs = [x, *cores] + ([b] if b is not None else [])
+    return torch.autograd.grad(y, inputs, gy)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{len(c[0])}")
+@pytest.mark.parametrize("activation", ACTS)
+def test_backward_fp32(case, activation):
+    in_shape, out_shape, ranks = case
+    cores = make_cores(in_shape, out_shape, ranks, requires_grad=True)
+    x = torch.randn(3, 13, math.prod(in_shape), requires_grad=True)
+    b = torch.randn(math.prod(out_shape), requires_grad=True)
+    gy = torch.randn(3, 13, math.prod(out_shape))
+    got = _grads(lambda *a: mpo_linear(*a, backend="triton"), x, cores, b, activation, gy)
+    want = _grads(mpo_linear_reference, x, cores, b, activation, gy)
+    names = ["x"] + [f"core{k}" for k in range(len(cores))] + ["bias"]
+    for name, g, w in zip(names, got, want):
+        assert g.shape == w.shape, name
+        assert rel_err(g, w) < FP32_TOL, name
+
+
+def test_backward_fp16():
+    in_shape, out_shape, ranks = CASES[3]
+    cores = make_cores(in_shape, out_shape, ranks, torch.float16, requires_grad=True)
+    x = torch.randn(33, math.prod(in_shape)).half().requires_grad_()
+    b = torch.randn(math.prod(out_shape)).half().requires_grad_()
+    gy = torch.randn(33, math.prod(out_shape)).half()
+    got = _grads(lambda *a: mpo_linear(*a, backend="triton"), x, cores, b, "gelu", gy)
+    ref_inputs = [t.detach().float().requires_grad_() for t in (x, *cores, b)]
+    want = _grads(mpo_linear_reference, ref_inputs[0], ref_inputs[1:-1], ref_inputs[-1], "gelu", gy.float())
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float16
+        assert rel_err(g, w) < 2e-2  # fp16 dW and factor gradients: one more rounding each
+
+
+def test_backward_only_some_inputs_need_grad():
+    """Frozen central core and no bias grad (MPOP's lightweight fine-tuning)."""
+    in_shape, out_shape, ranks = CASES[4]
+    cores = make_cores(in_shape, out_shape, ranks)
+    for k, c in enumerate(cores):
+        c.requires_grad_(k != 2)
+    x = torch.randn(9, math.prod(in_shape))
+    y = mpo_linear(x, cores, None, "gelu_tanh", backend="triton")
+    yr = mpo_linear_reference(x, cores, None, "gelu_tanh")
+    gy = torch.randn_like(y)
+    trainable = [c for c in cores if c.requires_grad]
+    for g, w in zip(torch.autograd.grad(y, trainable, gy), torch.autograd.grad(yr, trainable, gy)):
+        assert rel_err(g, w) < FP32_TOL
+
+
+# ----------------------------------------------------------------------------- hypothesis
+@st.composite
+def mpo_problems(draw):
+    n = draw(st.integers(2, 4))
+    in_shape = tuple(draw(st.lists(st.integers(1, 4), min_size=n, max_size=n)))
+    out_shape = tuple(draw(st.lists(st.integers(1, 4), min_size=n, max_size=n)))
+    ranks = [1] + draw(st.lists(st.integers(1, 4), min_size=n - 1, max_size=n - 1)) + [1]
+    tokens = draw(st.integers(1, 70))
+    return in_shape, out_shape, ranks, tokens, draw(st.booleans()), draw(st.sampled_from(ACTS)), draw(st.integers(0, 99))
+
+
+@settings(max_examples=12, deadline=None)
+@given(mpo_problems())
+def test_property_forward_backward_fp32(problem):
+    in_shape, out_shape, ranks, tokens, with_bias, activation, seed = problem
+    cores = make_cores(in_shape, out_shape, ranks, seed=seed, requires_grad=True)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, math.prod(in_shape), generator=g).requires_grad_()
+    b = torch.randn(math.prod(out_shape), generator=g).requires_grad_() if with_bias else None
+    gy = torch.randn(tokens, math.prod(out_shape), generator=g)
+    y = mpo_linear(x, cores, b, activation, backend="triton")
+    yr = mpo_linear_reference(x, cores, b, activation)
+    assert rel_err(y, yr) < FP32_TOL
+    inputs = [x, *cores] + ([b] if with_bias else [])
+    for got, want in zip(torch.autograd.grad(y, inputs, gy), torch.autograd.grad(yr, inputs, gy)):
+        assert rel_err(got, want) < FP32_TOL
+
+
+# ----------------------------------------------------------------------------- custom op
+@pytest.mark.parametrize("activation,store_pre,with_bias", [("none", False, True), ("gelu", True, True),
+                                                             ("gelu_tanh", False, False)])
+def test_opcheck(activation, store_pre, with_bias):
+    """Schema, fake tensor, autograd registration and AOT dispatch of mpo_core::mpo_kron_linear.
+
+    ``store_pre=False`` with an activation exercises the backward's recompute of the pre-activation.
+    """
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(21, 6, generator=g, requires_grad=True)
+    left = torch.randn(3, 2, 5, generator=g, requires_grad=True)
+    right = torch.randn(3, 3, 4, generator=g, requires_grad=True)
+    bias = torch.randn(20, generator=g, requires_grad=True) if with_bias else None
+    torch.library.opcheck(torch.ops.mpo_core.mpo_kron_linear.default, (x, left, right, bias, activation, store_pre))
+
+
+# ----------------------------------------------------------------------------- dispatch
+def test_dispatch_cpu_uses_reference(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ops, "_kron_linear_op", lambda *a: calls.append(a))
+    cores = make_cores(*CASES[0])
+    x = torch.randn(4, 15)
+    y = mpo_linear(x, cores, None, "gelu")
+    assert calls == [] and rel_err(y, mpo_linear_reference(x, cores, None, "gelu")) == 0.0
+    mpo_linear(x, cores, None, "gelu", backend="torch")
+    assert calls == []
+
+
+def test_dispatch_capable_gpu_uses_triton(monkeypatch):
+    """With the device check mocked true, backend=None takes the kernel (here: the interpreter)."""
+    real = ops._kron_linear_op
+    calls = []
+
+    def spy(*a):
+        calls.append(a[4])
+        return real(*a)
+
+    monkeypatch.setattr(ops, "_cuda_triton_ok", lambda x: True)
+    monkeypatch.setattr(ops, "_kron_linear_op", spy)
+    cores = make_cores(*CASES[2])
+    x = torch.randn(5, 30)
+    y = mpo_linear(x, cores, None, "gelu_tanh")
+    assert calls == ["gelu_tanh"]
+    assert rel_err(y, mpo_linear_reference(x, cores, None, "gelu_tanh")) < FP32_TOL
+
+
+def test_forced_triton_unavailable_raises(monkeypatch):
+    from mpo_core.kernels import mpo_matmul as kernel_module
+
+    monkeypatch.setattr(kernel_module, "INTERPRETED", False)
+    cores = make_cores(*CASES[0])
+    with pytest.raises(RuntimeError, match="backend='triton' requested but unavailable.*TRITON_INTERPRET"):
+        mpo_linear(torch.randn(2, 15), cores, backend="triton")
+
+
+def test_dispatch_old_gpu_is_not_picked(monkeypatch):
+    """Compute capability 7.x (V100/T4): backend=None must not pick the kernel."""
+
+    class FakeCuda:
+        is_cuda = True
+        device = "cuda:0"
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert ops._cuda_triton_ok(FakeCuda()) is False
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert ops._cuda_triton_ok(FakeCuda()) is True
+    assert ops._cuda_triton_ok(torch.zeros(1)) is False
+
+
+def test_bf16_reference_path():
+    """bf16 on CPU runs the reference (the interpreter's bf16 tl.dot is wrong; the kernel's bf16 is a cuda test)."""
+    cores = make_cores(*CASES[3], dtype=torch.bfloat16)
+    x = torch.randn(7, 24).bfloat16()
+    y = mpo_linear(x, cores, None, "gelu")
+    assert y.dtype == torch.bfloat16
+    ref = mpo_linear_reference(x.float(), [c.float() for c in cores], None, "gelu")
+    assert rel_err(y, ref) < 3e-2
+
+
+# ----------------------------------------------------------------------------- bad input
+def _good():
+    cores = make_cores(*CASES[2])
+    return torch.randn(4, 30), cores, torch.randn(24)
+
+
+@pytest.mark.parametrize("fn", [mpo_linear, mpo_linear_reference])
+def test_bad_input(fn):
+    x, cores, b = _good()
+    with pytest.raises(ValueError, match="cores do not chain"):
+        fn(x, [cores[0], cores[1][:, :, :, :2], cores[2]], b)
+    with pytest.raises(ValueError, match=r"x: last dim must equal prod\(in_shape\)=30"):
+        fn(torch.randn(4, 29), cores, b)
+    with pytest.raises(TypeError, match=r"cores\[1\]: dtype torch.float64 does not match x.dtype"):
+        fn(x, [cores[0], cores[1].double(), cores[2]], b)
+    with pytest.raises(TypeError, match="bias: dtype torch.float16"):
+        fn(x, cores, b.half())
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        fn(x.long(), cores, b)
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        fn(x.to(torch.complex64), cores, b)
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
+        fn(x.tolist(), cores, b)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(24,\)"):
+        fn(x, cores, torch.randn(23))
+    with pytest.raises(ValueError, match="boundary bonds must be 1"):
+        fn(x, [torch.randn(2, 3, 2, 3), *cores[1:]], b)
+    with pytest.raises(ValueError, match="at least 2 cores"):
+        fn(torch.randn(4, 3), [torch.randn(1, 3, 2, 1)], None)
+    with pytest.raises(ValueError, match=r"cores\[0\]: expected shape \(d_left, in, out, d_right\)"):
+        fn(x, [cores[0][0], *cores[1:]], b)
+    with pytest.raises(TypeError, match="cores: expected a sequence"):
+        fn(x, torch.randn(1, 30, 24, 1), b)
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        fn(x, cores, b, "relu")
+
+
+def test_bad_backend():
+    x, cores, b = _good()
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        mpo_linear(x, cores, b, backend="cuda")
+    with pytest.raises(TypeError, match="backend='triton' takes float32"):
+        mpo_linear(x.double(), [c.double() for c in cores], b.double(), backend="triton")
+    # float64 with backend=None is the reference (also where a GPU would pick the kernel).
+    y = mpo_linear(x.double(), [c.double() for c in cores], b.double())
+    assert y.dtype == torch.float64
+
+
+# ----------------------------------------------------------------------------- cost model
+def test_cost_model_counts():
+    in_shape, out_shape, ranks = (3, 2, 5), (2, 4, 3), [1, 3, 4, 1]
+    tokens, k, n = 100, 30, 24
+    cost = mpo_linear_cost(tokens, in_shape, out_shape, ranks, 2, block_m=32)
+    assert cost["split"] == choose_split(in_shape, out_shape, ranks) == 1  # bond 3 < bond 4
+    assert cost["bond"] == 3
+    assert cost["flops_gemm"] == cost["flops_dense_fwd"] == 2 * tokens * k * n
+    assert cost["flops_rebuild"] == 2 * 3 * k * n * 4  # ceil(100/32) = 4 row blocks
+    assert cost["factor_elems"] == 3 * 2 * 3 + 3 * (2 * 5) * (4 * 3)
+    assert cost["flops"] == cost["flops_gemm"] + cost["flops_rebuild"] + cost["flops_precontract"] + cost["flops_epilogue"]
+    assert cost["flops_bwd_gemm"] == cost["flops_dense_bwd"] == 4 * tokens * k * n
+    # Compulsory bytes include x read and y written once.
+    assert cost["bytes"] >= 2 * tokens * (k + n)
+
+
+@pytest.mark.parametrize("case", CASES[2:], ids=lambda c: f"n{len(c[0])}")
+def test_cost_model_precontract_flops_match_torch_count(case):
+    """The model's pre-contraction FLOPs equal what torch's FLOP counter sees in the triton path's einsums."""
+    in_shape, out_shape, ranks = case
+    cores = make_cores(in_shape, out_shape, ranks)
+    x = torch.randn(3, math.prod(in_shape))
+    with FlopCounterMode(display=False) as counter:
+        mpo_linear(x, cores, None, None, backend="triton")
+    cost = mpo_linear_cost(3, in_shape, out_shape, ranks, 4, bias=False)
+    assert counter.get_total_flops() == cost["flops_precontract"]
+
+
+def test_cost_model_bert_backward_not_above_dense():
+    """By design: backward GEMM FLOPs equal the dense path's; the rest is small at BERT token counts."""
+    for shape, ranks in [((4, 4, 4, 4, 3), [1, 16, 256, 144, 9, 1]), ((4, 4, 4, 4, 3), [1, 16, 64, 64, 9, 1])]:
+        cost = mpo_linear_cost(4096, shape, shape, ranks, 2, activation="gelu")
+        assert cost["flops_bwd_gemm"] == cost["flops_dense_bwd"]
+        assert cost["flops_bwd"] < 1.25 * cost["flops_dense_bwd"]
+
+
+def test_cost_model_bad_args():
+    with pytest.raises(ValueError, match="ranks"):
+        mpo_linear_cost(8, (2, 2), (2, 2), [1, 2, 2], 2)
+    with pytest.raises(ValueError, match="tokens"):
+        mpo_linear_cost(-1, (2, 2), (2, 2), [1, 2, 1], 2)
+    with pytest.raises(ValueError, match="dtype_bytes"):
+        mpo_linear_cost(8, (2, 2), (2, 2), [1, 2, 1], 3)
+    with pytest.raises(ValueError, match="in_shape/out_shape"):
+        mpo_linear_cost(8, (2,), (2,), [1, 1], 2)
+
+
+# ----------------------------------------------------------------------------- CUDA
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_forward_backward_bert_shape(dtype, tol, activation):
+    shape = (4, 4, 4, 4, 3)  # 768 -> 768, truncated bonds
+    cores = [c.cuda().requires_grad_() for c in make_cores(shape, shape, [1, 16, 32, 32, 9, 1], dtype)]
+    x = torch.randn(300, 768, device="cuda").to(dtype).requires_grad_()
+    b = torch.randn(768, device="cuda").to(dtype).requires_grad_()
+    y = mpo_linear(x, cores, b, activation)  # backend=None picks triton on sm80+
+    f32 = [t.detach().float().requires_grad_() for t in (x, *cores, b)]
+    yr = mpo_linear_reference(f32[0], f32[1:-1], f32[-1], activation)
+    assert rel_err(y, yr) < tol
+    gy = torch.randn_like(yr)
+    got = torch.autograd.grad(y, [x, *cores, b], gy.to(dtype))
+    want = torch.autograd.grad(yr, f32, gy)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 4 * tol
