@@ -73,7 +73,21 @@ def split_threshold(rel_tol: float | None, norm: float, n: int) -> float | None:
 
 
 def robust_svd(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD ``mat = U diag(S) Vh``; falls back to LAPACK ``gesvd`` when torch's driver fails to converge."""
+    """Thin SVD ``mat = U diag(S) Vh``.
+
+    Wide matrices are factored through their transpose and very tall ones (>= 64:1) through
+    a QR first: LAPACK's divide-and-conquer driver is several times slower on those shapes,
+    which are exactly the outer unfoldings of a TT-SVD. When torch's driver fails to converge,
+    falls back to LAPACK ``gesvd`` (via scipy) rather than fail.
+    """
+    rows, cols = mat.shape
+    if rows < cols:
+        u, s, vh = robust_svd(mat.mT)
+        return vh.mT, s, u.mT
+    if rows >= 64 * cols:
+        q, r = torch.linalg.qr(mat)
+        u, s, vh = robust_svd(r)
+        return q @ u, s, vh
     try:
         return torch.linalg.svd(mat, full_matrices=False)
     except (torch.linalg.LinAlgError, RuntimeError):

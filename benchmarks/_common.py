@@ -1,0 +1,67 @@
+"""Shared pieces of the benchmarks: timing, a plain-text table, and the JSON report."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+
+def device_description(device: torch.device | str) -> str:
+    """A short human-readable name for ``device`` (GPU model or CPU architecture and threads)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 5, device: torch.device | str = "cpu") -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeat`` runs (CUDA-synchronized on GPU)."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Render ``rows`` (dicts) as an aligned text table with the given column order."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
+        return str(v)
+
+    cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[k]) for row in cells)) if cells else len(c) for k, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    """Write ``payload`` (plus environment facts) to ``path`` atomically, creating its folder."""
+    payload = {
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cuda_available": torch.cuda.is_available(),
+        },
+        **payload,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, indent=2, default=str)
+    os.replace(tmp, path)
