@@ -21,13 +21,18 @@ Tensor = torch.Tensor
 APPROXIMATIONS = ("none", "tanh")
 
 
+def _ext_bias(bias: Tensor | None, x: Tensor) -> Tensor:
+    """The extension always takes a bias: zeros stand in for none."""
+    return bias if bias is not None else x.new_zeros(x.shape[1])
+
+
 def _forward(x: Tensor, bias: Tensor | None, approximate: str, backend: str) -> Tensor:
     """``gelu(x + bias)`` on 2-D contiguous ``x`` with the Triton kernel or the CUDA extension."""
     if backend == "triton":
         from mpo_core.kernels.bias_gelu import bias_gelu_fwd
 
         return bias_gelu_fwd(x, bias, approximate)
-    return extension().bias_gelu_forward(x, bias, approximate)
+    return extension().bias_gelu_forward(x, _ext_bias(bias, x), approximate)
 
 
 def _backward(dy: Tensor, x: Tensor, bias: Tensor | None, approximate: str, backend: str) -> tuple[Tensor, Tensor]:
@@ -37,7 +42,7 @@ def _backward(dy: Tensor, x: Tensor, bias: Tensor | None, approximate: str, back
 
         dx, db = bias_gelu_bwd(dy, x, bias, approximate)
     else:
-        dx, db = extension().bias_gelu_backward(dy, x, bias, approximate)
+        dx, db = extension().bias_gelu_backward(dy, x, _ext_bias(bias, x), approximate)
     return dx, (db if bias is not None else x.new_empty(0))
 
 
