@@ -111,10 +111,11 @@ def _resolve(
             order = names[order]
         else:
             order = check_order(order, len(cores))
-    fused_ok = strategy == "auto" and _fused.fused_available(device)
-    epilogue = (bias is not None) + (activation is not None)
+    if strategy == "fused" and len(cores) < 2:
+        raise ValueError(f"strategy='fused' needs at least 2 cores, got {len(cores)}")
+    fused_ok = strategy == "auto" and len(cores) >= 2 and _fused.fused_available(device)
     plan = make_plan(in_shape, out_shape, ranks, token_bucket(tokens), device.type, dtype, strategy, order,
-                     epilogue, fused_ok)
+                     bias is not None, activation, fused_ok)
     return cores, plan
 
 
@@ -163,7 +164,7 @@ def contract(
     x2d = x.reshape(-1, x.shape[-1])
     chosen = plan.chosen
     if chosen.strategy == "fused":
-        return _fused.run_fused(x2d, cores, bias, activation).reshape(*lead, -1)
+        return _fused.run_fused(x2d, cores, bias, activation).reshape(*lead, _out_features(cores))
     if chosen.strategy == "dense":
         w = rebuild(cores, chosen.order)
         y = x2d @ w if bias is None else torch.addmm(bias, x2d, w)
@@ -173,7 +174,12 @@ def contract(
             y = y + bias
     if activation is not None:
         y = F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
-    return y.reshape(*lead, -1)
+    return y.reshape(*lead, _out_features(cores))
+
+
+def _out_features(cores: Sequence[torch.Tensor]) -> int:
+    """``prod(out_shape)`` of a list of cores."""
+    return math.prod(c.shape[2] for c in cores)
 
 
 def explain(

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 from functools import lru_cache
 from typing import Sequence
 
 import torch
 
-__all__ = ["fused_available", "run_fused"]
+__all__ = ["fused_available", "fused_cost", "run_fused"]
 
 _OP_MODULE = "mpo_core.ops.mpo_linear"
 
@@ -38,17 +37,21 @@ def fused_available(device: torch.device) -> bool:
     return _capability_ok(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _op_module():
+    try:
+        return importlib.import_module(_OP_MODULE)
+    except ImportError as exc:
+        raise RuntimeError(f"strategy='fused' needs {_OP_MODULE}, which cannot be imported: {exc}") from exc
+
+
+def fused_cost(tokens: int, in_shape, out_shape, ranks, itemsize: int, bias: bool, activation) -> tuple[int, int]:
+    """Modelled forward FLOPs and bytes of the fused kernel (from the op's own cost model)."""
+    cost = _op_module().mpo_linear_cost(tokens, in_shape, out_shape, ranks, itemsize, bias=bias, activation=activation)
+    return cost["flops"], cost["bytes"]
+
+
 def run_fused(
     x2d: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None, activation: str | None
 ) -> torch.Tensor:
-    """Call the fused op; on CPU only under the Triton interpreter (``TRITON_INTERPRET=1``)."""
-    if x2d.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            f"strategy='fused' needs a CUDA tensor, or TRITON_INTERPRET=1 (set before importing mpo_core) "
-            f"to run it through the Triton interpreter; got a {x2d.device.type} tensor"
-        )
-    try:
-        op = importlib.import_module(_OP_MODULE).mpo_linear
-    except (ImportError, AttributeError) as exc:
-        raise RuntimeError(f"strategy='fused' needs {_OP_MODULE}.mpo_linear, which is not available: {exc}") from exc
-    return op(x2d, list(cores), bias=bias, activation=activation)
+    """Run the fused Triton kernel (forced: on CPU only under ``TRITON_INTERPRET=1``, else ``RuntimeError``)."""
+    return _op_module().mpo_linear(x2d, list(cores), bias=bias, activation=activation, backend="triton")

@@ -13,6 +13,7 @@ from typing import Optional, Union
 import torch
 
 from mpo_core.contract.costmodel import device_model, op_seconds
+from mpo_core.contract.fused import fused_cost
 from mpo_core.contract.dense import MergeTree, gemm_cost, plan_merge
 from mpo_core.contract.sequential import SeqStep, all_orders, named_orders, plan_sequential
 
@@ -30,7 +31,7 @@ class Candidate:
     strategy : str
         ``"dense"``, ``"sequential"`` or ``"fused"``.
     order : tuple
-        Sequential/fused: the order in which cores are contracted. Dense: the merge tree.
+        Sequential: the order in which cores are contracted. Dense: the merge tree. Fused: ``()``.
     flops, bytes : int
         Modelled arithmetic and memory traffic for the planned token count.
     seconds : float
@@ -50,9 +51,11 @@ class Candidate:
     def label(self) -> str:
         if self.strategy == "dense":
             return f"dense merge={self.order}"
+        if self.strategy == "fused":
+            return "fused mpo_linear (triton)"
         names = {v: k for k, v in named_orders(len(self.order)).items()}
         order = ">".join(map(str, self.order))
-        return f"{self.strategy} {names[self.order] + ' ' if self.order in names else ''}{order}"
+        return f"sequential {names[self.order] + ' ' if self.order in names else ''}{order}"
 
 
 @dataclass(frozen=True)
@@ -111,13 +114,15 @@ def token_bucket(tokens: int) -> int:
 def make_plan(
     in_shape: tuple[int, ...], out_shape: tuple[int, ...], ranks: tuple[int, ...], tokens: int,
     device_type: str, dtype: torch.dtype, requested: str, order: Optional[tuple[int, ...]],
-    epilogue: int, fused_ok: bool,
+    has_bias: bool, activation: Optional[str], fused_ok: bool,
 ) -> Plan:
-    """Enumerate candidates for ``requested`` (``order`` restricts sequential/fused), model them, pick the cheapest.
+    """Enumerate candidates for ``requested`` (``order`` restricts sequential), model them, pick the cheapest.
 
-    ``epilogue`` is the number of elementwise passes after the product (bias add, activation):
-    the fused kernel does them in registers, the other strategies pay one read+write each.
+    The bias add and the activation are elementwise passes (one read+write each) for the
+    unfused strategies (``addmm`` folds the bias of the dense one); the fused kernel does them
+    in its epilogue.
     """
+    epilogue = int(has_bias) + int(activation is not None)
     model = device_model(device_type)
     itemsize = dtype.itemsize
     rows, cols = math.prod(in_shape), math.prod(out_shape)
@@ -132,20 +137,13 @@ def make_plan(
             "dense", tree, flops + g_flops + dense_epi * tokens * cols, nbytes + g_bytes + dense_epi * epi_bytes,
             seconds + op_seconds(g_flops, g_bytes, model, dtype) + dense_epi * op_seconds(tokens * cols, epi_bytes, model, dtype),
         ))
-    orders = [order] if order is not None else all_orders(len(in_shape))
-    seq = []
-    if requested in ("auto", "sequential", "fused"):
-        for o in orders:
+    if requested in ("auto", "sequential"):
+        for o in [order] if order is not None else all_orders(len(in_shape)):
             steps, flops, nbytes, seconds = plan_sequential(o, in_shape, out_shape, ranks, tokens, itemsize, model, dtype)
-            seq.append(Candidate("sequential", o, flops + epilogue * tokens * cols, nbytes + epilogue * epi_bytes,
-                                 seconds + epi_seconds, steps))
-    if requested == "sequential" or requested == "auto":
-        cands.extend(seq)
+            cands.append(Candidate("sequential", o, flops + epilogue * tokens * cols, nbytes + epilogue * epi_bytes,
+                                   seconds + epi_seconds, steps))
     if requested == "fused" or (requested == "auto" and fused_ok):
-        best = min(seq, key=lambda c: c.flops)
-        params = sum(ranks[k] * in_shape[k] * out_shape[k] * ranks[k + 1] for k in range(len(in_shape)))
-        nbytes = itemsize * (tokens * rows + tokens * cols + params)
-        cands.append(Candidate("fused", best.order, best.flops, nbytes,
-                               op_seconds(best.flops, nbytes, model, dtype)))
+        flops, nbytes = fused_cost(tokens, in_shape, out_shape, ranks, itemsize, has_bias, activation)
+        cands.append(Candidate("fused", (), flops, nbytes, op_seconds(flops, nbytes, model, dtype)))
     cands.sort(key=lambda c: c.seconds)
     return Plan(in_shape, out_shape, ranks, tokens, device_type, dtype, requested, tuple(cands), cands[0])

@@ -154,4 +154,4 @@ def run_sequential(x2d: torch.Tensor, cores: Sequence[torch.Tensor], steps: Sequ
         else:
             t = s.reshape(rows, st.k, st.m).transpose(1, 2).reshape(rows * st.m, st.k)
             s = (t @ mat).view(rows, st.m, st.p).transpose(1, 2)
-    return s.reshape(tokens, -1)
+    return s.reshape(tokens, math.prod(c.shape[2] for c in cores))
