@@ -15,7 +15,9 @@ column ``n = jL*JR + jR``). ``W`` itself never reaches global memory: each progr
 owns a ``BLOCK_M x BLOCK_N`` output tile and, for each ``BLOCK_K`` step, gathers
 the ``left``/``right`` entries of its ``BLOCK_K x BLOCK_N`` weight tile, sums the
 ``D`` products in fp32 registers, casts the tile to the input dtype and feeds it to
-``tl.dot`` with the ``x`` tile (fp32 accumulation). The epilogue adds the bias,
+``tl.dot`` with the ``x`` tile (fp32 accumulation). Factor indices are clamped into
+range instead of masked (out-of-range rows meet zeros of ``x``, out-of-range columns
+are never stored), so the ``D``-step gather loop carries no masks. The epilogue adds the bias,
 optionally stores the pre-activation (for backward), applies GELU (erf form, or
 tanh form written as ``z * sigmoid(2u)`` = ``0.5 z (1 + tanh u)`` since the
 interpreter has no ``tanh``) and stores ``y`` in the input dtype.
@@ -27,6 +29,11 @@ Per call with ``M`` rows, ``K = IL*IR`` inputs, ``N = JL*JR`` outputs:
   rebuilds the tiles it needs; ``D/BLOCK_M`` of the GEMM's count);
 * compulsory HBM bytes ``(M*K + M*N [+ M*N pre] + N) * b + (|left| + |right|) * b``;
   the factor gathers are re-read per row block from L2 like a GEMM's ``W`` tiles.
+
+Known cost of this design: each rebuilt weight element takes ``2*D`` gathered loads
+(L1/L2 hits, poorly coalesced) and ``D`` FMAs per row block, on units ~15x slower than
+the tensor cores; at full rank (``D = i_n*j_n``, e.g. 9 or 16) this is expected to
+bound the kernel below cuBLAS on ``F.linear`` -- see ``benchmarks/fused_mpo_linear.py``.
 
 Nothing here decides when this kernel runs, on which split or dtype: that policy is
 in :mod:`mpo_core.ops.mpo_linear`.
@@ -41,8 +48,8 @@ from triton.runtime.interpreter import InterpretedFunction
 #: Activation names accepted by :func:`mpo_matmul` and their kernel codes.
 ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2}
 
-_SQRT1_2 = 0.7071067811865476
-_SQRT_2_OVER_PI = 0.7978845608028654
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 
 @triton.jit
@@ -68,52 +75,55 @@ def _mpo_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    jl = offs_n // JR
-    jr = offs_n % JR
+    # Factor indices of the tile's columns; clamped into range so the gathers need no mask
+    # (out-of-range columns are never stored, out-of-range rows meet zeros of x).
+    offs_n_in = tl.minimum(offs_n, N - 1)
+    jl = offs_n_in // JR
+    jr = offs_n_in % JR
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
         x_tile = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+            mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0,
         )
-        il = offs_k // IR
-        ir = offs_k % IR
-        w_mask = k_mask[:, None] & n_mask[None, :]
-        l_off = il[:, None] * JL + jl[None, :]
-        r_off = ir[:, None] * JR + jr[None, :]
+        offs_k_in = tl.minimum(offs_k, K - 1)
+        l_ptrs = left_ptr + ((offs_k_in // IR)[:, None] * JL + jl[None, :])
+        r_ptrs = right_ptr + ((offs_k_in % IR)[:, None] * JR + jr[None, :])
         w = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        for s in range(D):
-            lv = tl.load(left_ptr + s * IL * JL + l_off, mask=w_mask, other=0.0)
-            rv = tl.load(right_ptr + s * IR * JR + r_off, mask=w_mask, other=0.0)
-            w += lv.to(tl.float32) * rv.to(tl.float32)
+        for _ in range(D):
+            w += tl.load(l_ptrs).to(tl.float32) * tl.load(r_ptrs).to(tl.float32)
+            l_ptrs += IL * JL
+            r_ptrs += IR * JR
         acc = tl.dot(x_tile, w.to(x_tile.dtype), acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out_off = offs_m[:, None] * N + offs_n[None, :]
+    # Outputs: 64-bit row-block base, 32-bit offsets inside the block (BLOCK_M * N < 2**31).
+    out_off = tl.arange(0, BLOCK_M)[:, None] * N + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
+    row0 = (pid_m * BLOCK_M).to(tl.int64) * N
     if STORE_PRE:
-        tl.store(pre_ptr + out_off, acc.to(pre_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(pre_ptr + row0 + out_off, acc.to(pre_ptr.dtype.element_ty), mask=out_mask)
     if ACTIVATION == 1:
         acc = 0.5 * acc * (1.0 + tl.erf(acc * _SQRT1_2))
     elif ACTIVATION == 2:
         u = _SQRT_2_OVER_PI * (acc + 0.044715 * acc * acc * acc)
         acc = acc * tl.sigmoid(2.0 * u)
-    tl.store(y_ptr + out_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(y_ptr + row0 + out_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
-
+# Checked with triton.compile for sm_80/sm_90 + cuobjdump (fp16, GELU, no pre store): the first
+# four use <= 255 registers with no spills; 256x128 spills ~200-300 B/thread in the epilogue but
+# halves the rebuild FLOPs (D/BLOCK_M), so autotuning decides.
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
     for bm, bn, bk, w, st in [
         (128, 128, 32, 8, 3),
         (128, 64, 32, 4, 3),
         (64, 128, 32, 4, 3),
+        (64, 64, 32, 4, 4),
         (256, 128, 32, 8, 3),
-        (128, 256, 32, 8, 3),
-        (256, 64, 64, 8, 3),
     ]
 ]
 _autotuned_kernel = triton.autotune(configs=_GPU_CONFIGS, key=["M", "N", "K", "D"])(_mpo_matmul_kernel)
