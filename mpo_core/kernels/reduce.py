@@ -33,13 +33,18 @@ def column_sum(partial: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+PROGRAMS_PER_SM = 2
+"""Programs (hence fp32 partial rows) per SM of a row-reducing backward kernel: enough to
+fill the GPU, few enough that the ``(G, N)`` partials stay small next to the data."""
+
+
 def num_partials(rows: int, device: torch.device) -> int:
     """How many partial rows (programs) a row-reducing backward kernel should use.
 
-    A few programs per SM on a GPU (enough to fill it while keeping the second stage
-    small); on the CPU interpreter, where programs run one after another, only a few.
+    :data:`PROGRAMS_PER_SM` per SM on a GPU; on the CPU interpreter, where programs run
+    one after another, only a few.
     """
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(rows, 4 * sms))
+        return max(1, min(rows, PROGRAMS_PER_SM * sms))
     return max(1, min(rows, 4))
