@@ -1,0 +1,413 @@
+"""``torch.nn`` building blocks: :class:`MPOLinear`, shared cores, freezing helpers, :func:`mpo_ify`.
+
+``MPOLinear`` stores ``W = linear.weight.T`` (``in_features x out_features``, rows are input
+modes, C order) as MPO cores, so ``y = x @ W + b`` exactly like ``nn.Linear``.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence, Union
+
+import torch
+from torch import nn
+
+from mpo_core.contract import contract, dense_weight, explain
+from mpo_core.contract.costmodel import device_model, op_seconds
+from mpo_core.contract.dense import gemm_cost
+from mpo_core.decompose import decompose
+from mpo_core.shapes import resolve_shapes
+
+__all__ = ["MPOLinear", "set_trainable", "mpo_ify", "MPOifyReport", "full_ranks"]
+
+RankSpec = Union[int, Sequence[int], None]
+
+
+def full_ranks(in_shape: Sequence[int], out_shape: Sequence[int]) -> list[int]:
+    """Bonds of an exact MPO: ``d_k = min(prod_{l<=k} i_l j_l, prod_{l>k} i_l j_l)``, boundaries 1."""
+    modes = [i * j for i, j in zip(in_shape, out_shape)]
+    n = len(modes)
+    return [1] + [min(math.prod(modes[:k]), math.prod(modes[k:])) for k in range(1, n)] + [1]
+
+
+def _resolve_ranks(ranks: RankSpec, in_shape: Sequence[int], out_shape: Sequence[int]) -> list[int]:
+    full = full_ranks(in_shape, out_shape)
+    n = len(in_shape)
+    if ranks is None:
+        return full
+    if isinstance(ranks, bool):
+        raise TypeError("ranks must be an int or a list of ints, got bool")
+    if isinstance(ranks, int):
+        if ranks < 1:
+            raise ValueError(f"ranks must be >= 1, got {ranks}")
+        return [min(ranks, f) for f in full]
+    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence):
+        raise TypeError(f"ranks must be an int or a list of ints, got {type(ranks).__name__}")
+    values = list(ranks)
+    if len(values) == n - 1:
+        values = [1, *values, 1]
+    if len(values) != n + 1 or values[0] != 1 or values[-1] != 1:
+        raise ValueError(f"ranks must be [1, d_1, ..., d_{n - 1}, 1] (n+1={n + 1} entries) or the n-1 inner bonds, got {list(ranks)}")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(f"ranks must be ints >= 1, got {list(ranks)}")
+    return values
+
+
+class MPOLinear(nn.Module):
+    """A linear layer ``y = x @ W + b`` whose ``in_features x out_features`` weight is an MPO.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        As for ``nn.Linear``.
+    in_shape, out_shape : sequence of int, optional
+        Mode sizes (products ``in_features`` / ``out_features``). Or give ``n``.
+    n : int, optional
+        Number of cores, with the balanced :func:`~mpo_core.shapes.factorize`.
+    ranks : int or list of int, optional
+        ``[1, d_1, ..., d_{n-1}, 1]`` (or the ``n - 1`` inner bonds); an int caps every bond
+        at the full rank; default full rank (exact capacity).
+    bias : bool, default True
+    device, dtype : optional
+        Of the parameters.
+    strategy : {"auto", "dense", "sequential", "fused"}
+        Passed to :func:`mpo_core.contract.contract`.
+    cache_weight : bool, default True
+        When no gradient is needed (``torch.no_grad``/inference, or frozen cores), keep the
+        rebuilt dense ``W`` and reuse it until a core changes (tracked by version counters), so
+        inference costs one GEMM like ``nn.Linear``. Costs one ``W`` of memory while cached.
+
+    Attributes
+    ----------
+    cores : nn.ParameterList
+        Core ``k`` of shape ``(d_{k-1}, in_shape[k], out_shape[k], d_k)``; any of them may be a
+        ``nn.Parameter`` shared with other layers (:meth:`share_core`).
+    error_bound : float or None
+        ``||W_source - W||_F`` bound from :meth:`from_linear` (``None`` for a random init).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        in_shape: Sequence[int] | None = None,
+        out_shape: Sequence[int] | None = None,
+        n: int | None = None,
+        ranks: RankSpec = None,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        strategy: str = "auto",
+        cache_weight: bool = True,
+    ) -> None:
+        super().__init__()
+        self.in_shape, self.out_shape = resolve_shapes(in_features, out_features, in_shape, out_shape, n)
+        self.in_features, self.out_features = in_features, out_features
+        self.ranks = _resolve_ranks(ranks, self.in_shape, self.out_shape)
+        if strategy not in ("auto", "dense", "sequential", "fused"):
+            raise ValueError(f"strategy must be 'auto', 'dense', 'sequential' or 'fused', got {strategy!r}")
+        self.strategy = strategy
+        self.cache_weight = cache_weight
+        kw = dict(device=device, dtype=dtype)
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.empty(self.ranks[k], i, j, self.ranks[k + 1], **kw))
+            for k, (i, j) in enumerate(zip(self.in_shape, self.out_shape))
+        )
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.error_bound: float | None = None
+        self._cached: tuple[tuple, torch.Tensor] | None = None
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def n(self) -> int:
+        return len(self.cores)
+
+    @property
+    def central_index(self) -> int:
+        return self.n // 2
+
+    @property
+    def central(self) -> nn.Parameter:
+        return self.cores[self.central_index]
+
+    @property
+    def auxiliary(self) -> list[nn.Parameter]:
+        return [c for k, c in enumerate(self.cores) if k != self.central_index]
+
+    @property
+    def num_params(self) -> int:
+        """Entries in the cores and the bias (a shared core counts in full here)."""
+        return sum(c.numel() for c in self.cores) + (self.bias.numel() if self.bias is not None else 0)
+
+    @property
+    def compression(self) -> float:
+        """Dense weight entries divided by core entries."""
+        return self.in_features * self.out_features / sum(c.numel() for c in self.cores)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` weight, as ``nn.Linear.weight`` (differentiable)."""
+        return dense_weight(list(self.cores)).T
+
+    def reset_parameters(self) -> None:
+        """Random cores such that the dense ``W`` has ``nn.Linear``'s weight variance ``1 / (3 in_features)``.
+
+        ``W`` entries are sums over ``prod(d_k)`` products of ``n`` independent core entries, so each
+        core is drawn from ``N(0, s^2)`` with ``s^(2n) prod(d_k) = 1 / (3 in_features)``. The bias
+        is ``U(-1/sqrt(in), 1/sqrt(in))`` as in ``nn.Linear``.
+        """
+        target = 1.0 / (3.0 * self.in_features)
+        std = (target / math.prod(self.ranks)) ** (1.0 / (2 * self.n))
+        with torch.no_grad():
+            for core in self.cores:
+                core.normal_(0.0, std)
+            if self.bias is not None:
+                bound = 1.0 / math.sqrt(self.in_features)
+                self.bias.uniform_(-bound, bound)
+
+    def share_core(self, index: int, param: nn.Parameter) -> None:
+        """Use ``param`` (owned elsewhere, e.g. by another layer) as core ``index``; its values are kept."""
+        if isinstance(index, bool) or not isinstance(index, int) or not -self.n <= index < self.n:
+            raise ValueError(f"index must be an int in [-{self.n}, {self.n}), got {index!r}")
+        if not isinstance(param, nn.Parameter):
+            raise TypeError(f"param must be an nn.Parameter, got {type(param).__name__}")
+        old = self.cores[index]
+        if param.shape != old.shape or param.dtype != old.dtype or param.device != old.device:
+            raise ValueError(
+                f"param is {tuple(param.shape)} {param.dtype} on {param.device}; core {index} needs "
+                f"{tuple(old.shape)} {old.dtype} on {old.device}"
+            )
+        self.cores[index] = param
+        self._cached = None
+
+    # ------------------------------------------------------------------ conversion
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        in_shape: Sequence[int] | None = None,
+        out_shape: Sequence[int] | None = None,
+        n: int | None = None,
+        max_bond: RankSpec = None,
+        rel_tol: float | None = None,
+        shared_central: nn.Parameter | None = None,
+        strategy: str = "auto",
+    ) -> "MPOLinear":
+        """Decompose ``linear.weight.T`` (TT-SVD in float64, see :func:`mpo_core.decompose`).
+
+        ``max_bond``/``rel_tol`` truncate (exact when both are ``None``); :attr:`error_bound`
+        keeps the decomposition's guaranteed ``||W - W_mpo||_F`` bound. ``shared_central``
+        replaces the decomposed central core by that (shared) parameter, as in MPOBERT.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        mpo = decompose(weight.T, in_shape, out_shape, max_bond, rel_tol, n=n)
+        layer = cls(
+            linear.in_features, linear.out_features, mpo.in_shape, mpo.out_shape, ranks=mpo.ranks,
+            bias=linear.bias is not None, device=weight.device, dtype=weight.dtype, strategy=strategy,
+        )
+        with torch.no_grad():
+            for core, src in zip(layer.cores, mpo.cores):
+                core.copy_(src)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.error_bound = mpo.error_bound
+        if shared_central is not None:
+            layer.share_core(layer.central_index, shared_central)
+        return layer
+
+    def to_linear(self) -> nn.Linear:
+        """Contract back into an ``nn.Linear`` (rebuilt in float64, so exact to the dtype's rounding)."""
+        with torch.no_grad():
+            w = dense_weight([c.double() for c in self.cores])
+            first = self.cores[0]
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                               device=first.device, dtype=first.dtype)
+            linear.weight.copy_(w.T)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    # ------------------------------------------------------------------ forward
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (
+            x.requires_grad or any(c.requires_grad for c in self.cores)
+            or (self.bias is not None and self.bias.requires_grad)
+        )
+
+    def _cached_weight(self) -> torch.Tensor:
+        key = tuple((c.data_ptr(), c._version, c.dtype, c.device) for c in self.cores)
+        if self._cached is None or self._cached[0] != key:
+            with torch.no_grad():
+                self._cached = (key, dense_weight(list(self.cores)))
+        return self._cached[1]
+
+    def _gemm_beats_plan(self, x: torch.Tensor) -> bool:
+        """With ``W`` cached, a GEMM is modelled at least as fast as the planned strategy."""
+        plan = explain(x, list(self.cores), self.bias, strategy=self.strategy)
+        if plan.strategy == "dense":
+            return True
+        flops, nbytes = gemm_cost(plan.tokens, self.in_features, self.out_features, plan.dtype.itemsize)
+        return plan.strategy == "sequential" and op_seconds(flops, nbytes, device_model(plan.device_type), plan.dtype) <= plan.chosen.seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache_weight and self.strategy in ("auto", "dense") and not self._needs_grad(x) and self._gemm_beats_plan(x):
+            w = self._cached_weight()
+            x2d = x.reshape(-1, self.in_features)
+            y = x2d @ w if self.bias is None else torch.addmm(self.bias, x2d, w)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        self._cached = None
+        return contract(x, list(self.cores), self.bias, strategy=self.strategy)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, in_shape={self.in_shape}, "
+            f"out_shape={self.out_shape}, ranks={[c.shape[0] for c in self.cores] + [1]}, "
+            f"params={self.num_params}, compression={self.compression:.2f}x vs dense, "
+            f"bias={self.bias is not None}, strategy={self.strategy!r}"
+            + ("" if self.error_bound is None else f", error_bound={self.error_bound:.3g}")
+        )
+
+
+def _mpo_layers(module: nn.Module) -> Iterable[MPOLinear]:
+    return (m for m in module.modules() if isinstance(m, MPOLinear))
+
+
+def set_trainable(module: nn.Module, which: str, bias: bool | None = None) -> int:
+    """Freeze/unfreeze the cores of every :class:`MPOLinear` in ``module``.
+
+    Parameters
+    ----------
+    module : nn.Module
+        Searched recursively; other parameters are left alone.
+    which : {"all", "auxiliary", "central"}
+        Which cores train: all of them; the auxiliaries only (central frozen: MPOP's
+        lightweight fine-tuning); or the central only.
+    bias : bool, optional
+        Also set ``requires_grad`` of the MPO layers' biases (left unchanged when ``None``).
+
+    Returns
+    -------
+    int
+        Trainable parameter entries in ``module`` afterwards (shared parameters counted once).
+    """
+    if which not in ("all", "auxiliary", "central"):
+        raise ValueError(f"which must be 'all', 'auxiliary' or 'central', got {which!r}")
+    for layer in _mpo_layers(module):
+        for k, core in enumerate(layer.cores):
+            is_central = k == layer.central_index
+            core.requires_grad_(which == "all" or (which == "central") == is_central)
+        if bias is not None and layer.bias is not None:
+            layer.bias.requires_grad_(bias)
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+@dataclass
+class MPOifyRow:
+    name: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    ranks: list[int]
+    dense_params: int
+    mpo_params: int
+    error_bound: float
+    relative_error: float
+
+
+@dataclass
+class MPOifyReport:
+    """What :func:`mpo_ify` replaced; ``print`` it for a table."""
+
+    params_before: int
+    params_after: int
+    layers: list[MPOifyRow] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        head = f"{'layer':<32}{'in_shape':<18}{'out_shape':<18}{'max bond':>9}{'dense':>11}{'mpo':>11}{'err bound':>11}{'rel err':>10}"
+        lines = [head, "-" * len(head)]
+        for r in self.layers:
+            lines.append(
+                f"{r.name:<32}{str(r.in_shape):<18}{str(r.out_shape):<18}{max(r.ranks):>9}{r.dense_params:>11}"
+                f"{r.mpo_params:>11}{r.error_bound:>11.3g}{r.relative_error:>10.2e}"
+            )
+        lines.append(
+            f"model parameters: {self.params_before} -> {self.params_after} "
+            f"({self.params_after / max(self.params_before, 1):.3f}x), {len(self.layers)} layers replaced"
+        )
+        return "\n".join(lines)
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _matcher(include) -> Callable[[str, nn.Module], bool]:
+    if include is None:
+        return lambda name, mod: True
+    if callable(include):
+        return include
+    patterns = [include] if isinstance(include, str) else list(include)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError("include must be a name/glob pattern, a list of them, or a predicate (name, module) -> bool")
+    return lambda name, mod: any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def mpo_ify(
+    model: nn.Module,
+    include: str | Sequence[str] | Callable[[str, nn.Module], bool] | None = None,
+    n: int | Callable[[int, int], tuple[Sequence[int], Sequence[int]]] = 5,
+    max_bond: RankSpec = None,
+    rel_tol: float | None = None,
+    strategy: str = "auto",
+) -> MPOifyReport:
+    """Replace chosen ``nn.Linear`` modules of ``model`` in place by :meth:`MPOLinear.from_linear`.
+
+    Parameters
+    ----------
+    model : nn.Module
+    include : str, list of str, or callable, optional
+        Qualified module names or glob patterns (``"encoder.*.ffn.*"``), or a predicate
+        ``(name, module) -> bool``; default every ``nn.Linear``.
+    n : int or callable
+        Number of cores (balanced factorization), or ``fn(in_features, out_features) -> (in_shape, out_shape)``.
+    max_bond, rel_tol : optional
+        Truncation, as in :func:`mpo_core.decompose`.
+    strategy : str
+        Contraction strategy of the new layers.
+
+    Returns
+    -------
+    MPOifyReport
+        Parameter counts before/after and, per layer, shapes, ranks, the guaranteed error bound
+        and the measured relative error ``||W - W_mpo||_F / ||W||_F``.
+    """
+    match = _matcher(include)
+    before = _count(model)
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name and match(name, mod)]
+    report = MPOifyReport(before, before)
+    for name, linear in targets:
+        if callable(n):
+            in_shape, out_shape = n(linear.in_features, linear.out_features)
+            shape_kw = dict(in_shape=in_shape, out_shape=out_shape)
+        else:
+            shape_kw = dict(n=n)
+        try:
+            layer = MPOLinear.from_linear(linear, max_bond=max_bond, rel_tol=rel_tol, strategy=strategy, **shape_kw)
+        except ValueError as exc:
+            raise ValueError(f"cannot decompose layer {name!r} ({linear.in_features}x{linear.out_features}): {exc}") from exc
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, layer)
+        with torch.no_grad():
+            ref = linear.weight.detach().double()
+            diff = float(torch.linalg.vector_norm(layer.weight.double() - ref))
+            norm = float(torch.linalg.vector_norm(ref))
+        report.layers.append(MPOifyRow(
+            name, layer.in_shape, layer.out_shape, [c.shape[0] for c in layer.cores] + [1],
+            linear.weight.numel() + (linear.bias.numel() if linear.bias is not None else 0),
+            layer.num_params, float(layer.error_bound), diff / norm if norm > 0 else diff,
+        ))
+    report.params_after = _count(model)
+    return report
