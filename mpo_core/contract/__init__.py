@@ -171,7 +171,7 @@ def contract(
     else:
         y = run_sequential(x2d, cores, chosen.steps)
         if bias is not None:
-            y = y + bias
+            y = y + bias.to(y.dtype)  # under autocast y is in the autocast dtype: no promotion back
     if activation is not None:
         y = F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
     return y.reshape(*lead, _out_features(cores))
