@@ -28,11 +28,15 @@ def _extensions():
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
     if not cpp_sources:
         return [], {}
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    # csrc/cuda/*.cu are plain CUDA (no torch headers); csrc/cuda/*.cpp is their torch glue.
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     with_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
     if os.environ.get("MPO_CORE_FORCE_CPU_EXT") == "1":
         with_cuda = False
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # torch 2.13's headers (and its cpp_extension default) are C++20; the .cu files are
+    # plain C++17 CUDA, checked by scripts/nvcc_check.py with the same nvcc flags. No
+    # --use_fast_math: it turns tanhf/expf into approximations that fp32 GELU would not survive.
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     define_macros = [("MPO_CORE_WITH_CUDA", "1")] if with_cuda else []
     if with_cuda:
         ext = CUDAExtension(
@@ -40,7 +44,7 @@ def _extensions():
             cpp_sources + cuda_sources,
             include_dirs=[os.path.abspath("csrc")],
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
     else:

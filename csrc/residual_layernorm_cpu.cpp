@@ -1,0 +1,226 @@
+// Fused residual-add + LayerNorm on CPU, forward and backward.
+//
+// Rows (all leading dims flattened) are split across OpenMP threads (the pool size follows
+// torch.get_num_threads()); each row is processed with contiguous, `omp simd` inner loops.
+// Statistics use two passes (mean, then the sum of squared deviations) in the accumulation
+// type: float for float32/bfloat16/float16 inputs, double for float64. For reduced-precision
+// inputs h = x + residual is rounded to the input dtype first, and the statistics are taken
+// of the rounded h, which is also what the backward reads (this matches
+// F.layer_norm(x + residual) in that dtype).
+#include "ops.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <cmath>
+#include <vector>
+
+namespace mpo_core {
+namespace {
+
+// Below this many elements the work runs on the calling thread (no fork/join cost).
+constexpr int64_t kParallelMinElements = 1 << 15;
+
+int threads_for(int64_t elements) {
+  return elements >= kParallelMinElements ? std::max(1, at::get_num_threads()) : 1;
+}
+
+template <typename T, typename Acc>
+void forward_rows(const T* x, const T* r, const Acc* w, const Acc* b, T* y, T* h, Acc* mean_out,
+                  Acc* rstd_out, int64_t rows, int64_t n, Acc eps) {
+  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
+#pragma omp parallel for schedule(static) num_threads(threads_for(rows * n))
+  for (int64_t row = 0; row < rows; ++row) {
+    const T* xr = x + row * n;
+    T* yr = y + row * n;
+    const T* hr = xr;  // h = x when there is no residual
+    Acc sum = 0;
+    if (r != nullptr) {
+      const T* rr = r + row * n;
+      T* hw = h + row * n;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < n; ++j) {
+        const T v = static_cast<T>(static_cast<Acc>(xr[j]) + static_cast<Acc>(rr[j]));
+        hw[j] = v;
+        sum += static_cast<Acc>(v);
+      }
+      hr = hw;
+    } else {
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < n; ++j) sum += static_cast<Acc>(xr[j]);
+    }
+    const Acc mu = sum * inv_n;
+    Acc sq = 0;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t j = 0; j < n; ++j) {
+      const Acc d = static_cast<Acc>(hr[j]) - mu;
+      sq += d * d;
+    }
+    const Acc rs = Acc(1) / std::sqrt(sq * inv_n + eps);
+    mean_out[row] = mu;
+    rstd_out[row] = rs;
+    if (w != nullptr && b != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j)
+        yr[j] = static_cast<T>((static_cast<Acc>(hr[j]) - mu) * rs * w[j] + b[j]);
+    } else if (w != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j)
+        yr[j] = static_cast<T>((static_cast<Acc>(hr[j]) - mu) * rs * w[j]);
+    } else if (b != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j)
+        yr[j] = static_cast<T>((static_cast<Acc>(hr[j]) - mu) * rs + b[j]);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) yr[j] = static_cast<T>((static_cast<Acc>(hr[j]) - mu) * rs);
+    }
+  }
+}
+
+// dh = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w, xhat = (h - mean) * rstd.
+// With w: dw = sum_rows dy * xhat and db = sum_rows dy, accumulated in one partial row per
+// thread (dw_part / db_part: threads x n) and reduced afterwards, so there are no races.
+template <typename T, typename Acc>
+void backward_rows(const T* dy, const T* h, const Acc* w, const Acc* mean, const Acc* rstd, T* dh,
+                   Acc* dw_part, Acc* db_part, int nthreads, int64_t rows, int64_t n) {
+  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int tid = omp_get_thread_num();
+    Acc* dw = w != nullptr ? dw_part + tid * n : nullptr;
+    Acc* db = w != nullptr ? db_part + tid * n : nullptr;
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      const T* dyr = dy + row * n;
+      const T* hr = h + row * n;
+      T* dhr = dh + row * n;
+      const Acc mu = mean[row];
+      const Acc rs = rstd[row];
+      Acc sum_g = 0, sum_gx = 0;
+      if (w != nullptr) {
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+        for (int64_t j = 0; j < n; ++j) {
+          const Acc d = static_cast<Acc>(dyr[j]);
+          const Acc xhat = (static_cast<Acc>(hr[j]) - mu) * rs;
+          const Acc g = d * w[j];
+          sum_g += g;
+          sum_gx += g * xhat;
+          dw[j] += d * xhat;
+          db[j] += d;
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+          const Acc xhat = (static_cast<Acc>(hr[j]) - mu) * rs;
+          const Acc g = static_cast<Acc>(dyr[j]) * w[j];
+          dhr[j] = static_cast<T>(rs * (g - (sum_g + xhat * sum_gx) * inv_n));
+        }
+      } else {
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+        for (int64_t j = 0; j < n; ++j) {
+          const Acc g = static_cast<Acc>(dyr[j]);
+          sum_g += g;
+          sum_gx += g * (static_cast<Acc>(hr[j]) - mu) * rs;
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+          const Acc xhat = (static_cast<Acc>(hr[j]) - mu) * rs;
+          dhr[j] = static_cast<T>(rs * (static_cast<Acc>(dyr[j]) - (sum_g + xhat * sum_gx) * inv_n));
+        }
+      }
+    }
+  }
+}
+
+// out[j] = sum_t part[t * n + j], for t < parts.
+template <typename Acc>
+void sum_partials(const Acc* part, int parts, int64_t n, Acc* out) {
+#pragma omp parallel for schedule(static) num_threads(threads_for(parts * n))
+  for (int64_t j = 0; j < n; ++j) {
+    Acc s = 0;
+    for (int t = 0; t < parts; ++t) s += part[t * n + j];
+    out[j] = s;
+  }
+}
+
+template <typename Acc>
+const Acc* affine_ptr(const std::optional<Tensor>& t) {
+  return t.has_value() ? t->data_ptr<Acc>() : nullptr;
+}
+
+void check_cpu(const char* op, const Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": expected CPU tensors, got ", t.device());
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> residual_layernorm_forward_cpu(
+    const Tensor& x_in, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
+    double eps) {
+  constexpr const char* op = "residual_layernorm_forward";
+  check_layernorm_forward_args(op, x_in, residual, weight, bias, eps);
+  check_cpu(op, x_in);
+  const auto acc = accumulation_dtype(x_in.scalar_type());
+  const Tensor x = x_in.contiguous();
+  const int64_t n = x.size(-1);
+  const int64_t rows = x.numel() / n;
+  const OptTensor r = residual.has_value() ? OptTensor(residual->contiguous()) : std::nullopt;
+  const OptTensor w = weight.has_value() ? OptTensor(weight->to(acc).contiguous()) : std::nullopt;
+  const OptTensor b = bias.has_value() ? OptTensor(bias->to(acc).contiguous()) : std::nullopt;
+  Tensor y = at::empty_like(x);
+  Tensor h = r.has_value() ? at::empty_like(x) : x;
+  Tensor mean = at::empty({rows}, x.options().dtype(acc));
+  Tensor rstd = at::empty({rows}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
+    using Acc = at::opmath_type<scalar_t>;
+    forward_rows<scalar_t, Acc>(x.data_ptr<scalar_t>(),
+                                r.has_value() ? r->data_ptr<scalar_t>() : nullptr,
+                                affine_ptr<Acc>(w), affine_ptr<Acc>(b), y.data_ptr<scalar_t>(),
+                                h.data_ptr<scalar_t>(), mean.data_ptr<Acc>(), rstd.data_ptr<Acc>(),
+                                rows, n, static_cast<Acc>(eps));
+  });
+  return {y, h, mean, rstd};
+}
+
+std::tuple<Tensor, OptTensor, OptTensor> residual_layernorm_backward_cpu(
+    const Tensor& dy_in, const Tensor& h_in, const OptTensor& weight, const Tensor& mean_in,
+    const Tensor& rstd_in) {
+  constexpr const char* op = "residual_layernorm_backward";
+  check_layernorm_backward_args(op, dy_in, h_in, weight, mean_in, rstd_in);
+  check_cpu(op, h_in);
+  const auto acc = accumulation_dtype(h_in.scalar_type());
+  const Tensor dy = dy_in.contiguous();
+  const Tensor h = h_in.contiguous();
+  const Tensor mean = mean_in.contiguous();
+  const Tensor rstd = rstd_in.contiguous();
+  const int64_t n = h.size(-1);
+  const int64_t rows = h.numel() / n;
+  const OptTensor w = weight.has_value() ? OptTensor(weight->to(acc).contiguous()) : std::nullopt;
+  const int nthreads = threads_for(rows * n);
+  Tensor dh = at::empty_like(h);
+  Tensor dw_part, db_part;
+  if (w.has_value()) {
+    dw_part = at::zeros({nthreads, n}, h.options().dtype(acc));
+    db_part = at::zeros({nthreads, n}, h.options().dtype(acc));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), op, [&] {
+    using Acc = at::opmath_type<scalar_t>;
+    backward_rows<scalar_t, Acc>(
+        dy.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), affine_ptr<Acc>(w),
+        mean.data_ptr<Acc>(), rstd.data_ptr<Acc>(), dh.data_ptr<scalar_t>(),
+        w.has_value() ? dw_part.data_ptr<Acc>() : nullptr,
+        w.has_value() ? db_part.data_ptr<Acc>() : nullptr, nthreads, rows, n);
+  });
+  if (!w.has_value()) return {dh, std::nullopt, std::nullopt};
+  Tensor dw = at::empty({n}, h.options().dtype(acc));
+  Tensor db = at::empty({n}, h.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, op, [&] {
+    sum_partials<scalar_t>(dw_part.data_ptr<scalar_t>(), nthreads, n, dw.data_ptr<scalar_t>());
+    sum_partials<scalar_t>(db_part.data_ptr<scalar_t>(), nthreads, n, db.data_ptr<scalar_t>());
+  });
+  const auto wdtype = weight->scalar_type();
+  return {dh, dw.to(wdtype), db.to(wdtype)};
+}
+
+}  // namespace mpo_core
