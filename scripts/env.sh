@@ -19,7 +19,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   python -c "import torch" || { echo "[env] torch failed to install" >&2; exit 1; }
 fi
 stamp=".venv/.mpo_core_deps"
-want="$(find setup.py pyproject.toml scripts/env.sh csrc -type f -print0 2>/dev/null | sort -z | xargs -0 cat | sha1sum | cut -c1-16)"
+want="$( (find setup.py pyproject.toml scripts/env.sh csrc -type f 2>/dev/null || true) | sort | xargs cat | sha1sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[env] installing dependencies and building mpo_core (with its extension)"
   pip install -q numpy scipy ninja pybind11 "triton==3.9.0" pytest hypothesis tensorly tntorch safetensors tqdm tokenizers 2>&1 | grep -v "^WARNING: Location" || true
