@@ -77,6 +77,10 @@ def _bias_gelu_bwd_kernel(DY, X, B, DX, DB, M, N, rows_per_program, HAS_BIAS: tl
         tl.store(DB + pid * N + cols, db, mask=col_mask)
 
 
+_WARPS = 8
+"""4096-element tiles over 256 threads: 16 elements per thread, no spills (ptxas, sm_80/sm_90)."""
+
+
 def _blocks(n: int) -> tuple[int, int]:
     block_n = min(triton.next_power_of_2(n), 1024)
     return max(1, 4096 // block_n), block_n
@@ -90,7 +94,7 @@ def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) 
     if m:
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
         _bias_gelu_fwd_kernel[grid](x, bias, y, m, n, HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",
-                                    BLOCK_M=block_m, BLOCK_N=block_n)
+                                    BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_WARPS)
     return y
 
 
@@ -107,5 +111,5 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, 
     _bias_gelu_bwd_kernel[(g, triton.cdiv(n, block_n))](dy, x, bias, dx, db_part, m, n, rows_per_program,
                                                         HAS_BIAS=bias is not None,
                                                         APPROX_TANH=approximate == "tanh", BLOCK_M=block_m,
-                                                        BLOCK_N=block_n)
+                                                        BLOCK_N=block_n, num_warps=_WARPS)
     return dx, (column_sum(db_part, bias.dtype) if bias is not None else None)
