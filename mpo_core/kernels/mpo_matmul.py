@@ -58,13 +58,17 @@ def _mpo_matmul_kernel(
     M, N, K, IL, JL, IR, JR, D,
     stride_xm, stride_xk,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, IRP: tl.constexpr, JRP: tl.constexpr, DP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # A (BLOCK_K x BLOCK_N) weight tile spans BI left rows x IRP right rows and BJ left
+    # columns x JRP right columns (right modes padded to powers of two, padding masked to 0).
+    BI: tl.constexpr = BLOCK_K // IRP
+    BJ: tl.constexpr = BLOCK_N // JRP
     # Grouped program order (Triton matmul tutorial): GROUP_M row blocks share column blocks in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_n = tl.cdiv(JL, BJ)
     group_size = GROUP_M * num_pid_n
     first_m = (pid // group_size) * GROUP_M
     group_m = min(num_pid_m - first_m, GROUP_M)
@@ -72,30 +76,48 @@ def _mpo_matmul_kernel(
     pid_n = (pid % group_size) // group_m
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
-    n_mask = offs_n < N
-    # Factor indices of the tile's columns; clamped into range so the gathers need no mask
-    # (out-of-range columns are never stored, out-of-range rows meet zeros of x).
-    offs_n_in = tl.minimum(offs_n, N - 1)
-    jl = offs_n_in // JR
-    jr = offs_n_in % JR
+    # Output columns of the tile: n = jl*JR + jr for jl in [pid_n*BJ, +BJ), jr < JR.
+    cols = tl.arange(0, BLOCK_N)
+    jl_c = pid_n * BJ + cols // JRP
+    jr_c = cols % JRP
+    offs_n = jl_c * JR + jr_c
+    n_mask = (jl_c < JL) & (jr_c < JR)
+
+    # right as a (DP, IRP*JRP) matrix, constant over the K loop: right[s, r, c] at column r*JRP + c.
+    sd = tl.arange(0, DP)
+    rc = tl.arange(0, IRP * JRP)
+    r_r = rc // JRP
+    r_c = rc % JRP
+    right = tl.load(
+        right_ptr + sd[:, None] * (IR * JR) + (r_r * JR + r_c)[None, :],
+        mask=(sd < D)[:, None] & ((r_r < IR) & (r_c < JR))[None, :], other=0.0,
+    )
+    # left rows of the rebuild GEMM: (a, b) -> left[:, i0 + a, pid_n*BJ + b], a < BI, b < BJ.
+    ab = tl.arange(0, BI * BJ)
+    l_a = ab // BJ
+    l_jl = pid_n * BJ + ab % BJ
+    # x columns of the tile: (a, r) -> k = (i0 + a)*IR + r.
+    ks = tl.arange(0, BLOCK_K)
+    k_a = ks // IRP
+    k_r = ks % IRP
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x_tile = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0,
+    for i0 in range(0, IL, BI):
+        l_il = i0 + l_a
+        left = tl.load(
+            left_ptr + sd[None, :] * (IL * JL) + (l_il * JL + l_jl)[:, None],
+            mask=((l_il < IL) & (l_jl < JL))[:, None] & (sd < D)[None, :], other=0.0,
         )
-        offs_k_in = tl.minimum(offs_k, K - 1)
-        l_ptrs = left_ptr + ((offs_k_in // IR)[:, None] * JL + jl[None, :])
-        r_ptrs = right_ptr + ((offs_k_in % IR)[:, None] * JR + jr[None, :])
-        w = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        for _ in range(D):
-            w += tl.load(l_ptrs).to(tl.float32) * tl.load(r_ptrs).to(tl.float32)
-            l_ptrs += IL * JL
-            r_ptrs += IR * JR
+        # Rebuild on the tensor cores: w[(a,b),(r,c)] = sum_s left[s,i0+a,jl_b] right[s,r,c] ...
+        w = tl.dot(left, right, input_precision=DOT_PRECISION)
+        # ... then reorder (a, b, r, c) -> rows (a, r), columns (b, c) of the W tile.
+        w = tl.reshape(tl.permute(tl.reshape(w, (BI, BJ, IRP, JRP)), (0, 2, 1, 3)), (BLOCK_K, BLOCK_N))
+        k_il = i0 + k_a
+        x_tile = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + (k_il * IR + k_r)[None, :] * stride_xk,
+            mask=m_mask[:, None] & ((k_il < IL) & (k_r < IR))[None, :], other=0.0,
+        )
         acc = tl.dot(x_tile, w.to(x_tile.dtype), acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
@@ -113,25 +135,41 @@ def _mpo_matmul_kernel(
         acc = acc * tl.sigmoid(2.0 * u)
     tl.store(y_ptr + row0 + out_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
-# Checked with triton.compile for sm_80/sm_90 + cuobjdump (fp16, GELU, no pre store): the first
-# four use <= 255 registers with no spills; 256x128 spills ~200-300 B/thread in the epilogue but
-# halves the rebuild FLOPs (D/BLOCK_M), so autotuning decides.
+# Every config has BLOCK_K, BLOCK_N >= 32 and BLOCK_K * BLOCK_N >= 16 * 64, which the limits in
+# :func:`padded_right_shape` rely on (tile holds whole padded right modes; rebuild GEMM has >= 16 rows).
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
     for bm, bn, bk, w, st in [
         (128, 128, 32, 8, 3),
         (128, 64, 32, 4, 3),
         (64, 128, 32, 4, 3),
-        (64, 64, 32, 4, 4),
+        (128, 128, 64, 8, 3),
         (256, 128, 32, 8, 3),
     ]
 ]
-_autotuned_kernel = triton.autotune(configs=_GPU_CONFIGS, key=["M", "N", "K", "D"])(_mpo_matmul_kernel)
+_autotuned_kernel = triton.autotune(configs=_GPU_CONFIGS, key=["M", "N", "K", "D", "IRP", "JRP"])(_mpo_matmul_kernel)
 
 #: Whether the kernel runs on Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import).
 INTERPRETED: bool = isinstance(_mpo_matmul_kernel, InterpretedFunction)
-# The interpreter runs programs one after another: one fixed, small tiling (tl.dot needs >= 16).
-_INTERPRETER_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}
+# The interpreter runs programs one after another: one fixed, small tiling.
+_INTERPRETER_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+#: Largest padded right block ``IRP*JRP`` and padded bond ``DP`` the kernel takes.
+MAX_RIGHT_BLOCK = 64
+MAX_BOND = 64
+
+
+def padded_right_shape(d: int, ir: int, jr: int) -> tuple[int, int, int] | None:
+    """Padded ``(DP, IRP, JRP)`` the kernel uses for a right factor ``(d, ir, jr)``, or ``None`` if unsupported.
+
+    ``IRP``/``JRP`` are powers of two (``IRP*JRP >= 16`` for ``tl.dot``), ``DP >= 16``;
+    supported when ``IRP*JRP <= MAX_RIGHT_BLOCK``, ``IRP, JRP <= 32`` and ``DP <= MAX_BOND``.
+    """
+    irp = triton.next_power_of_2(ir)
+    jrp = max(triton.next_power_of_2(jr), triton.cdiv(16, irp))
+    dp = max(16, triton.next_power_of_2(d))
+    if irp * jrp > MAX_RIGHT_BLOCK or irp > 32 or jrp > 32 or dp > MAX_BOND:
+        return None
+    return dp, irp, jrp
 
 
 def mpo_matmul(
@@ -151,7 +189,8 @@ def mpo_matmul(
     left : Tensor
         ``(D, IL, JL)`` left factor, same dtype and device as ``x``.
     right : Tensor
-        ``(D, IR, JR)`` right factor, same dtype and device; ``K == IL*IR``.
+        ``(D, IR, JR)`` right factor, same dtype and device; ``K == IL*IR`` and
+        :func:`padded_right_shape` must accept ``(D, IR, JR)``.
     bias : Tensor, optional
         ``(N,)`` with ``N = JL*JR``, same dtype.
     activation : {"none", "gelu", "gelu_tanh"}
@@ -176,11 +215,14 @@ def mpo_matmul(
     n = jl * jr
     assert d == d_r and k == il * ir, "left/right factors do not match x"
     assert activation in ACTIVATION_CODES, activation
+    padded = padded_right_shape(d, ir, jr)
+    assert padded is not None, f"right factor {(d, ir, jr)} exceeds the kernel's limits"
+    dp, irp, jrp = padded
     left = left.contiguous()
     right = right.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     pre = torch.empty((m, n) if store_pre else (0,), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
+    if m == 0:
         return y, pre
     args = (x, left, right, bias if bias is not None else y, y, pre if store_pre else y,
             m, n, k, il, jl, ir, jr, d, x.stride(0), x.stride(1))
@@ -189,14 +231,14 @@ def mpo_matmul(
         ACTIVATION=ACTIVATION_CODES[activation],
         STORE_PRE=store_pre,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        IRP=irp, JRP=jrp, DP=dp,
     )
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(jl, meta["BLOCK_N"] // jrp),)
+
     if INTERPRETED:
-        meta = _INTERPRETER_META
-        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _mpo_matmul_kernel[grid](*args, **flags, **meta)
+        _mpo_matmul_kernel[grid(_INTERPRETER_META)](*args, **flags, **_INTERPRETER_META)
     else:
-        def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         _autotuned_kernel[grid](*args, **flags)
     return y, pre
-

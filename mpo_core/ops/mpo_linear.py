@@ -8,14 +8,19 @@ Paths
 * **reference** (:func:`mpo_linear_reference`): rebuild the dense ``W`` with torch,
   ``F.linear``, activation. The one reference every test compares against; also the
   path on CPU and on GPUs below compute capability 8.0.
-* **triton** (``backend="triton"``): cut the MPO at bond ``p`` (:func:`choose_split`:
-  the smallest bond, ties broken by the smaller factor storage), pre-contract the
-  cores on each side with torch into ``left (D, IL, JL)`` and ``right (D, IR, JR)``
-  (``D = d_p``), and run :mod:`mpo_core.kernels.mpo_matmul`, which rebuilds each
-  ``W`` tile on chip as ``sum_s left[s] (x) right[s]`` and never writes ``W`` to
-  global memory. Registered as the custom op ``mpo_core::mpo_kron_linear``
-  (``torch.library.custom_op`` + ``register_fake`` + ``register_autograd``); the
-  pre-contraction stays in plain torch autograd, so core gradients flow through it.
+* **triton** (``backend="triton"``): cut the MPO at its last bond ``D = d_{n-1}``:
+  torch pre-contracts ``T1..T_{n-1}`` into ``left (D, IL, JL)`` (``IL = K/i_n``,
+  ``JL = N/j_n``) and the last core is ``right (D, i_n, j_n)``, so that
+  ``W[(iL, iR), (jL, jR)] = sum_s left[s,iL,jL] right[s,iR,jR]``. The kernel
+  :mod:`mpo_core.kernels.mpo_matmul` rebuilds each ``W`` tile on chip with a small
+  tensor-core GEMM (``(BI*BJ, D) @ (D, i_n*j_n)``, right modes padded to powers of
+  two) and never writes ``W`` to global memory. Needs the padded last core to fit
+  (``padded_right_shape``: ``i_n*j_n`` padded <= 64, ``D`` padded <= 64; BERT's
+  ``(4,3)``/``(4,4)`` last modes qualify); ``backend=None`` uses the reference
+  otherwise, ``backend="triton"`` raises. Registered as the custom op
+  ``mpo_core::mpo_kron_linear`` (``torch.library.custom_op`` + ``register_fake`` +
+  ``register_autograd``); the pre-contraction stays in plain torch autograd, so core
+  gradients flow through it.
 
 Backward (triton path), with ``g = dy * act'(pre)`` (``pre`` stored by the forward
 epilogue when a gradient is needed):
@@ -32,8 +37,9 @@ epilogue when a gradient is needed):
 * ``dbias = sum_rows g``.
 
 So the backward costs ``4*M*K*N`` GEMM FLOPs like the dense path, plus terms
-independent of ``M`` (``4*D*K*N`` and the pre-contraction's) and ``2*D*K*N*M/BLOCK_M``
-on-chip rebuild FLOPs in the ``dx`` kernel; :func:`mpo_linear_cost` gives the numbers.
+independent of ``M`` (``4*D*K*N`` and the pre-contraction's) and the ``dx`` kernel's
+rebuild (``D_pad/BLOCK_M`` of its GEMM) and padding waste (odd last modes, e.g. 3 -> 4);
+:func:`mpo_linear_cost` gives the numbers.
 """
 from __future__ import annotations
 
@@ -156,35 +162,7 @@ def mpo_linear_reference(
     return _apply_activation(F.linear(x, w.t(), bias), activation)
 
 
-# ----------------------------------------------------------------------------- split + cost model
-def choose_split(in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequence[int]) -> int:
-    """The bond ``p`` (``1 <= p < n``) at which the fused kernel cuts the MPO.
-
-    Minimizes the bond ``D = ranks[p]`` (the on-chip rebuild costs ``2*D`` FLOPs per
-    weight entry), then the storage ``|left| + |right|`` of the two pre-contracted factors.
-
-    Parameters
-    ----------
-    in_shape, out_shape : sequence of int
-        Mode sizes, length ``n >= 2``.
-    ranks : sequence of int
-        ``[1, d_1, ..., d_{n-1}, 1]``.
-
-    Returns
-    -------
-    int
-        The split bond ``p``.
-    """
-    n = len(in_shape)
-
-    def key(p: int) -> tuple[int, int]:
-        left = math.prod(in_shape[:p]) * math.prod(out_shape[:p]) * ranks[p]
-        right = ranks[p] * math.prod(in_shape[p:]) * math.prod(out_shape[p:])
-        return ranks[p], left + right
-
-    return min(range(1, n), key=key)
-
-
+# ----------------------------------------------------------------------------- cost model
 def _check_cost_args(tokens: int, in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequence[int],
                      dtype_bytes: int) -> None:
     if not isinstance(tokens, int) or tokens < 0:
@@ -212,6 +190,8 @@ def mpo_linear_cost(
 ) -> dict:
     """FLOPs and HBM bytes of the fused triton path (model numbers, not measurements).
 
+    Requires Triton to be importable (the kernel module defines the padding).
+
     Parameters
     ----------
     tokens : int
@@ -232,71 +212,78 @@ def mpo_linear_cost(
     Returns
     -------
     dict
-        ``flops`` / ``bytes``: forward totals. Breakdown: ``split``, ``bond`` (``D``),
-        ``flops_gemm`` (tensor-core, ``2*M*K*N``), ``flops_rebuild`` (FMA units,
-        ``2*D*K*N*ceil(M/block_m)``), ``flops_precontract``, ``flops_epilogue``,
-        ``factor_elems`` (``|left| + |right|``); backward totals ``flops_bwd``
-        (``flops_bwd_gemm`` on tensor cores, the rest FMA), ``bytes_bwd``; and the
-        dense path's GEMM FLOPs ``flops_dense_fwd = 2*M*K*N``, ``flops_dense_bwd = 4*M*K*N``.
+        ``flops`` / ``bytes``: forward totals (``inf`` when ``supported`` is False: the
+        padded last core exceeds the kernel's limits). Breakdown: ``bond`` (``D``),
+        ``padded`` (``(D_pad, IR_pad, JR_pad)``), ``flops_useful`` (``2*M*K*N``),
+        ``flops_tensor`` (tensor cores: the padded GEMM ``flops_gemm`` plus the
+        on-chip rebuild ``flops_rebuild = 2*D_pad*K_pad*N_pad*ceil(M/block_m)``),
+        ``flops_fma`` (pre-contraction ``flops_precontract`` in fp32 plus
+        ``flops_epilogue``), ``factor_elems`` (``|left| + |right|``); backward
+        ``flops_bwd`` (of which ``flops_bwd_tensor`` on tensor cores), ``bytes_bwd``;
+        the dense path's GEMM FLOPs ``flops_dense_fwd = 2*M*K*N``, ``flops_dense_bwd = 4*M*K*N``.
         Bytes are compulsory HBM traffic: each tensor read or written once (tile
         re-reads are assumed to hit L2).
     """
+    from mpo_core.kernels.mpo_matmul import padded_right_shape
+
     _check_cost_args(tokens, in_shape, out_shape, ranks, dtype_bytes)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
     m, b = tokens, dtype_bytes
     n_modes = len(in_shape)
     k_dim, n_dim = math.prod(in_shape), math.prod(out_shape)
-    p = choose_split(in_shape, out_shape, ranks)
-    d = ranks[p]
+    d, ir, jr = ranks[n_modes - 1], in_shape[-1], out_shape[-1]
+    il, jl = k_dim // ir, n_dim // jr
+    fwd_pad, bwd_pad = padded_right_shape(d, ir, jr), padded_right_shape(d, jr, ir)
     core_elems = sum(ranks[k] * in_shape[k] * out_shape[k] * ranks[k + 1] for k in range(n_modes))
-    left_elems = math.prod(in_shape[:p]) * math.prod(out_shape[:p]) * d
-    right_elems = d * math.prod(in_shape[p:]) * math.prod(out_shape[p:])
-    # Pre-contraction: left to right over cores[:p], right to left over cores[p:].
+    factor_elems = il * jl * d + d * ir * jr
+    # Pre-contraction of cores[:n-1], left to right.
     pre_flops = 0
     rows = in_shape[0] * out_shape[0]
-    for k in range(1, p):
+    for k in range(1, n_modes - 1):
         pre_flops += 2 * rows * ranks[k] * in_shape[k] * out_shape[k] * ranks[k + 1]
         rows *= in_shape[k] * out_shape[k]
-    cols = in_shape[-1] * out_shape[-1]
-    for k in range(n_modes - 2, p - 1, -1):
-        pre_flops += 2 * ranks[k] * in_shape[k] * out_shape[k] * ranks[k + 1] * cols
-        cols *= in_shape[k] * out_shape[k]
-    gemm = 2 * m * k_dim * n_dim
-    rebuild = 2 * d * k_dim * n_dim * math.ceil(m / block_m) if m else 0
+    useful = 2 * m * k_dim * n_dim
+    row_blocks = math.ceil(m / block_m)
+
+    def kernel_tensor_flops(padded, rows_left, cols_left):  # padded GEMM, on-chip rebuild
+        dp, rp, cp = padded
+        kp, np_ = rows_left * rp, cols_left * cp
+        return 2 * m * kp * np_, 2 * dp * kp * np_ * row_blocks
+
     epilogue = m * n_dim * ((1 if bias else 0) + (8 if activation else 0))
-    factor_elems = left_elems + right_elems
-    # Forward bytes: cores read, factors written then read, x read, y (and pre, for training) written.
     fwd_bytes = b * (core_elems + 2 * factor_elems + m * k_dim + m * n_dim + (n_dim if bias else 0))
     # Backward: act' (reads dy, pre; writes g), dx kernel (reads g, factors; writes dx),
     # dW GEMM (reads x, g; writes dW), dleft/dright (read dW, factors; write them), dbias,
     # pre-contraction backward (~2x its forward), core grads written.
-    bwd_gemm = 2 * gemm
-    bwd_flops = bwd_gemm + rebuild + 4 * d * k_dim * n_dim + 2 * pre_flops + (m * n_dim if bias else 0) \
-        + (8 * m * n_dim if activation else 0)
     bwd_bytes = b * (
         (3 * m * n_dim if activation else 0)
         + m * n_dim + factor_elems + m * k_dim
         + m * k_dim + m * n_dim + k_dim * n_dim
         + k_dim * n_dim + 2 * factor_elems
-        + (m * n_dim + n_dim if bias else 0)
+        + (m * n_dim if bias else 0)
         + 2 * factor_elems + 2 * core_elems
     )
+    out = dict(bond=d, padded=fwd_pad, factor_elems=factor_elems, flops_useful=useful, flops_precontract=pre_flops,
+               flops_epilogue=epilogue, flops_dense_fwd=useful, flops_dense_bwd=2 * useful,
+               supported=fwd_pad is not None and bwd_pad is not None)
+    if not out["supported"]:
+        return dict(out, flops=math.inf, bytes=math.inf, flops_bwd=math.inf, bytes_bwd=math.inf)
+    gemm, rebuild = kernel_tensor_flops(fwd_pad, il, jl)
+    dx_gemm, dx_rebuild = kernel_tensor_flops(bwd_pad, jl, il)
+    bwd_tensor = dx_gemm + dx_rebuild + useful + 4 * d * k_dim * n_dim
+    bwd_flops = bwd_tensor + 2 * pre_flops + (m * n_dim if bias else 0) + (8 * m * n_dim if activation else 0)
     return dict(
+        out,
         flops=gemm + rebuild + pre_flops + epilogue,
         bytes=fwd_bytes,
-        split=p,
-        bond=d,
         flops_gemm=gemm,
         flops_rebuild=rebuild,
-        flops_precontract=pre_flops,
-        flops_epilogue=epilogue,
-        factor_elems=factor_elems,
+        flops_tensor=gemm + rebuild,
+        flops_fma=pre_flops + epilogue,
         flops_bwd=bwd_flops,
-        flops_bwd_gemm=bwd_gemm,
+        flops_bwd_tensor=bwd_tensor,
         bytes_bwd=bwd_bytes,
-        flops_dense_fwd=gemm,
-        flops_dense_bwd=2 * gemm,
     )
 
 
@@ -433,20 +420,31 @@ def mpo_linear(
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     cores, in_shape, out_shape = _validate(x, cores, bias, activation)
     if backend is None:
-        backend = "triton" if x.dtype in _KERNEL_DTYPES and _cuda_triton_ok(x) else "torch"
+        backend = "triton" if x.dtype in _KERNEL_DTYPES and _cuda_triton_ok(x) and _kernel_fits(cores) else "torch"
     if backend == "torch":
         return mpo_linear_reference(x, cores, bias, activation)
     if x.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"x: backend='triton' takes float32, float16 or bfloat16, got {x.dtype}")
     _check_triton_forced(x)
-    ranks = [1] + [int(c.shape[3]) for c in cores]
-    p = choose_split(in_shape, out_shape, ranks)
-    # Factors pre-contracted in fp32 (tiny next to the GEMM), then cast to the compute dtype.
-    left = _contract([c.float() for c in cores[:p]])[0].permute(2, 0, 1).to(x.dtype)
-    right = _contract([c.float() for c in cores[p:]])[..., 0].to(x.dtype)
+    if not _kernel_fits(cores):
+        raise ValueError(
+            f"cores: backend='triton' needs a last core (d, i_n, j_n) = {tuple(cores[-1].shape[:3])} whose padded "
+            "size fits the kernel (mpo_core.kernels.mpo_matmul.padded_right_shape, both ways); use backend='torch'"
+        )
+    # left: cores[:n-1] pre-contracted in fp32 (tiny next to the GEMM), cast to the compute dtype.
+    left = _contract([c.float() for c in cores[:-1]])[0].permute(2, 0, 1).to(x.dtype)
+    right = cores[-1][..., 0]
     x2d = x.reshape(-1, x.shape[-1])
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or any(c.requires_grad for c in cores) or (bias is not None and bias.requires_grad)
     )
     y, _ = _kron_linear_op(x2d, left, right, bias, activation or "none", activation is not None and needs_grad)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _kernel_fits(cores: Sequence[torch.Tensor]) -> bool:
+    """Whether the kernel takes the last core, forward and transposed (for ``dx``)."""
+    from mpo_core.kernels.mpo_matmul import padded_right_shape
+
+    d, i, j = cores[-1].shape[:3]
+    return padded_right_shape(d, i, j) is not None and padded_right_shape(d, j, i) is not None
