@@ -2,40 +2,39 @@
 
 Design (the cost model lives in :func:`mpo_core.ops.mpo_linear.mpo_linear_cost`)
 ---------------------------------------------------------------------------------
-The MPO ``W[(i1..in), (j1..jn)] = T1[i1,j1] ... Tn[in,jn]`` is cut at one bond ``p``
-(``1 <= p < n``, chosen by ``ops``) into two pre-contracted factors, built by torch
-in ``ops``:
+``ops`` cuts the MPO at its last bond into two factors (torch pre-contracts the
+first ``n-1`` cores):
 
-    left [s, iL, jL] = (T1 ... Tp)[iL, jL, s]        shape (D, IL, JL)
-    right[s, iR, jR] = (Tp+1 ... Tn)[s, iR, jR]      shape (D, IR, JR)
+    left [s, iL, jL] = (T1 ... T_{n-1})[iL, jL, s]   shape (D, IL, JL)
+    right[s, iR, jR] = Tn[s, iR, jR, 0]              shape (D, IR, JR)   (small)
 
 so that ``W[(iL, iR), (jL, jR)] = sum_s left[s, iL, jL] * right[s, iR, jR]``
-(a sum of ``D = d_p`` Kronecker products, C order: row ``k = iL*IR + iR``,
-column ``n = jL*JR + jR``). ``W`` itself never reaches global memory: each program
-owns a ``BLOCK_M x BLOCK_N`` output tile and, for each ``BLOCK_K`` step, gathers
-the ``left``/``right`` entries of its ``BLOCK_K x BLOCK_N`` weight tile, sums the
-``D`` products in fp32 registers, casts the tile to the input dtype and feeds it to
-``tl.dot`` with the ``x`` tile (fp32 accumulation). Factor indices are clamped into
-range instead of masked (out-of-range rows meet zeros of ``x``, out-of-range columns
-are never stored), so the ``D``-step gather loop carries no masks. The epilogue adds the bias,
-optionally stores the pre-activation (for backward), applies GELU (erf form, or
-tanh form written as ``z * sigmoid(2u)`` = ``0.5 z (1 + tanh u)`` since the
-interpreter has no ``tanh``) and stores ``y`` in the input dtype.
+(C order: row ``k = iL*IR + iR``, column ``n = jL*JR + jR``). ``W`` never reaches
+global memory. Each program owns a ``BLOCK_M x BLOCK_N`` output tile made of ``BJ``
+left columns times all ``JR`` right columns (padded to a power of two ``JRP``), and
+each K step covers ``BI`` left rows times all ``IR`` (padded to ``IRP``). The weight
+tile is then a small tensor-core GEMM plus an on-chip reorder:
 
-Per call with ``M`` rows, ``K = IL*IR`` inputs, ``N = JL*JR`` outputs:
+    w[(a, b), (r, c)] = sum_s left[s, i0+a, j0+b] * right[s, r, c]     (BI*BJ, DP) @ (DP, IRP*JRP)
+    W_tile[(a, r), (b, c)] = w[(a, b), (r, c)]                          reshape/permute/reshape
 
-* tensor-core FLOPs ``2*M*K*N`` -- exactly the dense GEMM's;
-* rebuild FLOPs ``2*D*K*N*ceil(M/BLOCK_M)`` on the FMA units (each program
-  rebuilds the tiles it needs; ``D/BLOCK_M`` of the GEMM's count);
-* compulsory HBM bytes ``(M*K + M*N [+ M*N pre] + N) * b + (|left| + |right|) * b``;
-  the factor gathers are re-read per row block from L2 like a GEMM's ``W`` tiles.
+``right`` (``DP x IRP*JRP``, zero-padded) is loaded once per program; each K step
+loads only the distinct ``left`` entries of its tile (``BI*BJ*D``, i.e. ``BK*BN*D/(IR*JR)``
+elements: at full rank ``D = IR*JR``, exactly a GEMM's ``W`` tile). The ``x`` tile and
+the rebuilt ``W`` tile (cast to the input dtype) go to ``tl.dot`` with fp32
+accumulation. The epilogue adds the bias, optionally stores the pre-activation (for
+backward), applies GELU (erf form, or tanh form written as ``z * sigmoid(2u)`` =
+``0.5 z (1 + tanh u)`` since the interpreter has no ``tanh``) and stores ``y``.
 
-Known cost of this design: each rebuilt weight element takes ``2*D`` gathered loads
-(L1/L2 hits, poorly coalesced) and ``D`` FMAs per row block, on units ~15x slower than
-the tensor cores; at full rank (``D = i_n*j_n``, e.g. 9 or 16) this is expected to
-bound the kernel below cuBLAS on ``F.linear`` -- see ``benchmarks/fused_mpo_linear.py``.
+Per call with ``M`` rows, ``K = IL*IR``, ``N = JL*JR``, ``Kp = IL*IRP``, ``Np = JL*JRP``:
 
-Nothing here decides when this kernel runs, on which split or dtype: that policy is
+* tensor-core FLOPs ``2*M*Kp*Np`` (the dense GEMM's ``2*M*K*N`` when ``IR``, ``JR``
+  are powers of two; 4/3 more per odd mode 3) plus the rebuild ``2*DP*Kp*Np*ceil(M/BLOCK_M)``
+  (``DP/BLOCK_M`` of the GEMM: 1/8 at ``DP = 16``, ``BLOCK_M = 128``);
+* compulsory HBM bytes ``(M*K + M*N [+ M*N pre] + N + |left| + |right|) * b``;
+  ``left`` tiles are re-read per row block from L2 like a GEMM's ``W`` tiles.
+
+Nothing here decides when this kernel runs, on which factors or dtype: that policy is
 in :mod:`mpo_core.ops.mpo_linear`.
 """
 from __future__ import annotations
