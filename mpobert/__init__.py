@@ -1,0 +1,28 @@
+"""MPOBERT: a BERT/ALBERT-style encoder whose weight matrices are MPOs with shared central tensors.
+
+Public API::
+
+    from mpobert import MPOBertConfig, MPOBertModel, MPOBertForPreTraining
+    model = MPOBertForPreTraining(MPOBertConfig.tiny())
+    out = model(input_ids, attention_mask=mask, labels=mlm_labels, sentence_order_label=sop)
+    out.loss.backward()
+    print(model.parameter_report())
+"""
+from mpobert.config import MATRICES, MPOBertConfig
+from mpobert.heads import (
+    MPOBertForPreTraining,
+    MPOBertForQuestionAnswering,
+    MPOBertForSequenceClassification,
+    PreTrainingOutput,
+    QuestionAnsweringOutput,
+    SequenceClassifierOutput,
+)
+from mpobert.model import MPOBertModel, MPOBertModelOutput, MPOBertPreTrainedModel
+from mpobert.params import ParameterReport, count_parameters
+
+__all__ = [
+    "MATRICES", "MPOBertConfig", "MPOBertModel", "MPOBertModelOutput", "MPOBertPreTrainedModel",
+    "MPOBertForPreTraining", "MPOBertForSequenceClassification", "MPOBertForQuestionAnswering",
+    "PreTrainingOutput", "SequenceClassifierOutput", "QuestionAnsweringOutput",
+    "ParameterReport", "count_parameters",
+]

@@ -1,0 +1,470 @@
+"""MPOBERT initialization: from scratch, from ALBERT (paper §3.3, Algorithm 1), from BERT.
+
+Rules
+-----
+* Cores are "Xavier" in the MPO sense: every core ``~ N(0, s²)`` with ``s`` chosen so that the
+  dense ``W`` they multiply out to has Xavier's variance ``2 / (in + out)``
+  (:func:`xavier_core_std`).
+* Depth scaling: the auxiliary cores of layers with 1-based index ``l > depth_scaling_after``
+  (24: ALBERT gives 24 layers' worth of initialization) are Xavier and multiplied by ``(2L)^(-1/4)``.
+* From ALBERT: each shared ALBERT matrix is MPO-decomposed once; every group's central takes its
+  central core, every layer ``l <= 24`` its auxiliaries; embeddings, biases, LayerNorms and the
+  pooler are copied.
+* From BERT (layers not shared): the central of each group comes from one layer
+  (``central_from="layer:K"``, 0-based, for every group) or from the mean of the group's layers
+  (``"mean"``); biases and LayerNorms follow the same rule. Each layer's auxiliaries are then
+  *fitted* to that layer's own weight with the central fixed: alternating least squares on the
+  left part ``P`` and right part ``Q`` of ``W(l) ≈ P · C · Q`` (starting from the central's own
+  decomposition, so layer ``K`` with ``"layer:K"`` is exact), then split into cores by SVD.
+  The per-layer relative errors are kept in ``model.init_report``.
+
+Checkpoints are read without ``transformers``: ``config.json`` plus ``model.safetensors``
+(needs the ``safetensors`` package) or ``pytorch_model.bin``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mpo_core import decompose
+from mpobert.config import MATRICES, MPOBertConfig
+
+__all__ = ["xavier_core_std", "depth_scale", "init_model", "read_hf_checkpoint", "from_albert", "from_bert"]
+
+_ALS_SWEEPS = 4
+
+
+def xavier_core_std(in_features: int, out_features: int, ranks: list[int]) -> float:
+    """Std ``s`` of i.i.d. ``N(0, s²)`` cores whose dense product has variance ``2 / (in + out)``.
+
+    An entry of ``W`` is a sum of ``prod(ranks)`` products of ``n`` independent cores' entries,
+    so ``Var W = s^(2n) prod(ranks)``.
+    """
+    n = len(ranks) - 1
+    return (2.0 / (in_features + out_features) / math.prod(ranks)) ** (1.0 / (2 * n))
+
+
+def depth_scale(layer: int, config: MPOBertConfig) -> float:
+    """``(2L)^(-1/4)`` for 0-based ``layer >= depth_scaling_after``, else 1."""
+    return (2.0 * config.num_layers) ** -0.25 if layer >= config.depth_scaling_after else 1.0
+
+
+def _ranks(linear: nn.Module) -> list[int]:
+    return [c.shape[0] for c in linear.cores] + [1]
+
+
+def _xavier_auxiliaries(model: nn.Module, layer: int, name: str, generator: torch.Generator | None = None) -> None:
+    """Xavier-initialize layer ``layer``'s auxiliary cores of matrix ``name``, depth-scaled."""
+    cfg = model.config
+    lin = model.encoder.layers[layer].mpo[name]
+    std = xavier_core_std(lin.in_features, lin.out_features, _ranks(lin)) * depth_scale(layer, cfg)
+    for k, core in enumerate(lin.cores):
+        if k != lin.central_index:
+            core.normal_(0.0, std, generator=generator)
+
+
+@torch.no_grad()
+def init_model(model: nn.Module) -> None:
+    """Random initialization of an :class:`~mpobert.model.MPOBertModel` (module docstring's rules).
+
+    Embeddings and the pooler/projection weights ``N(0, initializer_range²)`` (padding row 0),
+    biases 0, LayerNorms 1/0, dense (non-MPO) matrices Xavier normal, adapters ``U = 0``,
+    ``D ~ N(0, adapter_init_std²)``.
+    """
+    cfg = model.config
+    std = cfg.initializer_range
+    emb = model.embeddings
+    for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
+        table.weight.normal_(0.0, std)
+    emb.word_embeddings.weight[cfg.pad_token_id].zero_()
+    emb.ln_weight.fill_(1.0)
+    emb.ln_bias.zero_()
+    for lin in (emb.projection, model.pooler):
+        lin.weight.normal_(0.0, std)
+        lin.bias.zero_()
+    first = model.encoder.layers[0]
+    for group in model.encoder.groups:
+        for name, central in group.central.items():
+            lin = first.mpo[name]
+            central.normal_(0.0, xavier_core_std(lin.in_features, lin.out_features, _ranks(lin)))
+        for weight in group.dense.values():
+            nn.init.xavier_normal_(weight)
+        for bias in group.bias.values():
+            bias.zero_()
+        for ln_w, ln_b in ((group.attn_ln_weight, group.attn_ln_bias), (group.ffn_ln_weight, group.ffn_ln_bias)):
+            ln_w.fill_(1.0)
+            ln_b.zero_()
+    for l, layer in enumerate(model.encoder.layers):
+        for name in layer.mpo:
+            _xavier_auxiliaries(model, l, name)
+        for adapter in layer.adapters.values():
+            adapter.reset_parameters()
+
+
+# ---------------------------------------------------------------------- checkpoint reading
+def read_hf_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a local Hugging Face checkpoint directory: ``(config dict, state dict)``.
+
+    Reads ``model.safetensors`` (with the ``safetensors`` package) or ``pytorch_model.bin``.
+    Raises ``ValueError`` for a missing/invalid ``config.json`` or unreadable weights.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint path {path!r} is not a directory")
+    cfg_path = os.path.join(path, "config.json")
+    try:
+        with open(cfg_path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {path!r} has no config.json") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg_path!r} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path!r} must hold a JSON object")
+    st_path, bin_path = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    try:
+        if os.path.exists(st_path):
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                if not os.path.exists(bin_path):
+                    raise ValueError(f"{st_path!r} needs the 'safetensors' package (pip install safetensors)") from None
+            else:
+                return config, load_file(st_path)
+        if os.path.exists(bin_path):
+            state = torch.load(bin_path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise ValueError(f"{bin_path!r} does not hold a state dict")
+            return config, state
+    except ValueError:
+        raise
+    except Exception as exc:  # safetensors / torch raise various types on corrupt files
+        raise ValueError(f"cannot read the weights in {path!r}: {exc}") from exc
+    raise ValueError(f"checkpoint {path!r} has neither model.safetensors nor pytorch_model.bin")
+
+
+class _State:
+    """A checkpoint state dict with the base-model prefix stripped and checked look-ups."""
+
+    def __init__(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        self.raw = state
+        self.base = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+    def get(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if key not in self.base:
+            raise ValueError(f"checkpoint is missing tensor {key!r}")
+        t = self.base[key]
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        return t.detach().to(torch.float64)
+
+
+_HF_ACTS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new"}
+
+
+def _hf_config(hf: dict[str, Any], model_type: str, overrides: dict[str, Any]) -> MPOBertConfig:
+    if hf.get("model_type", model_type) != model_type:
+        raise ValueError(f"expected a {model_type} checkpoint, config.json says model_type={hf.get('model_type')!r}")
+    act = hf.get("hidden_act", "gelu")
+    if act not in _HF_ACTS:
+        raise ValueError(f"unsupported hidden_act {act!r} in the checkpoint; supported: {sorted(_HF_ACTS)}")
+    try:
+        base = dict(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"], hidden_act=_HF_ACTS[act],
+            hidden_dropout=hf.get("hidden_dropout_prob", 0.0), attention_dropout=hf.get("attention_probs_dropout_prob", 0.0),
+            max_position_embeddings=hf.get("max_position_embeddings", 512), type_vocab_size=hf.get("type_vocab_size", 2),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-12), pad_token_id=hf.get("pad_token_id") or 0,
+            initializer_range=hf.get("initializer_range", 0.02),
+            embedding_size=hf.get("embedding_size", hf["hidden_size"]),
+        )
+    except KeyError as exc:
+        raise ValueError(f"checkpoint config.json lacks {exc.args[0]!r}") from None
+    if model_type == "albert" and hf.get("classifier_dropout_prob") is not None:
+        base["classifier_dropout"] = hf["classifier_dropout_prob"]
+    return MPOBertConfig(**{**base, **overrides})
+
+
+def _copy_embeddings(model: nn.Module, st: _State, word_key: str, ln_key: str, projection: str | None) -> None:
+    cfg, emb = model.config, model.embeddings
+    e, h = cfg.embedding_size, cfg.hidden_size
+    emb.word_embeddings.weight.copy_(st.get(word_key, (cfg.vocab_size, e)))
+    emb.position_embeddings.weight.copy_(st.get("embeddings.position_embeddings.weight", (cfg.max_position_embeddings, e)))
+    emb.token_type_embeddings.weight.copy_(st.get("embeddings.token_type_embeddings.weight", (cfg.type_vocab_size, e)))
+    emb.ln_weight.copy_(st.get(ln_key + ".weight", (e,)))
+    emb.ln_bias.copy_(st.get(ln_key + ".bias", (e,)))
+    if projection is None:  # BERT: no factorized embedding, E = H, identity projection
+        emb.projection.weight.copy_(torch.eye(h))
+        emb.projection.bias.zero_()
+    else:
+        emb.projection.weight.copy_(st.get(projection + ".weight", (h, e)))
+        emb.projection.bias.copy_(st.get(projection + ".bias", (h,)))
+
+
+def _layer_tensors(st: _State, cfg: MPOBertConfig, keys: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``{matrix: W (in x out), matrix + '.bias': b, ln names: ...}`` of one source layer."""
+    out = {}
+    for m in MATRICES:
+        fan_in, fan_out = cfg.matrix_dims(m)
+        out[m] = st.get(keys[m] + ".weight", (fan_out, fan_in)).T
+        out[m + ".bias"] = st.get(keys[m] + ".bias", (fan_out,))
+    for ln in ("attn_ln", "ffn_ln"):
+        for part in ("weight", "bias"):
+            out[f"{ln}.{part}"] = st.get(f"{keys[ln]}.{part}", (cfg.hidden_size,))
+    return out
+
+
+def _set_group(group: nn.Module, src: dict[str, torch.Tensor], cfg: MPOBertConfig) -> dict[str, Any]:
+    """Set a group's shared tensors from one source layer; returns the MPOs of its MPO matrices."""
+    mpos = {}
+    for m in MATRICES:
+        group.bias[m].copy_(src[m + ".bias"])
+        if m in group.central:
+            fan_in, fan_out = cfg.matrix_dims(m)
+            mpo = decompose(src[m], cfg.shape_for(fan_in), cfg.shape_for(fan_out), max_bond=cfg.max_bond)
+            group.central[m].copy_(mpo.central)
+            mpos[m] = mpo
+        else:
+            group.dense[m].copy_(src[m].T)
+    group.attn_ln_weight.copy_(src["attn_ln.weight"])
+    group.attn_ln_bias.copy_(src["attn_ln.bias"])
+    group.ffn_ln_weight.copy_(src["ffn_ln.weight"])
+    group.ffn_ln_bias.copy_(src["ffn_ln.bias"])
+    return mpos
+
+
+def _set_auxiliaries(lin: nn.Module, cores: list[torch.Tensor]) -> None:
+    for k, (core, src) in enumerate(zip(lin.cores, cores)):
+        if k != lin.central_index:
+            core.copy_(src)
+
+
+def _init_layers(model: nn.Module, group_mpos: list[dict[str, Any]], fit: Callable[[int, str], list | None]) -> None:
+    """Auxiliaries of every layer: ``fit(l, m)`` cores when it returns some, else the group source's
+    auxiliaries for layers below ``depth_scaling_after`` and depth-scaled Xavier beyond."""
+    cfg = model.config
+    for l, layer in enumerate(model.encoder.layers):
+        for m, lin in layer.mpo.items():
+            cores = fit(l, m)
+            if cores is None and l < cfg.depth_scaling_after:
+                cores = group_mpos[cfg.group_of(l)][m].cores
+            if cores is None:
+                _xavier_auxiliaries(model, l, m)
+            else:
+                _set_auxiliaries(lin, cores)
+
+
+_ALBERT_LAYER = "encoder.albert_layer_groups.0.albert_layers.0."
+_ALBERT_KEYS = {
+    "q": "attention.query", "k": "attention.key", "v": "attention.value", "attn_out": "attention.dense",
+    "ffn_in": "ffn", "ffn_out": "ffn_output", "attn_ln": "attention.LayerNorm", "ffn_ln": "full_layer_layer_norm",
+}
+
+
+def from_albert(cls: type, path: str | os.PathLike, **overrides: Any) -> nn.Module:
+    """Build ``cls`` (an MPOBERT model class) from a local Hugging Face ALBERT checkpoint.
+
+    Parameters
+    ----------
+    cls : type
+        :class:`~mpobert.model.MPOBertModel` or a head class.
+    path : str or os.PathLike
+        Directory with ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``
+        (``AlbertModel`` or ``AlbertFor*``; the ALBERT must share one layer: ``num_hidden_groups
+        = inner_group_num = 1``).
+    **overrides
+        :class:`~mpobert.config.MPOBertConfig` fields that replace the checkpoint's, e.g.
+        ``num_layers=48, num_groups=3, adapter_rank=8, max_bond=None``.
+
+    Returns
+    -------
+    nn.Module
+        With ``num_layers`` equal to ALBERT's, no adapters (``adapter_rank=0``) and no truncation,
+        its forward equals ``transformers.AlbertModel``'s (float32, 1e-5). Head weights are copied
+        where the checkpoint has them (MLM and SOP heads of ``AlbertForPreTraining``).
+    """
+    hf, raw = read_hf_checkpoint(path)
+    if hf.get("num_hidden_groups", 1) != 1 or hf.get("inner_group_num", 1) != 1:
+        raise ValueError("only ALBERT checkpoints with num_hidden_groups=1 and inner_group_num=1 (one shared layer) "
+                         f"are supported, got {hf.get('num_hidden_groups')}/{hf.get('inner_group_num')}")
+    config = _hf_config(hf, "albert", overrides)
+    st = _State(raw, "albert.")
+    src = _layer_tensors(st, config, {k: _ALBERT_LAYER + v for k, v in _ALBERT_KEYS.items()})
+
+    model = cls(config)
+    base = model.base_model
+    with torch.no_grad():
+        _copy_embeddings(base, st, "embeddings.word_embeddings.weight", "embeddings.LayerNorm",
+                         "encoder.embedding_hidden_mapping_in")
+        _copy_pooler(base, st, "pooler")
+        group_mpos = [_set_group(g, src, config) for g in base.encoder.groups]  # ALBERT's one layer, in every group
+        _init_layers(base, group_mpos, lambda l, m: None)
+        model._load_albert_heads(raw)
+    return model
+
+
+def _copy_pooler(model: nn.Module, st: _State, key: str) -> None:
+    h = model.config.hidden_size
+    if key + ".weight" in st.base:
+        model.pooler.weight.copy_(st.get(key + ".weight", (h, h)))
+        model.pooler.bias.copy_(st.get(key + ".bias", (h,)))
+
+
+def _bert_keys(i: int) -> dict[str, str]:
+    p = f"encoder.layer.{i}."
+    return {"q": p + "attention.self.query", "k": p + "attention.self.key", "v": p + "attention.self.value",
+            "attn_out": p + "attention.output.dense", "ffn_in": p + "intermediate.dense", "ffn_out": p + "output.dense",
+            "attn_ln": p + "attention.output.LayerNorm", "ffn_ln": p + "output.LayerNorm"}
+
+
+def from_bert(cls: type, path: str | os.PathLike, central_from: str = "mean", **overrides: Any) -> nn.Module:
+    """Build ``cls`` from a local Hugging Face BERT checkpoint (layers not shared).
+
+    Parameters
+    ----------
+    cls : type
+        :class:`~mpobert.model.MPOBertModel` or a head class.
+    path : str or os.PathLike
+        ``BertModel``/``BertFor*`` checkpoint directory.
+    central_from : str
+        ``"mean"``: each group's central (and its shared biases/LayerNorms) comes from the mean of
+        the group's BERT layers; ``"layer:K"``: from BERT layer ``K`` (0-based) for every group.
+        ``"mean"`` is the default: it favours no layer, and the per-layer auxiliary fit then
+        recovers each layer's own weight as well as the shared central allows.
+    **overrides
+        Config fields (``num_layers``, ``num_groups``, ``adapter_rank``, ...). ``embedding_size``
+        is BERT's hidden size (the ``E -> H`` projection starts as the identity).
+
+    Returns
+    -------
+    nn.Module
+        ``model.init_report[(layer, matrix)]`` is the relative Frobenius error of that layer's
+        MPO weight against the BERT layer's weight.
+    """
+    hf, raw = read_hf_checkpoint(path)
+    if overrides.get("embedding_size", hf.get("hidden_size")) != hf.get("hidden_size"):
+        raise ValueError("embedding_size must equal BERT's hidden_size (BERT has no factorized embedding)")
+    config = _hf_config(hf, "bert", overrides)
+    n_bert = hf["num_hidden_layers"]
+    if not isinstance(central_from, str) or not (central_from == "mean" or central_from.startswith("layer:")):
+        raise ValueError(f"central_from must be 'mean' or 'layer:K', got {central_from!r}")
+    if central_from != "mean":
+        k = central_from[len("layer:"):]
+        if not k.isdigit() or int(k) >= n_bert:
+            raise ValueError(f"central_from={central_from!r}: K must be an int in [0, {n_bert})")
+    st = _State(raw, "bert.")
+    layers = [_layer_tensors(st, config, _bert_keys(i)) for i in range(n_bert)]
+    cfg = config
+
+    def source(g: int) -> dict[str, torch.Tensor]:
+        if central_from != "mean":
+            return layers[int(central_from[len("layer:"):])]
+        members = [layers[l] for l in range(cfg.num_layers) if cfg.group_of(l) == g and l < n_bert] or layers
+        return {key: torch.stack([m[key] for m in members]).mean(0) for key in members[0]}
+
+    model = cls(config)
+    report: dict[tuple[int, str], float] = {}
+    base = model.base_model
+    with torch.no_grad():
+        _copy_embeddings(base, st, "embeddings.word_embeddings.weight", "embeddings.LayerNorm", None)
+        _copy_pooler(base, st, "pooler.dense")
+        group_mpos = [_set_group(g, source(i), cfg) for i, g in enumerate(base.encoder.groups)]
+
+        def fit(l: int, m: str) -> list[torch.Tensor] | None:
+            if l >= n_bert:
+                return None
+            mpo = group_mpos[cfg.group_of(l)][m]
+            cores, err = fit_auxiliaries(layers[l][m], mpo.cores, mpo.central_index)
+            report[(l, m)] = err
+            return cores
+
+        _init_layers(base, group_mpos, fit)
+    model.init_report = report
+    return model
+
+
+# ---------------------------------------------------------------------- auxiliary fit
+def _merge(cores: list[torch.Tensor]) -> torch.Tensor:
+    """Contract consecutive cores into ``(d_left, prod(i_k j_k), d_right)`` (interleaved modes, C order)."""
+    acc = cores[0].reshape(cores[0].shape[0], -1, cores[0].shape[-1])
+    for core in cores[1:]:
+        acc = torch.einsum("apb,bqc->apqc", acc, core.reshape(core.shape[0], -1, core.shape[-1]))
+        acc = acc.reshape(acc.shape[0], -1, acc.shape[-1])
+    return acc
+
+
+def _split(block: torch.Tensor, templates: list[torch.Tensor], from_left: bool) -> list[torch.Tensor]:
+    """Split ``(d_left, prod modes, d_right)`` into cores shaped like ``templates`` by sequential SVDs
+    (truncated to the template bonds; the fixed outer bond is the central's)."""
+    cores = []
+    if from_left:
+        rest, left = block, block.shape[0]
+        for t in templates[:-1]:
+            d0, i, j, d1 = t.shape
+            u, s, vh = torch.linalg.svd(rest.reshape(left * i * j, -1), full_matrices=False)
+            u, s, vh = u[:, :d1], s[:d1], vh[:d1]
+            cores.append(u.reshape(d0, i, j, d1))
+            rest, left = (s[:, None] * vh), d1
+        cores.append(rest.reshape(templates[-1].shape))
+        return cores
+    flipped = [t.permute(3, 1, 2, 0) for t in reversed(templates)]
+    out = _split(_reverse_block(block, templates), flipped, from_left=True)
+    return [c.permute(3, 1, 2, 0) for c in reversed(out)]
+
+
+def _reverse_block(block: torch.Tensor, templates: list[torch.Tensor]) -> torch.Tensor:
+    """Reverse the mode order of a ``(d_left, modes, d_right)`` block: ``(d_right, reversed modes, d_left)``."""
+    sizes = [t.shape[1] * t.shape[2] for t in templates]
+    t = block.reshape(block.shape[0], *[x for t in templates for x in (t.shape[1], t.shape[2])], block.shape[-1])
+    n = len(templates)
+    perm = [2 * n + 1] + [p for k in reversed(range(n)) for p in (1 + 2 * k, 2 + 2 * k)] + [0]
+    return t.permute(perm).reshape(block.shape[-1], math.prod(sizes), block.shape[0])
+
+
+def fit_auxiliaries(weight: torch.Tensor, cores: list[torch.Tensor], center: int,
+                    sweeps: int = _ALS_SWEEPS) -> tuple[list[torch.Tensor], float]:
+    """Auxiliary cores approximating ``weight`` with the central core ``cores[center]`` held fixed.
+
+    Writes ``W ≈ P · C · Q`` (``P`` the merged left cores, ``Q`` the merged right ones), starts
+    from ``cores`` and alternates exact least-squares updates of ``P`` and ``Q`` (each never
+    increases the error), then splits ``P`` and ``Q`` back into cores of the same shapes by SVD.
+
+    Returns
+    -------
+    (list of torch.Tensor, float)
+        The cores (central unchanged, float64) and ``||W - W_mpo||_F / ||W||_F``.
+    """
+    cores = [c.to(torch.float64) for c in cores]
+    in_shape = [c.shape[1] for c in cores]
+    out_shape = [c.shape[2] for c in cores]
+    n = len(cores)
+    perm = [p for k in range(n) for p in (k, n + k)]
+    target = weight.to(torch.float64).reshape(*in_shape, *out_shape).permute(perm)
+    central = cores[center]
+    a, m, b = central.shape[0], central.shape[1] * central.shape[2], central.shape[3]
+    c3 = central.reshape(a, m, b)
+    left = _merge(cores[:center])[0] if center > 0 else torch.ones(1, 1, dtype=torch.float64)  # (P, a)
+    right = _merge(cores[center + 1:])[..., 0] if center < n - 1 else torch.ones(1, 1, dtype=torch.float64)  # (b, Q)
+    p_size, q_size = left.shape[0], right.shape[1]
+    t3 = target.reshape(p_size, m, q_size)
+    for _ in range(sweeps):
+        if center > 0:
+            ml = torch.einsum("amb,bq->amq", c3, right).reshape(a, m * q_size)
+            left = torch.linalg.lstsq(ml.T, t3.reshape(p_size, -1).T).solution.T
+        if center < n - 1:
+            mr = torch.einsum("pa,amb->pmb", left, c3).reshape(p_size * m, b)
+            right = torch.linalg.lstsq(mr, t3.reshape(p_size * m, q_size)).solution
+    new = list(cores)
+    if center > 0:
+        new[:center] = _split(left.reshape(1, p_size, a), cores[:center], from_left=True)
+    if center < n - 1:
+        new[center + 1:] = _split(right.reshape(b, q_size, 1), cores[center + 1:], from_left=False)
+    approx = torch.einsum("pa,amb,bq->pmq", _merge(new[:center])[0] if center > 0 else left,
+                          c3, _merge(new[center + 1:])[..., 0] if center < n - 1 else right)
+    err = float(torch.linalg.vector_norm(approx - t3) / torch.linalg.vector_norm(t3).clamp_min(1e-300))
+    return new, err

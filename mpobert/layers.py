@@ -1,0 +1,209 @@
+"""MPOBERT building blocks: embeddings, per-group shared tensors, the MPO transformer layer, the encoder.
+
+Sharing (DESIGN §2): for every MPO-factorized matrix, the central core is one ``nn.Parameter``
+per group (:class:`SharedBlock`), handed to each layer's :class:`~mpo_core.nn.MPOLinear` with
+``share_core``; the auxiliary cores belong to the layer. Biases, LayerNorms and the dense
+(non-factorized) matrices are shared with the central cores, i.e. one per group. Each layer
+may add a low-rank adapter ``U(l) D(l)`` to a matrix: ``W(l) = MPO(l) + U(l) D(l)``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpo_core.nn import MPOLinear, full_ranks
+from mpo_core.ops import bias_gelu, layer_norm, residual_layer_norm
+from mpobert.config import MATRICES, MPOBertConfig
+
+__all__ = ["LowRankAdapter", "SharedBlock", "MPOBertLayer", "MPOBertEncoder", "MPOBertEmbeddings", "attention_bool_mask",
+           "central_shape"]
+
+
+class LowRankAdapter(nn.Module):
+    """``x -> (x @ U) @ D`` with ``U`` of shape ``(in, r)`` (zero at init) and ``D`` of shape ``(r, out)``.
+
+    With ``U = 0`` the adapter adds nothing at initialization, yet ``U`` receives gradients
+    (``dL/dU = x^T (dL/dy) D^T``), so it starts learning immediately.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, init_std: float) -> None:
+        super().__init__()
+        self.init_std = init_std
+        self.U = nn.Parameter(torch.empty(in_features, rank))
+        self.D = nn.Parameter(torch.empty(rank, out_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.U.zero_()
+            self.D.normal_(0.0, self.init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.U) @ self.D
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.U.shape[0]}, out_features={self.D.shape[1]}, rank={self.U.shape[1]}"
+
+
+class SharedBlock(nn.Module):
+    """What the layers of one group share: central cores, dense matrices, biases, LayerNorms.
+
+    Attributes
+    ----------
+    central : nn.ParameterDict
+        For each MPO-factorized matrix, its central core ``(d_{c}, i_c, j_c, d_{c+1})``.
+    dense : nn.ParameterDict
+        For each non-factorized matrix, its ``(out_features, in_features)`` weight.
+    bias : nn.ParameterDict
+        For every matrix, its ``(out_features,)`` bias.
+    attn_ln_weight, attn_ln_bias, ffn_ln_weight, ffn_ln_bias : nn.Parameter
+        The post-attention and post-FFN LayerNorms.
+    """
+
+    def __init__(self, config: MPOBertConfig, central_shapes: dict[str, torch.Size]) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.central = nn.ParameterDict({k: nn.Parameter(torch.empty(s)) for k, s in central_shapes.items()})
+        self.dense = nn.ParameterDict({
+            m: nn.Parameter(torch.empty(config.matrix_dims(m)[::-1])) for m in MATRICES if m not in central_shapes
+        })
+        self.bias = nn.ParameterDict({m: nn.Parameter(torch.zeros(config.matrix_dims(m)[1])) for m in MATRICES})
+        self.attn_ln_weight = nn.Parameter(torch.ones(h))
+        self.attn_ln_bias = nn.Parameter(torch.zeros(h))
+        self.ffn_ln_weight = nn.Parameter(torch.ones(h))
+        self.ffn_ln_bias = nn.Parameter(torch.zeros(h))
+
+
+def central_shape(config: MPOBertConfig, name: str) -> torch.Size:
+    """Shape of matrix ``name``'s central core: full-rank bonds capped at ``config.max_bond``."""
+    in_shape, out_shape = config.shape_for(config.matrix_dims(name)[0]), config.shape_for(config.matrix_dims(name)[1])
+    ranks = [r if config.max_bond is None else min(r, config.max_bond) for r in full_ranks(in_shape, out_shape)]
+    c = len(in_shape) // 2
+    return torch.Size((ranks[c], in_shape[c], out_shape[c], ranks[c + 1]))
+
+
+def _mpo_linear(config: MPOBertConfig, name: str) -> MPOLinear:
+    fan_in, fan_out = config.matrix_dims(name)
+    return MPOLinear(fan_in, fan_out, config.shape_for(fan_in), config.shape_for(fan_out),
+                     ranks=config.max_bond, bias=False)
+
+
+class MPOBertLayer(nn.Module):
+    """One post-LN transformer layer whose matrices are MPOs with a shared central core.
+
+    Parameters
+    ----------
+    config : MPOBertConfig
+    shared : SharedBlock
+        The group's shared tensors; every MPO matrix of this layer takes its central core from
+        ``shared.central`` (one ``nn.Parameter``, identical object in all layers of the group).
+    """
+
+    def __init__(self, config: MPOBertConfig, shared: SharedBlock) -> None:
+        super().__init__()
+        self.config = config
+        self.mpo = nn.ModuleDict()
+        for name in config.mpo_matrices:
+            layer = _mpo_linear(config, name)
+            layer.share_core(layer.central_index, shared.central[name])
+            self.mpo[name] = layer
+        self.adapters = nn.ModuleDict()
+        if config.adapter_rank > 0:
+            for name in config.adapter_matrices:
+                self.adapters[name] = LowRankAdapter(*config.matrix_dims(name), config.adapter_rank,
+                                                     config.adapter_init_std)
+
+    def project(self, name: str, x: torch.Tensor, shared: SharedBlock) -> torch.Tensor:
+        """``x @ W(l)`` for matrix ``name`` (no bias): MPO (or the group's dense matrix) plus the adapter."""
+        y = self.mpo[name](x) if name in self.mpo else F.linear(x, shared.dense[name])
+        if name in self.adapters:
+            y = y + self.adapters[name](x)
+        return y
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, shared: SharedBlock) -> torch.Tensor:
+        """``hidden``: ``(B, S, H)``; ``mask``: boolean ``(B, 1, 1, S)`` (True = attend) or ``None``."""
+        cfg = self.config
+        b, s, h = hidden.shape
+        heads = [
+            (self.project(m, hidden, shared) + shared.bias[m]).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+            for m in ("q", "k", "v")
+        ]
+        ctx = F.scaled_dot_product_attention(*heads, attn_mask=mask,
+                                             dropout_p=cfg.attention_dropout if self.training else 0.0)
+        ctx = ctx.transpose(1, 2).reshape(b, s, h)
+        attn = self.project("attn_out", ctx, shared) + shared.bias["attn_out"]
+        hidden = residual_layer_norm(hidden, attn, shared.attn_ln_weight, shared.attn_ln_bias, cfg.layer_norm_eps,
+                                     dropout_p=cfg.hidden_dropout, training=self.training)
+        inner = bias_gelu(self.project("ffn_in", hidden, shared), shared.bias["ffn_in"], cfg.gelu_approximate)
+        out = self.project("ffn_out", inner, shared) + shared.bias["ffn_out"]
+        return residual_layer_norm(hidden, out, shared.ffn_ln_weight, shared.ffn_ln_bias, cfg.layer_norm_eps,
+                                   dropout_p=cfg.hidden_dropout, training=self.training)
+
+
+class MPOBertEncoder(nn.Module):
+    """``G`` shared blocks and ``L`` layers; layer ``l`` uses block ``config.group_of(l)``."""
+
+    def __init__(self, config: MPOBertConfig) -> None:
+        super().__init__()
+        self.config = config
+        central_shapes = {name: central_shape(config, name) for name in config.mpo_matrices}
+        self.groups = nn.ModuleList(SharedBlock(config, central_shapes) for _ in range(config.num_groups))
+        self.layers = nn.ModuleList(MPOBertLayer(config, self.groups[config.group_of(l)])
+                                    for l in range(config.num_layers))
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None,
+                output_hidden_states: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        states = [hidden] if output_hidden_states else None
+        for l, layer in enumerate(self.layers):
+            hidden = layer(hidden, mask, self.groups[self.config.group_of(l)])
+            if states is not None:
+                states.append(hidden)
+        return hidden, states
+
+
+class MPOBertEmbeddings(nn.Module):
+    """ALBERT's factorized embeddings: ``V x E`` words + positions + token types, LayerNorm, dropout, ``E -> H``."""
+
+    def __init__(self, config: MPOBertConfig) -> None:
+        super().__init__()
+        self.config = config
+        e = config.embedding_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, e, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, e)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, e)
+        self.ln_weight = nn.Parameter(torch.ones(e))
+        self.ln_bias = nn.Parameter(torch.zeros(e))
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.projection = nn.Linear(e, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor | None, token_type_ids: torch.Tensor | None,
+                position_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        embeds = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        b, s = embeds.shape[:2]
+        if s > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {s} exceeds max_position_embeddings={self.config.max_position_embeddings}")
+        if position_ids is None:
+            position_ids = torch.arange(s, device=embeds.device).expand(b, s)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros((b, s), dtype=torch.long, device=embeds.device)
+        x = embeds + self.token_type_embeddings(token_type_ids) + self.position_embeddings(position_ids)
+        x = layer_norm(x, self.ln_weight, self.ln_bias, self.config.layer_norm_eps)
+        return self.projection(self.dropout(x))
+
+
+def attention_bool_mask(attention_mask: torch.Tensor | None, batch: int, seq: int,
+                        device: torch.device) -> torch.Tensor | None:
+    """Hugging Face padding mask ``(B, S)`` (1 = token, 0 = padding) -> boolean ``(B, 1, 1, S)`` for SDPA.
+
+    ``None`` (or an all-ones mask) gives ``None``: no masking.
+    """
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (batch, seq):
+        raise ValueError(f"attention_mask must be a tensor of shape {(batch, seq)}, "
+                         f"got {getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+    keep = attention_mask.to(device=device) != 0
+    if bool(keep.all()):
+        return None
+    return keep[:, None, None, :]
