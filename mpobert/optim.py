@@ -69,12 +69,13 @@ class LAMB(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise ValueError("LAMB does not support sparse gradients")
-                g = p.grad.float()
+                dt = p.dtype if p.dtype == torch.float64 else torch.float32  # fp32 math for fp32/bf16/fp16
+                g = p.grad.to(dt)
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
                 state["step"] += 1
                 t = state["step"].item()
                 m, v = state["exp_avg"], state["exp_avg_sq"]
@@ -82,7 +83,7 @@ class LAMB(torch.optim.Optimizer):
                 v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
                 m_hat = m / (1.0 - beta1**t)
                 v_hat = v / (1.0 - beta2**t)
-                w = p.float()
+                w = p.to(dt)
                 update = m_hat / (v_hat.sqrt() + group["eps"])
                 if group["weight_decay"]:
                     update.add_(w, alpha=group["weight_decay"])
