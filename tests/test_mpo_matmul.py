@@ -343,7 +343,11 @@ def test_cost_model_counts():
     assert cost["flops_rebuild"] == 2 * 16 * kp * np_ * 4  # ceil(100/32) = 4 row blocks
     assert cost["factor_elems"] == (6 * 8 * 4) + 4 * 5 * 3  # left (IL=6, JL=8, D=4), right = last core
     assert cost["flops"] == cost["flops_tensor"] + cost["flops_fma"]
-    assert cost["flops_tensor"] == cost["flops_gemm"] + cost["flops_rebuild"]
+    # bf16/fp16: the pre-contraction runs on tensor cores; fp32: on the FMA units.
+    assert cost["flops_tensor"] == cost["flops_gemm"] + cost["flops_rebuild"] + cost["flops_precontract"]
+    cost32 = mpo_linear_cost(tokens, in_shape, out_shape, ranks, 4, block_m=32)
+    assert cost32["flops_tensor"] == cost["flops_gemm"] + cost["flops_rebuild"]
+    assert cost32["flops_fma"] == cost["flops_precontract"] + cost["flops_epilogue"] > 0
     assert cost["flops_dense_bwd"] == 4 * tokens * k * n
     # Compulsory bytes include x read and y written once.
     assert cost["bytes"] >= 2 * tokens * (k + n)

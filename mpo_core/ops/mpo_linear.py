@@ -217,8 +217,9 @@ def mpo_linear_cost(
         ``padded`` (``(D_pad, IR_pad, JR_pad)``), ``flops_useful`` (``2*M*K*N``),
         ``flops_tensor`` (tensor cores: the padded GEMM ``flops_gemm`` plus the
         on-chip rebuild ``flops_rebuild = 2*D_pad*K_pad*N_pad*ceil(M/block_m)``),
-        ``flops_fma`` (pre-contraction ``flops_precontract`` in fp32 plus
-        ``flops_epilogue``), ``factor_elems`` (``|left| + |right|``); backward
+        ``flops_fma`` (FMA units: the epilogue, plus the pre-contraction
+        ``flops_precontract`` when ``dtype_bytes == 4``; in fp16/bf16 it runs on
+        tensor cores and counts in ``flops_tensor``), ``factor_elems`` (``|left| + |right|``); backward
         ``flops_bwd`` (of which ``flops_bwd_tensor`` on tensor cores), ``bytes_bwd``;
         the dense path's GEMM FLOPs ``flops_dense_fwd = 2*M*K*N``, ``flops_dense_bwd = 4*M*K*N``.
         Bytes are compulsory HBM traffic: each tensor read or written once (tile
@@ -271,16 +272,18 @@ def mpo_linear_cost(
         return dict(out, flops=math.inf, bytes=math.inf, flops_bwd=math.inf, bytes_bwd=math.inf)
     gemm, rebuild = kernel_tensor_flops(fwd_pad, il, jl)
     dx_gemm, dx_rebuild = kernel_tensor_flops(bwd_pad, jl, il)
-    bwd_tensor = dx_gemm + dx_rebuild + useful + 4 * d * k_dim * n_dim
-    bwd_flops = bwd_tensor + 2 * pre_flops + (m * n_dim if bias else 0) + (8 * m * n_dim if activation else 0)
+    low_precision = dtype_bytes < 4
+    bwd_tensor = dx_gemm + dx_rebuild + useful + 4 * d * k_dim * n_dim + (2 * pre_flops if low_precision else 0)
+    bwd_flops = dx_gemm + dx_rebuild + useful + 4 * d * k_dim * n_dim + 2 * pre_flops \
+        + (m * n_dim if bias else 0) + (8 * m * n_dim if activation else 0)
     return dict(
         out,
         flops=gemm + rebuild + pre_flops + epilogue,
         bytes=fwd_bytes,
         flops_gemm=gemm,
         flops_rebuild=rebuild,
-        flops_tensor=gemm + rebuild,
-        flops_fma=pre_flops + epilogue,
+        flops_tensor=gemm + rebuild + (pre_flops if low_precision else 0),
+        flops_fma=epilogue + (0 if low_precision else pre_flops),
         flops_bwd=bwd_flops,
         flops_bwd_tensor=bwd_tensor,
         bytes_bwd=bwd_bytes,
@@ -431,8 +434,9 @@ def mpo_linear(
             f"cores: backend='triton' needs a last core (d, i_n, j_n) = {tuple(cores[-1].shape[:3])} whose padded "
             "size fits the kernel (mpo_core.kernels.mpo_matmul.padded_right_shape, both ways); use backend='torch'"
         )
-    # left: cores[:n-1] pre-contracted in fp32 (tiny next to the GEMM), cast to the compute dtype.
-    left = _contract([c.float() for c in cores[:-1]])[0].permute(2, 0, 1).to(x.dtype)
+    # left: cores[:n-1] pre-contracted in the compute dtype (tensor cores, fp32 accumulation), as
+    # the dense path's rebuild of W would be.
+    left = _contract(cores[:-1])[0].permute(2, 0, 1)
     right = cores[-1][..., 0]
     x2d = x.reshape(-1, x.shape[-1])
     needs_grad = torch.is_grad_enabled() and (
