@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
     on_cpu = device.type == "cpu"
     matrices = ALL_MATRICES
     bonds = ["full", "4x", "16x"]
-    tokens = [128, 1024] if on_cpu else [128, 512, 2048, 8192, 16384]
+    tokens = [128, 512] if on_cpu else [128, 512, 2048, 8192, 16384]
     if args.quick:
         matrices, tokens = [(768, 768), (1024, 4096)], [128]
     if args.full or not on_cpu:

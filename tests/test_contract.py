@@ -253,3 +253,13 @@ def test_errors():
         explain(-1, cores)
     with pytest.raises(ValueError, match="at least 2 cores"):
         contract(x[:, :2], random_cores((2,), (2,), []), strategy="fused")
+
+
+def test_sequential_steps_cover_every_gemm_form_and_never_permute_activation():
+    """ltr on (4,4,4,4,3) uses batched GEMMs (wide trailing block), the transpose form (narrow) and a plain GEMM (last)."""
+    cores = random_cores((4, 4, 4, 4, 3), (2, 3, 2, 3, 2), (3, 5, 4, 2))
+    plan = explain(7, cores, strategy="sequential", order="ltr")
+    assert [s.method for s in plan.chosen.steps] == ["bmm", "bmm", "bmm", "tmm", "mm"]
+    assert [s.m for s in plan.chosen.steps] == [192, 48, 12, 3, 1]
+    x = torch.randn(7, 768, dtype=torch.float64)
+    torch.testing.assert_close(contract(x, cores, strategy="sequential", order="ltr"), x @ reference_dense(cores))
