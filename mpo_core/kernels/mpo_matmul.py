@@ -136,17 +136,20 @@ def _mpo_matmul_kernel(
 
 # Every config has BLOCK_K, BLOCK_N >= 32 and BLOCK_K * BLOCK_N >= 16 * 64, which the limits in
 # :func:`padded_right_shape` rely on (tile holds whole padded right modes; rebuild GEMM has >= 16 rows).
+# ptxas (sm_80, sm_90; bf16/fp16, right block 4x4, D 16): no spills without the pre-activation
+# store; with it (training), the 128- and 64x128 tiles spill 64-152 B/thread once, in the
+# epilogue (checked in tests/test_mpo_matmul.py). 256-row tiles and BLOCK_K=64 spilled: left out.
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
     for bm, bn, bk, w, st in [
         (128, 128, 32, 8, 3),
+        (128, 128, 32, 8, 4),
         (128, 64, 32, 4, 3),
         (64, 128, 32, 4, 3),
-        (128, 128, 64, 8, 3),
-        (256, 128, 32, 8, 3),
+        (64, 64, 32, 4, 4),
     ]
 ]
-_autotuned_kernel = triton.autotune(configs=_GPU_CONFIGS, key=["M", "N", "K", "D", "IRP", "JRP"])(_mpo_matmul_kernel)
+_autotuned_kernel = triton.autotune(configs=_GPU_CONFIGS, key=["M", "N", "K", "D", "IRP", "JRP", "STORE_PRE", "ACTIVATION"])(_mpo_matmul_kernel)
 
 #: Whether the kernel runs on Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import).
 INTERPRETED: bool = isinstance(_mpo_matmul_kernel, InterpretedFunction)
