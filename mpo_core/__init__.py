@@ -1,11 +1,32 @@
 """mpo-core: matrix product operator (tensor-train matrix) factorization for PyTorch.
 
-Public API (re-exports only; see the submodules for the implementations).
+Public API (re-exports only; see the submodules for the implementations):
+
+- :func:`decompose`, :class:`MPO`, :func:`factorize`: TT-SVD factorization and the MPO container;
+- :func:`contract`, :func:`explain`: apply an MPO to inputs with the cheapest strategy;
+- :class:`MPOLinear`, :func:`mpo_ify`, :func:`set_trainable`: ``torch.nn`` layers and helpers;
+- :mod:`mpo_core.ops`: fused ops (``layer_norm``, ``residual_layer_norm``, ``bias_gelu``,
+  ``mpo_linear``) dispatched to CUDA, Triton or torch;
+- :func:`backends`: what this installation can use.
 """
+from mpo_core import ops
 from mpo_core._backends import backends
+from mpo_core.contract import contract, explain
 from mpo_core.decompose import decompose
 from mpo_core.mpo import MPO
+from mpo_core.nn import MPOLinear, mpo_ify, set_trainable
 from mpo_core.shapes import factorize
 
-__all__ = ["MPO", "backends", "decompose", "factorize"]
+__all__ = [
+    "MPO",
+    "MPOLinear",
+    "backends",
+    "contract",
+    "decompose",
+    "explain",
+    "factorize",
+    "mpo_ify",
+    "ops",
+    "set_trainable",
+]
 __version__ = "0.1.0"
