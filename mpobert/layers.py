@@ -133,11 +133,12 @@ class MPOBertLayer(nn.Module):
                                              dropout_p=cfg.attention_dropout if self.training else 0.0)
         ctx = ctx.transpose(1, 2).reshape(b, s, h)
         attn = self.project("attn_out", ctx, shared) + shared.bias["attn_out"]
-        hidden = residual_layer_norm(hidden, attn, shared.attn_ln_weight, shared.attn_ln_bias, cfg.layer_norm_eps,
+        # under autocast the sublayer output may be in another dtype than the residual stream
+        hidden = residual_layer_norm(hidden, attn.to(hidden.dtype), shared.attn_ln_weight, shared.attn_ln_bias, cfg.layer_norm_eps,
                                      dropout_p=cfg.hidden_dropout, training=self.training)
         inner = bias_gelu(self.project("ffn_in", hidden, shared), shared.bias["ffn_in"], cfg.gelu_approximate)
         out = self.project("ffn_out", inner, shared) + shared.bias["ffn_out"]
-        return residual_layer_norm(hidden, out, shared.ffn_ln_weight, shared.ffn_ln_bias, cfg.layer_norm_eps,
+        return residual_layer_norm(hidden, out.to(hidden.dtype), shared.ffn_ln_weight, shared.ffn_ln_bias, cfg.layer_norm_eps,
                                    dropout_p=cfg.hidden_dropout, training=self.training)
 
 

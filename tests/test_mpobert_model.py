@@ -397,3 +397,19 @@ def test_config_type_and_json_errors():
         MPOBertConfig.from_dict({"hidden_sise": 3})
     with pytest.raises(ValueError, match="JSON"):
         MPOBertConfig.from_json("{nope")
+
+
+def test_bf16_autocast_forward_backward():
+    torch.manual_seed(0)
+    cfg = MPOBertConfig.tiny()
+    model = MPOBertForPreTraining(cfg)
+    ids, mask, types = _batch(cfg)
+    kw = dict(attention_mask=mask, token_type_ids=types, labels=ids, sentence_order_label=torch.tensor([0, 1]))
+    ref = model(ids, **kw).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, **kw)
+    assert out.logits.dtype == torch.bfloat16
+    assert abs(float(out.loss.detach()) - float(ref.detach())) < 0.02 * float(ref.detach())
+    out.loss.backward()
+    central = model.mpobert.encoder.groups[0].central["q"]
+    assert central.grad.dtype == torch.float32 and bool(torch.isfinite(central.grad).all())
