@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from mpo_core.ops import mpo_linear as ops
-from mpo_core.ops.mpo_linear import mpo_linear, mpo_linear_cost, mpo_linear_reference
+from mpo_core.ops.mpo_linear import choose_split, mpo_linear, mpo_linear_cost, mpo_linear_reference
 
 # The interpreter's numpy exp overflows (harmlessly: sigmoid -> 0) for very negative inputs.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -29,6 +29,7 @@ CASES = [
     ((3, 5), (7, 2), [1, 1, 1]),
     ((5, 3), (2, 7), [1, 6, 1]),
     ((3, 2, 5), (2, 4, 3), [1, 3, 4, 1]),
+    ((4, 2, 3), (4, 3, 3), [1, 4, 5, 1]),  # odd last modes: the first core is kept on chip
     ((2, 3, 2, 2), (3, 2, 2, 3), [1, 2, 4, 1, 1]),
     ((2, 1, 3, 2, 2), (2, 3, 1, 2, 2), [1, 4, 4, 3, 2, 1]),
 ]
@@ -204,9 +205,9 @@ def test_property_forward_backward_fp32(problem):
 
 
 # ----------------------------------------------------------------------------- custom op
-@pytest.mark.parametrize("activation,store_pre,with_bias", [("none", False, True), ("gelu", True, True),
-                                                             ("gelu_tanh", False, False)])
-def test_opcheck(activation, store_pre, with_bias):
+@pytest.mark.parametrize("activation,store_pre,with_bias,small_left", [
+    ("none", False, True, False), ("gelu", True, True, True), ("gelu_tanh", False, False, False)])
+def test_opcheck(activation, store_pre, with_bias, small_left):
     """Schema, fake tensor, autograd registration and AOT dispatch of mpo_core::mpo_kron_linear.
 
     ``store_pre=False`` with an activation exercises the backward's recompute of the pre-activation.
@@ -216,7 +217,22 @@ def test_opcheck(activation, store_pre, with_bias):
     left = torch.randn(3, 2, 5, generator=g, requires_grad=True)
     right = torch.randn(3, 3, 4, generator=g, requires_grad=True)
     bias = torch.randn(20, generator=g, requires_grad=True) if with_bias else None
-    torch.library.opcheck(torch.ops.mpo_core.mpo_kron_linear.default, (x, left, right, bias, activation, store_pre))
+    args = (x, left, right, bias, activation, store_pre, small_left)
+    torch.library.opcheck(torch.ops.mpo_core.mpo_kron_linear.default, args)
+
+
+@pytest.mark.parametrize("small_left", [False, True])
+def test_op_both_orientations_match_kronecker_sum(small_left):
+    """The op's W is sum_s left[s] (x) right[s] whichever factor the kernel keeps on chip."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(50, 5 * 3, generator=g)
+    left = torch.randn(6, 5, 7, generator=g)
+    right = torch.randn(6, 3, 2, generator=g)
+    bias = torch.randn(14, generator=g)
+    w = torch.einsum("sab,sij->aibj", left, right).reshape(15, 14)
+    y, pre = torch.ops.mpo_core.mpo_kron_linear(x, left, right, bias, "gelu", True, small_left)
+    assert rel_err(pre, x @ w + bias) < FP32_TOL
+    assert rel_err(y, torch.nn.functional.gelu(x @ w + bias)) < FP32_TOL
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -335,7 +351,7 @@ def test_cost_model_counts():
     in_shape, out_shape, ranks = (3, 2, 5), (2, 4, 3), [1, 3, 4, 1]
     tokens, k, n = 100, 30, 24
     cost = mpo_linear_cost(tokens, in_shape, out_shape, ranks, 2, block_m=32)
-    assert cost["supported"] and cost["bond"] == 4
+    assert cost["supported"] and cost["bond"] == 4 and cost["small_left"] is False
     assert cost["padded"] == (16, 8, 4)  # D 4 -> 16, i_n 5 -> 8, j_n 3 -> 4
     kp, np_ = 6 * 8, 8 * 4
     assert cost["flops_useful"] == cost["flops_dense_fwd"] == 2 * tokens * k * n
@@ -354,17 +370,25 @@ def test_cost_model_counts():
 
 
 def test_cost_model_unsupported_last_core():
-    cost = mpo_linear_cost(8, (2, 16), (2, 16), [1, 4, 1], 2)
-    assert not cost["supported"] and cost["flops"] == math.inf and cost["flops_dense_fwd"] == 2 * 8 * 32 * 32
+    cost = mpo_linear_cost(8, (16, 16), (16, 16), [1, 4, 1], 2)
+    assert not cost["supported"] and cost["flops"] == math.inf and cost["flops_dense_fwd"] == 2 * 8 * 256 * 256
+
+
+def test_choose_split_bert_shapes():
+    """Odd last modes (768 = 4*4*4*4*3): keep the 4x4 first core on chip (no padding)."""
+    assert choose_split((4, 4, 4, 4, 3), (4, 4, 4, 4, 3), [1, 16, 256, 144, 9, 1]) is True
+    assert choose_split((4, 4, 4, 4, 3), (4, 4, 8, 6, 4), [1, 16, 256, 288, 12, 1]) is True
+    assert choose_split((4, 4, 4, 4, 4), (4, 4, 8, 8, 4), [1, 16, 64, 64, 16, 1]) is False  # tie: last
+    assert choose_split((16, 16), (16, 16), [1, 4, 1]) is None
 
 
 def test_unsupported_last_core_falls_back_or_raises(monkeypatch):
-    """A last core too large for the kernel: backend=None uses the reference, 'triton' raises."""
-    cores = make_cores((2, 16), (3, 16), [1, 2, 1])
-    x = torch.randn(5, 32)
+    """End cores too large for the kernel: backend=None uses the reference, 'triton' raises."""
+    cores = make_cores((16, 16), (16, 16), [1, 2, 1])
+    x = torch.randn(5, 256)
     monkeypatch.setattr(ops, "_cuda_triton_ok", lambda x: True)
     assert rel_err(mpo_linear(x, cores), mpo_linear_reference(x, cores)) == 0.0
-    with pytest.raises(ValueError, match="padded size fits the kernel"):
+    with pytest.raises(ValueError, match="whose padded size fits the kernel"):
         mpo_linear(x, cores, backend="triton")
 
 
@@ -442,16 +466,17 @@ from mpo_core.kernels import mpo_matmul as mm
 
 assert not mm.INTERPRETED
 ptr = "*bf16"
-sig = {name: ptr for name in ("x_ptr", "left_ptr", "right_ptr", "bias_ptr", "y_ptr", "pre_ptr")}
-sig.update({name: "i32" for name in ("M", "N", "K", "IL", "JL", "IR", "JR", "D", "stride_xm", "stride_xk")})
+sig = {name: ptr for name in ("x_ptr", "big_ptr", "small_ptr", "bias_ptr", "y_ptr", "pre_ptr")}
+sig.update({name: "i32" for name in ("M", "N", "K", "IB", "JB", "IS", "JS", "D", "stride_xm", "stride_xk")})
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-dp, irp, jrp = mm.padded_right_shape(16, 4, 4)
+dp, isp, jsp = mm.padded_small_shape(16, 4, 4)
 out = {}
 for arch in (80, 90):
     for index, cfg in enumerate(mm._GPU_CONFIGS):
-        for store_pre in ((False, True) if index == 0 else (False,)):
+        variants = ((False, False), (True, False), (False, True)) if index == 0 else ((False, False),)
+        for store_pre, small_first in variants:
             const = dict(HAS_BIAS=True, ACTIVATION=1, STORE_PRE=store_pre, DOT_PRECISION="tf32",
-                         IRP=irp, JRP=jrp, DP=dp, **cfg.kwargs)
+                         SMALL_FIRST=small_first, ISP=isp, JSP=jsp, DP=dp, **cfg.kwargs)
             src = ASTSource(fn=mm._mpo_matmul_kernel, signature={**sig, **{k: "constexpr" for k in const}},
                             constexprs=const)
             k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -466,7 +491,7 @@ for arch in (80, 90):
             res = {kv.split(":")[0]: int(kv.split(":")[1]) for kv in line.split()
                    if kv.split(":")[0] in ("REG", "STACK", "LOCAL")}
             res["tensor_core_mma"] = ("mma.sync" in ptx) or ("wgmma" in ptx)
-            out[f"sm_{arch} config{index} store_pre={store_pre}"] = res
+            out[f"sm_{arch} config{index} store_pre={store_pre} small_first={small_first}"] = res
 print(json.dumps(out))
 """
 
@@ -486,7 +511,7 @@ def test_kernel_compiles_for_sm80_and_sm90():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     usage = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(usage) == 12
+    assert len(usage) == 14
     for name, res in usage.items():
         assert res["tensor_core_mma"], name
         assert 0 < res["REG"] <= 255 and res["LOCAL"] == 0, f"{name}: {res}"

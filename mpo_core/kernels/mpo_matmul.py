@@ -2,37 +2,39 @@
 
 Design (the cost model lives in :func:`mpo_core.ops.mpo_linear.mpo_linear_cost`)
 ---------------------------------------------------------------------------------
-``ops`` cuts the MPO at its last bond into two factors (torch pre-contracts the
-first ``n-1`` cores):
+``ops`` cuts the MPO at its first or last bond ``D`` into a *small* factor (one end
+core) and a *big* one (the other ``n-1`` cores, pre-contracted by torch), so that
 
-    left [s, iL, jL] = (T1 ... T_{n-1})[iL, jL, s]   shape (D, IL, JL)
-    right[s, iR, jR] = Tn[s, iR, jR, 0]              shape (D, IR, JR)   (small)
+    W = sum_s left[s] (x) right[s]        left (D, IL, JL): leading modes, right (D, IR, JR): trailing
 
-so that ``W[(iL, iR), (jL, jR)] = sum_s left[s, iL, jL] * right[s, iR, jR]``
-(C order: row ``k = iL*IR + iR``, column ``n = jL*JR + jR``). ``W`` never reaches
-global memory. Each program owns a ``BLOCK_M x BLOCK_N`` output tile made of ``BJ``
-left columns times all ``JR`` right columns (padded to a power of two ``JRP``), and
-each K step covers ``BI`` left rows times all ``IR`` (padded to ``IRP``). The weight
-tile is then a small tensor-core GEMM plus an on-chip reorder:
+(C order: row ``k = iL*IR + iR``, column ``n = jL*JR + jR``); ``small_left`` says which
+of the two is the small one. ``W`` never reaches global memory. Each program owns a
+``BLOCK_M x BLOCK_N`` output tile made of ``BJ`` big columns times all ``JS`` small
+columns (padded to a power of two ``JSP``), and each K step covers ``BI`` big rows
+times all ``IS`` small rows (padded to ``ISP``). The weight tile is a small
+tensor-core GEMM plus an on-chip reorder:
 
-    w[(a, b), (r, c)] = sum_s left[s, i0+a, j0+b] * right[s, r, c]     (BI*BJ, DP) @ (DP, IRP*JRP)
+    w[(a, b), (r, c)] = sum_s big[s, i0+a, j0+b] * small[s, r, c]      (BI*BJ, DP) @ (DP, ISP*JSP)
     W_tile[(a, r), (b, c)] = w[(a, b), (r, c)]                          reshape/permute/reshape
 
-``right`` (``DP x IRP*JRP``, zero-padded) is loaded once per program; each K step
-loads only the distinct ``left`` entries of its tile (``BI*BJ*D``, i.e. ``BK*BN*D/(IR*JR)``
-elements: at full rank ``D = IR*JR``, exactly a GEMM's ``W`` tile). The ``x`` tile and
-the rebuilt ``W`` tile (cast to the input dtype) go to ``tl.dot`` with fp32
-accumulation. The epilogue adds the bias, optionally stores the pre-activation (for
-backward), applies GELU (erf form, or tanh form written as ``z * sigmoid(2u)`` =
-``0.5 z (1 + tanh u)`` since the interpreter has no ``tanh``) and stores ``y``.
+and the ``x`` columns / output columns of the tile are ``k = ib*IS + is`` (small
+right) or ``k = is*IB + ib`` (small left), likewise for ``n``. ``small``
+(``DP x ISP*JSP``, zero-padded) is loaded once per program; each K step loads only
+the distinct ``big`` entries of its tile (``BK*BN*D/(IS*JS)`` elements: at full rank
+``D = IS*JS``, exactly a GEMM's ``W`` tile). The ``x`` tile and the rebuilt ``W`` tile
+(cast to the input dtype) go to ``tl.dot`` with fp32 accumulation. The epilogue adds
+the bias, optionally stores the pre-activation (for backward), applies GELU (erf
+form, or tanh form written as ``z * sigmoid(2u)`` = ``0.5 z (1 + tanh u)`` since the
+interpreter has no ``tanh``) and stores ``y``.
 
-Per call with ``M`` rows, ``K = IL*IR``, ``N = JL*JR``, ``Kp = IL*IRP``, ``Np = JL*JRP``:
+Per call with ``M`` rows, ``K = IB*IS``, ``N = JB*JS``, ``Kp = IB*ISP``, ``Np = JB*JSP``:
 
-* tensor-core FLOPs ``2*M*Kp*Np`` (the dense GEMM's ``2*M*K*N`` when ``IR``, ``JR``
-  are powers of two; 4/3 more per odd mode 3) plus the rebuild ``2*DP*Kp*Np*ceil(M/BLOCK_M)``
-  (``DP/BLOCK_M`` of the GEMM: 1/8 at ``DP = 16``, ``BLOCK_M = 128``);
-* compulsory HBM bytes ``(M*K + M*N [+ M*N pre] + N + |left| + |right|) * b``;
-  ``left`` tiles are re-read per row block from L2 like a GEMM's ``W`` tiles.
+* tensor-core FLOPs ``2*M*Kp*Np`` (the dense GEMM's ``2*M*K*N`` when the small
+  modes are powers of two, as BERT's 4x4 end cores) plus the rebuild
+  ``2*DP*Kp*Np*ceil(M/BLOCK_M)`` (``DP/BLOCK_M`` of the GEMM: 1/8 at ``DP = 16``,
+  ``BLOCK_M = 128``);
+* compulsory HBM bytes ``(M*K + M*N [+ M*N pre] + N + |big| + |small|) * b``;
+  ``big`` tiles are re-read per row block from L2 like a GEMM's ``W`` tiles.
 
 Nothing here decides when this kernel runs, on which factors or dtype: that policy is
 in :mod:`mpo_core.ops.mpo_linear`.
@@ -53,21 +55,24 @@ _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 @triton.jit
 def _mpo_matmul_kernel(
-    x_ptr, left_ptr, right_ptr, bias_ptr, y_ptr, pre_ptr,
-    M, N, K, IL, JL, IR, JR, D,
+    x_ptr, big_ptr, small_ptr, bias_ptr, y_ptr, pre_ptr,
+    M, N, K, IB, JB, IS, JS, D,
     stride_xm, stride_xk,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, IRP: tl.constexpr, JRP: tl.constexpr, DP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SMALL_FIRST: tl.constexpr,
+    ISP: tl.constexpr, JSP: tl.constexpr, DP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # A (BLOCK_K x BLOCK_N) weight tile spans BI left rows x IRP right rows and BJ left
-    # columns x JRP right columns (right modes padded to powers of two, padding masked to 0).
-    BI: tl.constexpr = BLOCK_K // IRP
-    BJ: tl.constexpr = BLOCK_N // JRP
+    # W = sum_s big[s] (x) small[s] (SMALL_FIRST=False: k = ib*IS + is, n = jb*JS + js) or
+    # sum_s small[s] (x) big[s] (SMALL_FIRST=True: k = is*IB + ib, n = js*JB + jb).
+    # A (BLOCK_K x BLOCK_N) weight tile spans BI big rows x ISP small rows and BJ big columns
+    # x JSP small columns (small modes padded to powers of two, padding masked to 0).
+    BI: tl.constexpr = BLOCK_K // ISP
+    BJ: tl.constexpr = BLOCK_N // JSP
     # Grouped program order (Triton matmul tutorial): GROUP_M row blocks share column blocks in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(JL, BJ)
+    num_pid_n = tl.cdiv(JB, BJ)
     group_size = GROUP_M * num_pid_n
     first_m = (pid // group_size) * GROUP_M
     group_m = min(num_pid_m - first_m, GROUP_M)
@@ -76,46 +81,53 @@ def _mpo_matmul_kernel(
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_mask = offs_m < M
-    # Output columns of the tile: n = jl*JR + jr for jl in [pid_n*BJ, +BJ), jr < JR.
+    # Output columns of the tile: big column jb in [pid_n*BJ, +BJ), small column js < JS.
     cols = tl.arange(0, BLOCK_N)
-    jl_c = pid_n * BJ + cols // JRP
-    jr_c = cols % JRP
-    offs_n = jl_c * JR + jr_c
-    n_mask = (jl_c < JL) & (jr_c < JR)
+    jb_c = pid_n * BJ + cols // JSP
+    js_c = cols % JSP
+    if SMALL_FIRST:
+        offs_n = js_c * JB + jb_c
+    else:
+        offs_n = jb_c * JS + js_c
+    n_mask = (jb_c < JB) & (js_c < JS)
 
-    # right as a (DP, IRP*JRP) matrix, constant over the K loop: right[s, r, c] at column r*JRP + c.
+    # small as a (DP, ISP*JSP) matrix, constant over the K loop: small[s, r, c] at column r*JSP + c.
     sd = tl.arange(0, DP)
-    rc = tl.arange(0, IRP * JRP)
-    r_r = rc // JRP
-    r_c = rc % JRP
-    right = tl.load(
-        right_ptr + sd[:, None] * (IR * JR) + (r_r * JR + r_c)[None, :],
-        mask=(sd < D)[:, None] & ((r_r < IR) & (r_c < JR))[None, :], other=0.0,
+    rc = tl.arange(0, ISP * JSP)
+    s_r = rc // JSP
+    s_c = rc % JSP
+    small = tl.load(
+        small_ptr + sd[:, None] * (IS * JS) + (s_r * JS + s_c)[None, :],
+        mask=(sd < D)[:, None] & ((s_r < IS) & (s_c < JS))[None, :], other=0.0,
     )
-    # left rows of the rebuild GEMM: (a, b) -> left[:, i0 + a, pid_n*BJ + b], a < BI, b < BJ.
+    # big rows of the rebuild GEMM: (a, b) -> big[:, i0 + a, pid_n*BJ + b], a < BI, b < BJ.
     ab = tl.arange(0, BI * BJ)
-    l_a = ab // BJ
-    l_jl = pid_n * BJ + ab % BJ
-    # x columns of the tile: (a, r) -> k = (i0 + a)*IR + r.
+    b_a = ab // BJ
+    b_jb = pid_n * BJ + ab % BJ
+    # x columns of the tile: (a, r) -> big row i0 + a, small row r.
     ks = tl.arange(0, BLOCK_K)
-    k_a = ks // IRP
-    k_r = ks % IRP
+    k_a = ks // ISP
+    k_r = ks % ISP
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i0 in range(0, IL, BI):
-        l_il = i0 + l_a
-        left = tl.load(
-            left_ptr + sd[None, :] * (IL * JL) + (l_il * JL + l_jl)[:, None],
-            mask=((l_il < IL) & (l_jl < JL))[:, None] & (sd < D)[None, :], other=0.0,
+    for i0 in range(0, IB, BI):
+        b_ib = i0 + b_a
+        big = tl.load(
+            big_ptr + sd[None, :] * (IB * JB) + (b_ib * JB + b_jb)[:, None],
+            mask=((b_ib < IB) & (b_jb < JB))[:, None] & (sd < D)[None, :], other=0.0,
         )
-        # Rebuild on the tensor cores: w[(a,b),(r,c)] = sum_s left[s,i0+a,jl_b] right[s,r,c] ...
-        w = tl.dot(left, right, input_precision=DOT_PRECISION)
+        # Rebuild on the tensor cores: w[(a,b),(r,c)] = sum_s big[s,i0+a,jb_b] small[s,r,c] ...
+        w = tl.dot(big, small, input_precision=DOT_PRECISION)
         # ... then reorder (a, b, r, c) -> rows (a, r), columns (b, c) of the W tile.
-        w = tl.reshape(tl.permute(tl.reshape(w, (BI, BJ, IRP, JRP)), (0, 2, 1, 3)), (BLOCK_K, BLOCK_N))
-        k_il = i0 + k_a
+        w = tl.reshape(tl.permute(tl.reshape(w, (BI, BJ, ISP, JSP)), (0, 2, 1, 3)), (BLOCK_K, BLOCK_N))
+        k_ib = i0 + k_a
+        if SMALL_FIRST:
+            offs_k = k_r * IB + k_ib
+        else:
+            offs_k = k_ib * IS + k_r
         x_tile = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + (k_il * IR + k_r)[None, :] * stride_xk,
-            mask=m_mask[:, None] & ((k_il < IL) & (k_r < IR))[None, :], other=0.0,
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=m_mask[:, None] & ((k_ib < IB) & (k_r < IS))[None, :], other=0.0,
         )
         acc = tl.dot(x_tile, w.to(x_tile.dtype), acc, input_precision=DOT_PRECISION)
 
@@ -135,7 +147,7 @@ def _mpo_matmul_kernel(
     tl.store(y_ptr + row0 + out_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 # Every config has BLOCK_K, BLOCK_N >= 32 and BLOCK_K * BLOCK_N >= 16 * 64, which the limits in
-# :func:`padded_right_shape` rely on (tile holds whole padded right modes; rebuild GEMM has >= 16 rows).
+# :func:`padded_small_shape` rely on (tile holds whole padded right modes; rebuild GEMM has >= 16 rows).
 # ptxas (sm_80, sm_90; bf16/fp16, right block 4x4, D 16): no spills without the pre-activation
 # store; with it (training), the 128- and 64x128 tiles spill 64-152 B/thread once, in the
 # epilogue (checked in tests/test_mpo_matmul.py). 256-row tiles and BLOCK_K=64 spilled: left out.
@@ -149,29 +161,29 @@ _GPU_CONFIGS = [
         (64, 64, 32, 4, 4),
     ]
 ]
-_autotuned_kernel = triton.autotune(configs=_GPU_CONFIGS, key=["M", "N", "K", "D", "IRP", "JRP", "STORE_PRE", "ACTIVATION"])(_mpo_matmul_kernel)
+_autotuned_kernel = triton.autotune(configs=_GPU_CONFIGS, key=["M", "N", "K", "D", "ISP", "JSP", "SMALL_FIRST", "STORE_PRE", "ACTIVATION"])(_mpo_matmul_kernel)
 
 #: Whether the kernel runs on Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import).
 INTERPRETED: bool = isinstance(_mpo_matmul_kernel, InterpretedFunction)
 # The interpreter runs programs one after another: one fixed, small tiling.
 _INTERPRETER_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
-#: Largest padded right block ``IRP*JRP`` and padded bond ``DP`` the kernel takes.
-MAX_RIGHT_BLOCK = 64
+#: Largest padded on-chip block ``IP*JP`` and padded bond ``DP`` the kernel takes.
+MAX_SMALL_BLOCK = 64
 MAX_BOND = 64
 
 
-def padded_right_shape(d: int, ir: int, jr: int) -> tuple[int, int, int] | None:
-    """Padded ``(DP, IRP, JRP)`` the kernel uses for a right factor ``(d, ir, jr)``, or ``None`` if unsupported.
+def padded_small_shape(d: int, i: int, j: int) -> tuple[int, int, int] | None:
+    """Padded ``(DP, IP, JP)`` the kernel uses for the on-chip factor ``(d, i, j)``, or ``None`` if unsupported.
 
-    ``IRP``/``JRP`` are powers of two (``IRP*JRP >= 16`` for ``tl.dot``), ``DP >= 16``;
-    supported when ``IRP*JRP <= MAX_RIGHT_BLOCK``, ``IRP, JRP <= 32`` and ``DP <= MAX_BOND``.
+    ``IP``/``JP`` are powers of two (``IP*JP >= 16`` for ``tl.dot``), ``DP >= 16``;
+    supported when ``IP*JP <= MAX_SMALL_BLOCK``, ``IP, JP <= 32`` and ``DP <= MAX_BOND``.
     """
-    irp = triton.next_power_of_2(ir)
-    jrp = max(triton.next_power_of_2(jr), triton.cdiv(16, irp))
+    ip = triton.next_power_of_2(i)
+    jp = max(triton.next_power_of_2(j), triton.cdiv(16, ip))
     dp = max(16, triton.next_power_of_2(d))
-    if irp * jrp > MAX_RIGHT_BLOCK or irp > 32 or jrp > 32 or dp > MAX_BOND:
+    if ip * jp > MAX_SMALL_BLOCK or ip > 32 or jp > 32 or dp > MAX_BOND:
         return None
-    return dp, irp, jrp
+    return dp, ip, jp
 
 
 def mpo_matmul(
@@ -181,6 +193,7 @@ def mpo_matmul(
     bias: torch.Tensor | None = None,
     activation: str = "none",
     store_pre: bool = False,
+    small_left: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the fused kernel: ``act(x @ W + bias)`` with ``W = sum_s left[s] (x) right[s]``.
 
@@ -189,16 +202,19 @@ def mpo_matmul(
     x : Tensor
         ``(M, K)`` input, fp32/fp16/bf16, any strides.
     left : Tensor
-        ``(D, IL, JL)`` left factor, same dtype and device as ``x``.
+        ``(D, IL, JL)`` factor of the slow (leading) modes, same dtype and device as ``x``.
     right : Tensor
-        ``(D, IR, JR)`` right factor, same dtype and device; ``K == IL*IR`` and
-        :func:`padded_right_shape` must accept ``(D, IR, JR)``.
+        ``(D, IR, JR)`` factor of the fast (trailing) modes, same dtype and device;
+        ``K == IL*IR``.
     bias : Tensor, optional
         ``(N,)`` with ``N = JL*JR``, same dtype.
     activation : {"none", "gelu", "gelu_tanh"}
         Epilogue activation.
     store_pre : bool
         Also return the pre-activation ``x @ W + bias`` (for the backward pass).
+    small_left : bool
+        Which factor each program keeps whole on chip: ``right`` (default) or ``left``;
+        :func:`padded_small_shape` must accept it.
 
     Returns
     -------
@@ -217,27 +233,31 @@ def mpo_matmul(
     n = jl * jr
     assert d == d_r and k == il * ir, "left/right factors do not match x"
     assert activation in ACTIVATION_CODES, activation
-    padded = padded_right_shape(d, ir, jr)
-    assert padded is not None, f"right factor {(d, ir, jr)} exceeds the kernel's limits"
-    dp, irp, jrp = padded
-    left = left.contiguous()
-    right = right.contiguous()
+    big, small = (right, left) if small_left else (left, right)
+    _, ib, jb = big.shape
+    _, i_s, j_s = small.shape
+    padded = padded_small_shape(d, i_s, j_s)
+    assert padded is not None, f"on-chip factor {(d, i_s, j_s)} exceeds the kernel's limits"
+    dp, isp, jsp = padded
+    big = big.contiguous()
+    small = small.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     pre = torch.empty((m, n) if store_pre else (0,), dtype=x.dtype, device=x.device)
     if m == 0:
         return y, pre
-    args = (x, left, right, bias if bias is not None else y, y, pre if store_pre else y,
-            m, n, k, il, jl, ir, jr, d, x.stride(0), x.stride(1))
+    args = (x, big, small, bias if bias is not None else y, y, pre if store_pre else y,
+            m, n, k, ib, jb, i_s, j_s, d, x.stride(0), x.stride(1))
     flags = dict(
         HAS_BIAS=bias is not None,
         ACTIVATION=ACTIVATION_CODES[activation],
         STORE_PRE=store_pre,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        IRP=irp, JRP=jrp, DP=dp,
+        SMALL_FIRST=small_left,
+        ISP=isp, JSP=jsp, DP=dp,
     )
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(jl, meta["BLOCK_N"] // jrp),)
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(jb, meta["BLOCK_N"] // jsp),)
 
     if INTERPRETED:
         _mpo_matmul_kernel[grid(_INTERPRETER_META)](*args, **flags, **_INTERPRETER_META)

@@ -8,19 +8,19 @@ Paths
 * **reference** (:func:`mpo_linear_reference`): rebuild the dense ``W`` with torch,
   ``F.linear``, activation. The one reference every test compares against; also the
   path on CPU and on GPUs below compute capability 8.0.
-* **triton** (``backend="triton"``): cut the MPO at its last bond ``D = d_{n-1}``:
-  torch pre-contracts ``T1..T_{n-1}`` into ``left (D, IL, JL)`` (``IL = K/i_n``,
-  ``JL = N/j_n``) and the last core is ``right (D, i_n, j_n)``, so that
-  ``W[(iL, iR), (jL, jR)] = sum_s left[s,iL,jL] right[s,iR,jR]``. The kernel
+* **triton** (``backend="triton"``): cut the MPO at its first or last bond
+  (:func:`choose_split`): one end core is the small factor each program keeps on
+  chip, torch pre-contracts the other ``n-1`` cores into the big factor, and
+  ``W = sum_s left[s] (x) right[s]`` (``left`` holds the leading modes). The kernel
   :mod:`mpo_core.kernels.mpo_matmul` rebuilds each ``W`` tile on chip with a small
-  tensor-core GEMM (``(BI*BJ, D) @ (D, i_n*j_n)``, right modes padded to powers of
-  two) and never writes ``W`` to global memory. Needs the padded last core to fit
-  (``padded_right_shape``: ``i_n*j_n`` padded <= 64, ``D`` padded <= 64; BERT's
-  ``(4,3)``/``(4,4)`` last modes qualify); ``backend=None`` uses the reference
-  otherwise, ``backend="triton"`` raises. Registered as the custom op
-  ``mpo_core::mpo_kron_linear`` (``torch.library.custom_op`` + ``register_fake`` +
-  ``register_autograd``); the pre-contraction stays in plain torch autograd, so core
-  gradients flow through it.
+  tensor-core GEMM (``(BI*BJ, D) @ (D, i*j)``, small modes padded to powers of two)
+  and never writes ``W`` to global memory. The end core is chosen for the least
+  padding (BERT's ``(4,4,4,4,3)``: the first core, ``4x4``, no padding); it must fit
+  (``padded_small_shape``: padded ``i*j <= 64`` and ``D <= 64``, both ways for ``dx``):
+  ``backend=None`` uses the reference otherwise, ``backend="triton"`` raises.
+  Registered as the custom op ``mpo_core::mpo_kron_linear``
+  (``torch.library.custom_op`` + ``register_fake`` + ``register_autograd``); the
+  pre-contraction stays in plain torch autograd, so core gradients flow through it.
 
 Backward (triton path), with ``g = dy * act'(pre)`` (``pre`` stored by the forward
 epilogue when a gradient is needed):
@@ -163,6 +163,49 @@ def mpo_linear_reference(
 
 
 # ----------------------------------------------------------------------------- cost model
+def choose_split(in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequence[int]) -> bool | None:
+    """Which end core the fused kernel keeps on chip: ``True`` the first, ``False`` the last.
+
+    Picks the end whose ``(d, i, j)`` the kernel takes (:func:`padded_small_shape`, both
+    ways, since ``dx`` runs on the transpose) with the least power-of-two padding of
+    ``i*j`` (wasted GEMM work), then the smaller bond; ties go to the last core.
+
+    Parameters
+    ----------
+    in_shape, out_shape : sequence of int
+        Mode sizes, length ``n >= 2``.
+    ranks : sequence of int
+        ``[1, d_1, ..., d_{n-1}, 1]``.
+
+    Returns
+    -------
+    bool or None
+        ``small_left``; ``None`` when neither end core fits the kernel.
+    """
+    from mpo_core.kernels.mpo_matmul import padded_small_shape
+
+    n = len(in_shape)
+    best = None
+    for small_left, end, d in ((False, n - 1, ranks[n - 1]), (True, 0, ranks[1])):
+        i, j = in_shape[end], out_shape[end]
+        fwd, bwd = padded_small_shape(d, i, j), padded_small_shape(d, j, i)
+        if fwd is None or bwd is None:
+            continue
+        key = (fwd[1] * fwd[2] * bwd[1] * bwd[2] / (i * j) ** 2, fwd[0])
+        if best is None or key < best[0]:
+            best = (key, small_left)
+    return None if best is None else best[1]
+
+
+def _chain_flops(core_shapes: Sequence[tuple[int, int, int, int]]) -> int:
+    """FLOPs of :func:`_contract` over cores of these ``(d_left, i, j, d_right)`` shapes."""
+    flops, rows = 0, core_shapes[0][0] * core_shapes[0][1] * core_shapes[0][2]
+    for d, i, j, e in core_shapes[1:]:
+        flops += 2 * rows * d * i * j * e
+        rows *= i * j
+    return flops
+
+
 def _check_cost_args(tokens: int, in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequence[int],
                      dtype_bytes: int) -> None:
     if not isinstance(tokens, int) or tokens < 0:
@@ -225,7 +268,7 @@ def mpo_linear_cost(
         Bytes are compulsory HBM traffic: each tensor read or written once (tile
         re-reads are assumed to hit L2).
     """
-    from mpo_core.kernels.mpo_matmul import padded_right_shape
+    from mpo_core.kernels.mpo_matmul import padded_small_shape
 
     _check_cost_args(tokens, in_shape, out_shape, ranks, dtype_bytes)
     if activation not in ACTIVATIONS:
@@ -233,23 +276,21 @@ def mpo_linear_cost(
     m, b = tokens, dtype_bytes
     n_modes = len(in_shape)
     k_dim, n_dim = math.prod(in_shape), math.prod(out_shape)
-    d, ir, jr = ranks[n_modes - 1], in_shape[-1], out_shape[-1]
-    il, jl = k_dim // ir, n_dim // jr
-    fwd_pad, bwd_pad = padded_right_shape(d, ir, jr), padded_right_shape(d, jr, ir)
+    small_left = choose_split(in_shape, out_shape, ranks)
+    end = 0 if small_left else n_modes - 1
+    d, i_s, j_s = ranks[1] if small_left else ranks[n_modes - 1], in_shape[end], out_shape[end]
+    ib, jb = k_dim // i_s, n_dim // j_s
+    fwd_pad, bwd_pad = padded_small_shape(d, i_s, j_s), padded_small_shape(d, j_s, i_s)
     core_elems = sum(ranks[k] * in_shape[k] * out_shape[k] * ranks[k + 1] for k in range(n_modes))
-    factor_elems = il * jl * d + d * ir * jr
-    # Pre-contraction of cores[:n-1], left to right.
-    pre_flops = 0
-    rows = in_shape[0] * out_shape[0]
-    for k in range(1, n_modes - 1):
-        pre_flops += 2 * rows * ranks[k] * in_shape[k] * out_shape[k] * ranks[k + 1]
-        rows *= in_shape[k] * out_shape[k]
+    factor_elems = ib * jb * d + d * i_s * j_s
+    big = range(1, n_modes) if small_left else range(0, n_modes - 1)
+    pre_flops = _chain_flops([(ranks[k], in_shape[k], out_shape[k], ranks[k + 1]) for k in big])
     useful = 2 * m * k_dim * n_dim
     row_blocks = math.ceil(m / block_m)
 
-    def kernel_tensor_flops(padded, rows_left, cols_left):  # padded GEMM, on-chip rebuild
+    def kernel_tensor_flops(padded, rows_big, cols_big):  # padded GEMM, on-chip rebuild
         dp, rp, cp = padded
-        kp, np_ = rows_left * rp, cols_left * cp
+        kp, np_ = rows_big * rp, cols_big * cp
         return 2 * m * kp * np_, 2 * dp * kp * np_ * row_blocks
 
     epilogue = m * n_dim * ((1 if bias else 0) + (8 if activation else 0))
@@ -265,13 +306,13 @@ def mpo_linear_cost(
         + (m * n_dim if bias else 0)
         + 2 * factor_elems + 2 * core_elems
     )
-    out = dict(bond=d, padded=fwd_pad, factor_elems=factor_elems, flops_useful=useful, flops_precontract=pre_flops,
+    out = dict(bond=d, small_left=small_left, padded=fwd_pad, factor_elems=factor_elems, flops_useful=useful, flops_precontract=pre_flops,
                flops_epilogue=epilogue, flops_dense_fwd=useful, flops_dense_bwd=2 * useful,
                supported=fwd_pad is not None and bwd_pad is not None)
     if not out["supported"]:
         return dict(out, flops=math.inf, bytes=math.inf, flops_bwd=math.inf, bytes_bwd=math.inf)
-    gemm, rebuild = kernel_tensor_flops(fwd_pad, il, jl)
-    dx_gemm, dx_rebuild = kernel_tensor_flops(bwd_pad, jl, il)
+    gemm, rebuild = kernel_tensor_flops(fwd_pad, ib, jb)
+    dx_gemm, dx_rebuild = kernel_tensor_flops(bwd_pad, jb, ib)
     low_precision = dtype_bytes < 4
     bwd_tensor = dx_gemm + dx_rebuild + useful + 4 * d * k_dim * n_dim + (2 * pre_flops if low_precision else 0)
     bwd_flops = dx_gemm + dx_rebuild + useful + 4 * d * k_dim * n_dim + 2 * pre_flops \
@@ -294,22 +335,23 @@ def mpo_linear_cost(
 @torch.library.custom_op("mpo_core::mpo_kron_linear", mutates_args=())
 def _kron_linear_op(
     x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, bias: Optional[torch.Tensor],
-    activation: str, store_pre: bool,
+    activation: str, store_pre: bool, small_left: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from mpo_core.kernels.mpo_matmul import mpo_matmul
 
-    return mpo_matmul(x, left, right, bias, activation, store_pre)
+    return mpo_matmul(x, left, right, bias, activation, store_pre, small_left)
 
 
 @_kron_linear_op.register_fake
-def _(x, left, right, bias, activation, store_pre):
+def _(x, left, right, bias, activation, store_pre, small_left):
     n = left.shape[2] * right.shape[2]
     y = x.new_empty((x.shape[0], n))
     return y, x.new_empty((x.shape[0], n) if store_pre else (0,))
 
 
 def _setup_context(ctx, inputs, output):
-    x, left, right, bias, activation, store_pre = inputs
+    x, left, right, bias, activation, store_pre, small_left = inputs
+    ctx.small_left = small_left
     ctx.activation = activation
     ctx.store_pre = store_pre
     ctx.has_bias = bias is not None
@@ -321,7 +363,7 @@ def _backward(ctx, grad_y, grad_pre):
     g = grad_y
     if ctx.activation != "none":
         if not ctx.store_pre:  # the caller chose not to keep it: recompute (one extra forward GEMM)
-            pre = _kron_linear_op(x, left, right, bias, "none", False)[0]
+            pre = _kron_linear_op(x, left, right, bias, "none", False, ctx.small_left)[0]
         approximate = "tanh" if ctx.activation == "gelu_tanh" else "none"
         g = torch.ops.aten.gelu_backward(grad_y, pre, approximate=approximate)
     if ctx.store_pre and grad_pre is not None:
@@ -329,7 +371,7 @@ def _backward(ctx, grad_y, grad_pre):
     need_x, need_left, need_right, need_bias = ctx.needs_input_grad[:4]
     dx = dleft = dright = dbias = None
     if need_x:
-        dx = _kron_linear_op(g, left.transpose(1, 2), right.transpose(1, 2), None, "none", False)[0]
+        dx = _kron_linear_op(g, left.transpose(1, 2), right.transpose(1, 2), None, "none", False, ctx.small_left)[0]
     if need_left or need_right:
         _, il, jl = left.shape
         _, ir, jr = right.shape
@@ -340,7 +382,7 @@ def _backward(ctx, grad_y, grad_pre):
             dright = torch.einsum("aibj,sab->sij", dw, left)
     if need_bias and ctx.has_bias:
         dbias = g.sum(0)
-    return dx, dleft, dright, dbias, None, None
+    return dx, dleft, dright, dbias, None, None, None
 
 
 _kron_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -422,33 +464,33 @@ def mpo_linear(
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     cores, in_shape, out_shape = _validate(x, cores, bias, activation)
+    ranks = [1] + [int(c.shape[3]) for c in cores]
     if backend is None:
-        backend = "triton" if x.dtype in _KERNEL_DTYPES and _cuda_triton_ok(x) and _kernel_fits(cores) else "torch"
+        backend = "triton" if x.dtype in _KERNEL_DTYPES and _cuda_triton_ok(x) else "torch"
+        if backend == "triton" and choose_split(in_shape, out_shape, ranks) is None:
+            backend = "torch"
     if backend == "torch":
         return mpo_linear_reference(x, cores, bias, activation)
     if x.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"x: backend='triton' takes float32, float16 or bfloat16, got {x.dtype}")
     _check_triton_forced(x)
-    if not _kernel_fits(cores):
+    small_left = choose_split(in_shape, out_shape, ranks)
+    if small_left is None:
         raise ValueError(
-            f"cores: backend='triton' needs a last core (d, i_n, j_n) = {tuple(cores[-1].shape[:3])} whose padded "
-            "size fits the kernel (mpo_core.kernels.mpo_matmul.padded_right_shape, both ways); use backend='torch'"
+            f"cores: backend='triton' needs an end core (d, i, j) whose padded size fits the kernel "
+            f"(mpo_core.kernels.mpo_matmul.padded_small_shape, both ways); first {tuple(cores[0].shape[1:])}, "
+            f"last {tuple(cores[-1].shape[:3])}; use backend='torch'"
         )
-    # left: cores[:n-1] pre-contracted in the compute dtype (tensor cores, fp32 accumulation), as
-    # the dense path's rebuild of W would be.
-    left = _contract(cores[:-1])[0].permute(2, 0, 1)
-    right = cores[-1][..., 0]
+    # The big factor is pre-contracted in the compute dtype (tensor cores, fp32 accumulation),
+    # as the dense path's rebuild of W would be.
+    if small_left:
+        left, right = cores[0][0].permute(2, 0, 1), _contract(cores[1:])[..., 0]
+    else:
+        left, right = _contract(cores[:-1])[0].permute(2, 0, 1), cores[-1][..., 0]
     x2d = x.reshape(-1, x.shape[-1])
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or any(c.requires_grad for c in cores) or (bias is not None and bias.requires_grad)
     )
-    y, _ = _kron_linear_op(x2d, left, right, bias, activation or "none", activation is not None and needs_grad)
+    y, _ = _kron_linear_op(x2d, left, right, bias, activation or "none", activation is not None and needs_grad,
+                           small_left)
     return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def _kernel_fits(cores: Sequence[torch.Tensor]) -> bool:
-    """Whether the kernel takes the last core, forward and transposed (for ``dx``)."""
-    from mpo_core.kernels.mpo_matmul import padded_right_shape
-
-    d, i, j = cores[-1].shape[:3]
-    return padded_right_shape(d, i, j) is not None and padded_right_shape(d, j, i) is not None
