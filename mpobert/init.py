@@ -54,15 +54,11 @@ def depth_scale(layer: int, config: MPOBertConfig) -> float:
     return (2.0 * config.num_layers) ** -0.25 if layer >= config.depth_scaling_after else 1.0
 
 
-def _ranks(linear: nn.Module) -> list[int]:
-    return [c.shape[0] for c in linear.cores] + [1]
-
-
 def _xavier_auxiliaries(model: nn.Module, layer: int, name: str, generator: torch.Generator | None = None) -> None:
     """Xavier-initialize layer ``layer``'s auxiliary cores of matrix ``name``, depth-scaled."""
     cfg = model.config
     lin = model.encoder.layers[layer].mpo[name]
-    std = xavier_core_std(lin.in_features, lin.out_features, _ranks(lin)) * depth_scale(layer, cfg)
+    std = xavier_core_std(lin.in_features, lin.out_features, lin.ranks) * depth_scale(layer, cfg)
     for k, core in enumerate(lin.cores):
         if k != lin.central_index:
             core.normal_(0.0, std, generator=generator)
@@ -91,7 +87,7 @@ def init_model(model: nn.Module) -> None:
     for group in model.encoder.groups:
         for name, central in group.central.items():
             lin = first.mpo[name]
-            central.normal_(0.0, xavier_core_std(lin.in_features, lin.out_features, _ranks(lin)))
+            central.normal_(0.0, xavier_core_std(lin.in_features, lin.out_features, lin.ranks))
         for weight in group.dense.values():
             nn.init.xavier_normal_(weight)
         for bias in group.bias.values():
