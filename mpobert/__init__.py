@@ -10,6 +10,7 @@ Public API::
 """
 from mpobert.config import MATRICES, MPOBertConfig
 from mpobert.heads import (
+    IGNORE_INDEX,
     MPOBertForPreTraining,
     MPOBertForQuestionAnswering,
     MPOBertForSequenceClassification,
@@ -21,7 +22,7 @@ from mpobert.model import MPOBertModel, MPOBertModelOutput, MPOBertPreTrainedMod
 from mpobert.params import ParameterReport, count_parameters
 
 __all__ = [
-    "MATRICES", "MPOBertConfig", "MPOBertModel", "MPOBertModelOutput", "MPOBertPreTrainedModel",
+    "IGNORE_INDEX", "MATRICES", "MPOBertConfig", "MPOBertModel", "MPOBertModelOutput", "MPOBertPreTrainedModel",
     "MPOBertForPreTraining", "MPOBertForSequenceClassification", "MPOBertForQuestionAnswering",
     "PreTrainingOutput", "SequenceClassifierOutput", "QuestionAnsweringOutput",
     "ParameterReport", "count_parameters",
