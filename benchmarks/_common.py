@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import time
 from typing import Any, Callable, Sequence
 
 import torch
+
+from mpo_core.io import atomic_write
 
 
 def device_description(device: torch.device | str) -> str:
@@ -60,8 +61,4 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
         },
         **payload,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=2, default=str)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(payload, indent=2, default=str).encode())

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Any, Sequence
 
 import torch
 
+from mpo_core.io import atomic_torch_save
 from mpo_core.truncation import BondSpec, bond_limits, split_threshold, truncated_svd_split
 
 __all__ = ["MPO"]
@@ -277,19 +277,7 @@ class MPO:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write this MPO to ``path`` atomically (temporary file, then rename)."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".mpo-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(self.state(), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_torch_save(self.state(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device | None = None) -> "MPO":
