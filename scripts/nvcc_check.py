@@ -87,6 +87,35 @@ def find_nvcc(explicit: str | None = None) -> str | None:
     return None
 
 
+def cuda_include_dirs(nvcc: str) -> list[str]:
+    """The include directories nvcc itself uses (from ``nvcc --dryrun``), for host compilers.
+
+    Parameters
+    ----------
+    nvcc : str
+        The nvcc executable (wrapper scripts are fine: nvcc reports its real paths).
+
+    Returns
+    -------
+    list of str
+        Existing directories, ``-I`` ones first, then ``-isystem`` ones.
+    """
+    with tempfile.TemporaryDirectory(prefix="nvcc_inc_") as tmp:
+        src = Path(tmp) / "empty.cu"
+        src.write_text("")
+        out = subprocess.run([nvcc, "--dryrun", "-c", str(src), "-o", str(Path(tmp) / "empty.o")],
+                             capture_output=True, text=True, check=False)
+    dirs: list[str] = []
+    for line in (out.stdout + out.stderr).splitlines():
+        if m := re.match(r'#\$ (?:SYSTEM_)?INCLUDES=(.*)', line.strip()):
+            for tok in re.findall(r'"([^"]*)"|(\S+)', m.group(1)):
+                path = (tok[0] or tok[1]).strip('"')
+                path = path[2:] if path.startswith("-I") else path
+                if path and path != "-isystem" and Path(path).is_dir():
+                    dirs.append(str(Path(path).resolve()))
+    return list(dict.fromkeys(dirs))
+
+
 def parse_ptxas(text: str) -> list[Kernel]:
     """Parse ``-Xptxas -v`` output into one :class:`Kernel` per function it reports.
 
