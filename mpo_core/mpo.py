@@ -19,7 +19,7 @@ import torch
 from mpo_core.io import atomic_torch_save
 from mpo_core.truncation import BondSpec, bond_limits, split_threshold, truncated_svd_split
 
-__all__ = ["MPO"]
+__all__ = ["MPO", "validate_cores"]
 
 _FORMAT = "mpo_core.MPO"
 _VERSION = 1
@@ -60,7 +60,7 @@ class MPO:
         spectra: Sequence[torch.Tensor] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        self.cores = _validate_cores(cores)
+        self.cores = validate_cores(cores)
         n = len(self.cores)
         shapes = (tuple(c.shape[1] for c in self.cores), tuple(c.shape[2] for c in self.cores))
         for name, given, actual in (("in_shape", in_shape, shapes[0]), ("out_shape", out_shape, shapes[1])):
@@ -307,9 +307,15 @@ def _check_index(value: int, n: int, name: str) -> int:
     return value
 
 
-def _validate_cores(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def validate_cores(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Check that ``cores`` form an MPO chain and return them as a list.
+
+    Every core must be a 4-D floating tensor ``(d_left, in, out, d_right)`` with no empty
+    dimension, all of one dtype (else ``TypeError``) and on one device (else ``ValueError``);
+    adjacent bonds must agree and the two boundary bonds must be 1 (``ValueError``).
+    """
     if isinstance(cores, torch.Tensor) or not isinstance(cores, Sequence):
-        raise TypeError("cores must be a list of 4-D tensors")
+        raise TypeError(f"cores must be a list of 4-D tensors, got {type(cores).__name__}")
     cores = list(cores)
     if not cores:
         raise ValueError("cores must not be empty")
@@ -318,15 +324,18 @@ def _validate_cores(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             raise TypeError(f"cores[{k}] must be a torch.Tensor, got {type(core).__name__}")
         if core.dim() != 4:
             raise ValueError(f"cores[{k}] must be 4-D (d_left, in, out, d_right), got shape {tuple(core.shape)}")
+        if min(core.shape) < 1:
+            raise ValueError(f"cores[{k}] has an empty dimension: shape {tuple(core.shape)}")
         if not core.is_floating_point():
             raise TypeError(f"cores[{k}] must have a floating dtype, got {core.dtype}")
-        if core.dtype != cores[0].dtype or core.device != cores[0].device:
-            raise ValueError(
-                f"cores[{k}] is {core.dtype} on {core.device}, but cores[0] is {cores[0].dtype} on {cores[0].device}"
-            )
+        if core.dtype != cores[0].dtype:
+            raise TypeError(f"cores[{k}] is {core.dtype}, but cores[0] is {cores[0].dtype}")
+        if core.device != cores[0].device:
+            raise ValueError(f"cores[{k}] is on {core.device}, but cores[0] is on {cores[0].device}")
         if k > 0 and core.shape[0] != cores[k - 1].shape[3]:
             raise ValueError(
-                f"bond mismatch: cores[{k - 1}] ends with {cores[k - 1].shape[3]}, cores[{k}] starts with {core.shape[0]}"
+                f"cores do not chain: cores[{k - 1}] has right bond {cores[k - 1].shape[3]} "
+                f"but cores[{k}] has left bond {core.shape[0]}"
             )
     if cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
         raise ValueError(

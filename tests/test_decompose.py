@@ -334,14 +334,16 @@ def test_svd_fallback_when_torch_fails(monkeypatch):
 def test_mpo_constructor_validation():
     ok = [torch.zeros(1, 2, 2, 3), torch.zeros(3, 2, 2, 1)]
     MPO(ok)
-    with pytest.raises(ValueError, match="bond mismatch"):
+    with pytest.raises(ValueError, match=r"cores do not chain: cores\[0\] has right bond 3 but cores\[1\] has left bond 2"):
         MPO([torch.zeros(1, 2, 2, 3), torch.zeros(2, 2, 2, 1)])
     with pytest.raises(ValueError, match="boundary bonds must be 1"):
         MPO([torch.zeros(2, 2, 2, 1)])
     with pytest.raises(ValueError, match="must be 4-D"):
         MPO([torch.zeros(1, 2, 2)])
-    with pytest.raises(ValueError, match="float32"):
+    with pytest.raises(TypeError, match=r"cores\[1\] is torch.float64, but cores\[0\] is torch.float32"):
         MPO([torch.zeros(1, 2, 2, 3), torch.zeros(3, 2, 2, 1, dtype=torch.float64)])
+    with pytest.raises(ValueError, match="empty dimension"):
+        MPO([torch.zeros(1, 0, 2, 1)])
     with pytest.raises(TypeError, match="floating dtype"):
         MPO([torch.zeros(1, 2, 2, 1, dtype=torch.int64)])
     with pytest.raises(ValueError, match="does not match"):
@@ -380,7 +382,7 @@ def test_load_rejects_corrupt_and_foreign_files(tmp_path):
     state = mpo.state()
     state["cores"][1] = torch.zeros(3, 2, 2, 1, dtype=torch.float64)
     torch.save(state, foreign)
-    with pytest.raises(ValueError, match="bond mismatch"):
+    with pytest.raises(ValueError, match="cores do not chain"):
         MPO.load(foreign)
     state = mpo.state()
     state["version"] = 99

@@ -311,7 +311,7 @@ def test_bad_input(fn):
         fn(x, [cores[0], cores[1][:, :, :, :2], cores[2]], b)
     with pytest.raises(ValueError, match=r"x: last dim must equal prod\(in_shape\)=30"):
         fn(torch.randn(4, 29), cores, b)
-    with pytest.raises(TypeError, match=r"cores\[1\]: dtype torch.float64 does not match x.dtype"):
+    with pytest.raises(TypeError, match=r"cores\[1\] is torch.float64, but cores\[0\] is torch.float32"):
         fn(x, [cores[0], cores[1].double(), cores[2]], b)
     with pytest.raises(TypeError, match="bias: dtype torch.float16"):
         fn(x, cores, b.half())
@@ -327,9 +327,9 @@ def test_bad_input(fn):
         fn(x, [torch.randn(2, 3, 2, 3), *cores[1:]], b)
     with pytest.raises(ValueError, match="at least 2 cores"):
         fn(torch.randn(4, 3), [torch.randn(1, 3, 2, 1)], None)
-    with pytest.raises(ValueError, match=r"cores\[0\]: expected shape \(d_left, in, out, d_right\)"):
+    with pytest.raises(ValueError, match=r"cores\[0\] must be 4-D \(d_left, in, out, d_right\)"):
         fn(x, [cores[0][0], *cores[1:]], b)
-    with pytest.raises(TypeError, match="cores: expected a sequence"):
+    with pytest.raises(TypeError, match="cores must be a list of 4-D tensors"):
         fn(x, torch.randn(1, 30, 24, 1), b)
     with pytest.raises(ValueError, match="activation: expected one of"):
         fn(x, cores, b, "relu")

@@ -30,7 +30,7 @@ from mpo_core.contract import fused as _fused
 from mpo_core.contract.dense import rebuild
 from mpo_core.contract.plan import STRATEGIES, Candidate, Plan, make_plan, token_bucket
 from mpo_core.contract.sequential import check_order, named_orders, run_sequential
-from mpo_core.mpo import MPO
+from mpo_core.mpo import MPO, validate_cores
 
 __all__ = ["contract", "explain", "dense_weight", "Plan", "Candidate", "clear_plan_cache", "ACTIVATIONS"]
 
@@ -42,20 +42,7 @@ def _cores_of(mpo_or_cores: MPO | Sequence[torch.Tensor]) -> list[torch.Tensor]:
     cores = mpo_or_cores.cores if isinstance(mpo_or_cores, MPO) else mpo_or_cores
     if isinstance(cores, torch.Tensor) or not isinstance(cores, Sequence) or len(cores) == 0:
         raise TypeError(f"mpo_or_cores must be an MPO or a non-empty list of 4-D tensors, got {type(mpo_or_cores).__name__}")
-    cores = list(cores)
-    for k, core in enumerate(cores):
-        if not isinstance(core, torch.Tensor):
-            raise TypeError(f"cores[{k}] must be a torch.Tensor, got {type(core).__name__}")
-        if core.dim() != 4:
-            raise ValueError(f"cores[{k}] must be 4-D (d_left, in, out, d_right), got shape {tuple(core.shape)}")
-        left = 1 if k == 0 else cores[k - 1].shape[3]
-        if core.shape[0] != left:
-            raise ValueError(f"cores[{k}] has left bond {core.shape[0]}, expected {left}")
-        if core.dtype != cores[0].dtype or core.device != cores[0].device:
-            raise TypeError(f"cores[{k}] is {core.dtype} on {core.device}, cores[0] is {cores[0].dtype} on {cores[0].device}")
-    if cores[-1].shape[3] != 1:
-        raise ValueError(f"the last core must have right bond 1, got {cores[-1].shape[3]}")
-    return cores
+    return validate_cores(cores)
 
 
 def _compute_dtype(tensor_dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, bool]:

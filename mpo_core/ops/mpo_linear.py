@@ -50,6 +50,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from mpo_core.mpo import validate_cores
+
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
 BACKENDS = (None, "torch", "triton")
 #: dtypes the reference accepts; the kernel takes the first three (fp32 accumulation).
@@ -69,32 +71,13 @@ def _validate(
         raise TypeError(f"x: expected dtype float32, float16, bfloat16 or float64, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("x: expected shape (..., prod(in_shape)), got a 0-d tensor")
-    if isinstance(cores, torch.Tensor) or not isinstance(cores, Sequence):
-        raise TypeError(f"cores: expected a sequence of 4-d tensors, got {type(cores).__name__}")
-    cores = list(cores)
+    cores = validate_cores(cores)
     if len(cores) < 2:
         raise ValueError(f"cores: expected at least 2 cores (a 1-core MPO is a dense matrix), got {len(cores)}")
-    for k, c in enumerate(cores):
-        if not isinstance(c, torch.Tensor):
-            raise TypeError(f"cores[{k}]: expected a torch.Tensor, got {type(c).__name__}")
-        if c.dim() != 4:
-            raise ValueError(f"cores[{k}]: expected shape (d_left, in, out, d_right), got {tuple(c.shape)}")
-        if min(c.shape) < 1:
-            raise ValueError(f"cores[{k}]: every dimension must be >= 1, got {tuple(c.shape)}")
-        if c.dtype != x.dtype:
-            raise TypeError(f"cores[{k}]: dtype {c.dtype} does not match x.dtype {x.dtype}")
-        if c.device != x.device:
-            raise ValueError(f"cores[{k}]: device {c.device} does not match x.device {x.device}")
-    if cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
-        raise ValueError(
-            f"cores: boundary bonds must be 1, got d_0={cores[0].shape[0]} and d_n={cores[-1].shape[3]}"
-        )
-    for k in range(len(cores) - 1):
-        if cores[k].shape[3] != cores[k + 1].shape[0]:
-            raise ValueError(
-                f"cores: cores do not chain: cores[{k}] has right bond {cores[k].shape[3]} "
-                f"but cores[{k + 1}] has left bond {cores[k + 1].shape[0]}"
-            )
+    if cores[0].dtype != x.dtype:
+        raise TypeError(f"cores: dtype {cores[0].dtype} does not match x.dtype {x.dtype}")
+    if cores[0].device != x.device:
+        raise ValueError(f"cores: device {cores[0].device} does not match x.device {x.device}")
     in_shape = tuple(int(c.shape[1]) for c in cores)
     out_shape = tuple(int(c.shape[2]) for c in cores)
     if x.shape[-1] != math.prod(in_shape):
