@@ -11,10 +11,11 @@ import operator
 from functools import lru_cache
 from typing import Sequence
 
-__all__ = ["factorize", "resolve_shapes", "placement_order"]
+__all__ = ["check_int", "factorize", "placement_order", "resolve_shapes"]
 
 
-def _check_positive_int(value: object, name: str, minimum: int = 1) -> int:
+def check_int(value: object, name: str, minimum: int = 1) -> int:
+    """Return ``value`` as an int >= ``minimum``; ``TypeError`` for non-ints (bools included), else ``ValueError``."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got bool")
     try:
@@ -87,9 +88,9 @@ def factorize(dim: int, n: int, min_factor: int = 2) -> tuple[int, ...]:
     >>> factorize(768, 5), factorize(3072, 5), factorize(4096, 5)
     ((4, 4, 4, 4, 3), (4, 4, 8, 6, 4), (4, 4, 8, 8, 4))
     """
-    _check_positive_int(dim, "dim")
-    _check_positive_int(n, "n")
-    _check_positive_int(min_factor, "min_factor")
+    check_int(dim, "dim")
+    check_int(n, "n")
+    check_int(min_factor, "min_factor")
     best: tuple[float, int, tuple[int, ...]] | None = None
     mean_log = math.log(dim) / n
     for factors in _factor_multisets(dim, n, min_factor, min_factor):
@@ -113,7 +114,7 @@ def _as_shape(shape: Sequence[int], name: str) -> tuple[int, ...]:
         raise TypeError(f"{name} must be a sequence of ints, got {type(shape).__name__}")
     if len(shape) == 0:
         raise ValueError(f"{name} must have at least one mode")
-    return tuple(_check_positive_int(s, f"{name}[{k}]") for k, s in enumerate(shape))
+    return tuple(check_int(s, f"{name}[{k}]") for k, s in enumerate(shape))
 
 
 def resolve_shapes(
@@ -130,7 +131,7 @@ def resolve_shapes(
     plus ``n`` must agree in length. A missing shape is factorized with the other's length.
     """
     if n is not None:
-        _check_positive_int(n, "n")
+        check_int(n, "n")
     shapes = {}
     for name, shape, dim in (("in_shape", in_shape, rows), ("out_shape", out_shape, cols)):
         if shape is None:

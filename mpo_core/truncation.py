@@ -7,12 +7,13 @@ discards singular values of norm at most ``δ = ε ||W||_F / sqrt(n - 1)``, the 
 from __future__ import annotations
 
 import math
-import operator
 from typing import Sequence, Union
 
 import numpy as np
 import scipy.linalg
 import torch
+
+from mpo_core.shapes import check_int
 
 __all__ = ["BondSpec", "bond_limits", "split_threshold", "robust_svd", "truncated_svd_split"]
 
@@ -39,18 +40,8 @@ def bond_limits(max_bond: BondSpec, n: int) -> list[int | None]:
             raise ValueError(f"max_bond list must have n-1={n - 1} (or n+1={n + 1}) entries, got {len(values)}")
     else:
         values = [max_bond] * (n - 1)
-    out = []
-    for k, v in enumerate(values):
-        if isinstance(v, bool):
-            raise TypeError(f"max_bond[{k}] must be an int, got bool")
-        try:
-            v = operator.index(v)
-        except TypeError:
-            raise TypeError(f"max_bond[{k}] must be an int, got {type(v).__name__}") from None
-        if v < 1:
-            raise ValueError(f"max_bond must be >= 1, got {v} at bond {k + 1}")
-        out.append(v)
-    return out
+    per_bond = isinstance(max_bond, (Sequence, torch.Tensor))
+    return [check_int(v, f"max_bond[{k}]" if per_bond else "max_bond", minimum=1) for k, v in enumerate(values)]
 
 
 def check_rel_tol(rel_tol: float | None) -> float | None:

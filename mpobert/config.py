@@ -5,11 +5,11 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from mpo_core import factorize
+from mpo_core.io import atomic_write
 
 __all__ = ["MPOBertConfig", "MATRICES", "DEFAULT_SHAPES"]
 
@@ -267,19 +267,3 @@ class MPOBertConfig:
                     intermediate_size=64, max_position_embeddings=64, mpo_n=5, num_groups=1, adapter_rank=2,
                     layer_norm_eps=1e-12)
         return cls(**{**base, **overrides})
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
