@@ -14,7 +14,7 @@
 #include <omp.h>
 
 #include <cmath>
-#include <vector>
+#include <utility>
 
 namespace mpo_core {
 namespace {
@@ -26,110 +26,123 @@ int threads_for(int64_t elements) {
   return elements >= kParallelMinElements ? std::max(1, at::get_num_threads()) : 1;
 }
 
+// The row kernels are compiled for baseline x86-64 and, where GCC can dispatch at load time,
+// for AVX2+FMA (x86-64-v3) and AVX-512 (x86-64-v4); the best one the CPU supports is picked once.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MPO_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define MPO_CPU_CLONES
+#endif
+
+// One row: h = x + r (rounded to T; skipped when r == nullptr), two-pass mean / variance of h,
+// y = (h - mean) * rstd [* w] [+ b]. Returns {mean, rstd}.
+template <typename T, typename Acc>
+MPO_CPU_CLONES std::pair<Acc, Acc> forward_row(const T* xr, const T* rr, const Acc* w, const Acc* b,
+                                               T* yr, T* hw, int64_t n, Acc eps) {
+  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
+  const T* hr = xr;  // h = x when there is no residual
+  Acc sum = 0;
+  if (rr != nullptr) {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) {
+      const T v = static_cast<T>(static_cast<Acc>(xr[j]) + static_cast<Acc>(rr[j]));
+      hw[j] = v;
+      sum += static_cast<Acc>(v);
+    }
+    hr = hw;
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) sum += static_cast<Acc>(xr[j]);
+  }
+  const Acc mu = sum * inv_n;
+  Acc sq = 0;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t j = 0; j < n; ++j) {
+    const Acc d = static_cast<Acc>(hr[j]) - mu;
+    sq += d * d;
+  }
+  const Acc rs = Acc(1) / std::sqrt(sq * inv_n + eps);
+  if (w != nullptr && b != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j)
+      yr[j] = static_cast<T>((static_cast<Acc>(hr[j]) - mu) * rs * w[j] + b[j]);
+  } else if (w != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) yr[j] = static_cast<T>((static_cast<Acc>(hr[j]) - mu) * rs * w[j]);
+  } else if (b != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) yr[j] = static_cast<T>((static_cast<Acc>(hr[j]) - mu) * rs + b[j]);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) yr[j] = static_cast<T>((static_cast<Acc>(hr[j]) - mu) * rs);
+  }
+  return {mu, rs};
+}
+
 template <typename T, typename Acc>
 void forward_rows(const T* x, const T* r, const Acc* w, const Acc* b, T* y, T* h, Acc* mean_out,
                   Acc* rstd_out, int64_t rows, int64_t n, Acc eps) {
-  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
 #pragma omp parallel for schedule(static) num_threads(threads_for(rows * n))
   for (int64_t row = 0; row < rows; ++row) {
-    const T* xr = x + row * n;
-    T* yr = y + row * n;
-    const T* hr = xr;  // h = x when there is no residual
-    Acc sum = 0;
-    if (r != nullptr) {
-      const T* rr = r + row * n;
-      T* hw = h + row * n;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) {
-        const T v = static_cast<T>(static_cast<Acc>(xr[j]) + static_cast<Acc>(rr[j]));
-        hw[j] = v;
-        sum += static_cast<Acc>(v);
-      }
-      hr = hw;
-    } else {
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) sum += static_cast<Acc>(xr[j]);
-    }
-    const Acc mu = sum * inv_n;
-    Acc sq = 0;
-#pragma omp simd reduction(+ : sq)
-    for (int64_t j = 0; j < n; ++j) {
-      const Acc d = static_cast<Acc>(hr[j]) - mu;
-      sq += d * d;
-    }
-    const Acc rs = Acc(1) / std::sqrt(sq * inv_n + eps);
+    const auto [mu, rs] = forward_row<T, Acc>(x + row * n, r != nullptr ? r + row * n : nullptr, w, b,
+                                              y + row * n, r != nullptr ? h + row * n : nullptr, n, eps);
     mean_out[row] = mu;
     rstd_out[row] = rs;
-    if (w != nullptr && b != nullptr) {
+  }
+}
+
+// One row of dh = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w, xhat = (h - mean) * rstd;
+// with w, also dw += dy * xhat and db += dy (this thread's partial rows).
+template <typename T, typename Acc>
+MPO_CPU_CLONES void backward_row(const T* dyr, const T* hr, const Acc* w, Acc mu, Acc rs, T* dhr, Acc* dw,
+                                 Acc* db, int64_t n) {
+  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
+  Acc sum_g = 0, sum_gx = 0;
+  if (w != nullptr) {
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+    for (int64_t j = 0; j < n; ++j) {
+      const Acc d = static_cast<Acc>(dyr[j]);
+      const Acc xhat = (static_cast<Acc>(hr[j]) - mu) * rs;
+      const Acc g = d * w[j];
+      sum_g += g;
+      sum_gx += g * xhat;
+      dw[j] += d * xhat;
+      db[j] += d;
+    }
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j)
-        yr[j] = static_cast<T>((static_cast<Acc>(hr[j]) - mu) * rs * w[j] + b[j]);
-    } else if (w != nullptr) {
+    for (int64_t j = 0; j < n; ++j) {
+      const Acc xhat = (static_cast<Acc>(hr[j]) - mu) * rs;
+      const Acc g = static_cast<Acc>(dyr[j]) * w[j];
+      dhr[j] = static_cast<T>(rs * (g - (sum_g + xhat * sum_gx) * inv_n));
+    }
+  } else {
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+    for (int64_t j = 0; j < n; ++j) {
+      const Acc g = static_cast<Acc>(dyr[j]);
+      sum_g += g;
+      sum_gx += g * (static_cast<Acc>(hr[j]) - mu) * rs;
+    }
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j)
-        yr[j] = static_cast<T>((static_cast<Acc>(hr[j]) - mu) * rs * w[j]);
-    } else if (b != nullptr) {
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j)
-        yr[j] = static_cast<T>((static_cast<Acc>(hr[j]) - mu) * rs + b[j]);
-    } else {
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) yr[j] = static_cast<T>((static_cast<Acc>(hr[j]) - mu) * rs);
+    for (int64_t j = 0; j < n; ++j) {
+      const Acc xhat = (static_cast<Acc>(hr[j]) - mu) * rs;
+      dhr[j] = static_cast<T>(rs * (static_cast<Acc>(dyr[j]) - (sum_g + xhat * sum_gx) * inv_n));
     }
   }
 }
 
-// dh = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w, xhat = (h - mean) * rstd.
-// With w: dw = sum_rows dy * xhat and db = sum_rows dy, accumulated in one partial row per
-// thread (dw_part / db_part: threads x n) and reduced afterwards, so there are no races.
+// dw_part / db_part: nthreads x n, zero-initialized; each thread accumulates into its own row
+// and they are reduced afterwards, so there are no races.
 template <typename T, typename Acc>
 void backward_rows(const T* dy, const T* h, const Acc* w, const Acc* mean, const Acc* rstd, T* dh,
                    Acc* dw_part, Acc* db_part, int nthreads, int64_t rows, int64_t n) {
-  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = omp_get_thread_num();
     Acc* dw = w != nullptr ? dw_part + tid * n : nullptr;
     Acc* db = w != nullptr ? db_part + tid * n : nullptr;
 #pragma omp for schedule(static)
-    for (int64_t row = 0; row < rows; ++row) {
-      const T* dyr = dy + row * n;
-      const T* hr = h + row * n;
-      T* dhr = dh + row * n;
-      const Acc mu = mean[row];
-      const Acc rs = rstd[row];
-      Acc sum_g = 0, sum_gx = 0;
-      if (w != nullptr) {
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-        for (int64_t j = 0; j < n; ++j) {
-          const Acc d = static_cast<Acc>(dyr[j]);
-          const Acc xhat = (static_cast<Acc>(hr[j]) - mu) * rs;
-          const Acc g = d * w[j];
-          sum_g += g;
-          sum_gx += g * xhat;
-          dw[j] += d * xhat;
-          db[j] += d;
-        }
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) {
-          const Acc xhat = (static_cast<Acc>(hr[j]) - mu) * rs;
-          const Acc g = static_cast<Acc>(dyr[j]) * w[j];
-          dhr[j] = static_cast<T>(rs * (g - (sum_g + xhat * sum_gx) * inv_n));
-        }
-      } else {
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-        for (int64_t j = 0; j < n; ++j) {
-          const Acc g = static_cast<Acc>(dyr[j]);
-          sum_g += g;
-          sum_gx += g * (static_cast<Acc>(hr[j]) - mu) * rs;
-        }
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) {
-          const Acc xhat = (static_cast<Acc>(hr[j]) - mu) * rs;
-          dhr[j] = static_cast<T>(rs * (static_cast<Acc>(dyr[j]) - (sum_g + xhat * sum_gx) * inv_n));
-        }
-      }
-    }
+    for (int64_t row = 0; row < rows; ++row)
+      backward_row<T, Acc>(dy + row * n, h + row * n, w, mean[row], rstd[row], dh + row * n, dw, db, n);
   }
 }
 
