@@ -245,9 +245,10 @@ def _finetune_squad(args, tok, encoder, cfg, data_dirs, out, rank, world) -> dic
         raise ValueError("--data-dir is required for squad (a directory with train-v1.1.json and dev-v1.1.json)")
     train_ex = read_squad(Path(data_dirs[0]) / "train-v1.1.json")
     dev_ex = read_squad(Path(data_dirs[0]) / "dev-v1.1.json")
+    query_len = min(64, args.max_seq_len // 2)
     train_f = [{k: f[k] for k in ("input_ids", "token_type_ids", "start_positions", "end_positions")}
-               for f in squad_features(train_ex, tok, args.max_seq_len, args.doc_stride)]
-    dev_f = squad_features(dev_ex, tok, args.max_seq_len, args.doc_stride)
+               for f in squad_features(train_ex, tok, args.max_seq_len, args.doc_stride, query_len)]
+    dev_f = squad_features(dev_ex, tok, args.max_seq_len, args.doc_stride, query_len)
     model = MPOBertForQuestionAnswering(cfg)
     model.mpobert.load_state_dict(encoder.state_dict())
     batches = ExampleBatches(train_f, args.batch_size, rank, world, seed=args.seed, pad_id=tok.pad_id)
@@ -457,23 +458,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_option(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv``, taking option defaults from ``--config`` when given (command line wins)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.config:
-        sub = parser._subparsers._group_actions[0].choices[args.command]  # the subcommand's parser
+    config = _config_option(argv)
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if config and argv and argv[0] in subs:
+        sub = subs[argv[0]]
         known = {a.dest for a in sub._actions}
-        values = {str(k).replace("-", "_"): v for k, v in load_config_file(args.config).items()}
+        values = {str(k).replace("-", "_"): v for k, v in load_config_file(config).items()}
         unknown = sorted(set(values) - known - {"config"})
         if unknown:
-            raise ValueError(f"--config {args.config!r}: unknown options for {args.command}: {unknown}")
+            raise ValueError(f"--config {config!r}: unknown options for {argv[0]}: {unknown}")
         sub.set_defaults(**values)
-        for action in sub._actions:  # options the file satisfies are no longer required
+        for action in sub._actions:  # options the file gives are no longer required on the command line
             if action.dest in values:
                 action.required = False
-        args = parser.parse_args(argv)
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
