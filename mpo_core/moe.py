@@ -1,0 +1,334 @@
+"""MPOE (Gao et al., COLING 2022): a feed-forward mixture of experts whose experts share MPO central tensors.
+
+Each expert is an FFN ``x -> GELU(x @ W_in(e) + b_in(e)) @ W_out(e) + b_out(e)`` whose two matrices are
+MPOs. For each matrix, the central core is one parameter shared by all ``E`` experts; every expert
+keeps its own auxiliary cores and biases. At full rank the central holds (almost) as many entries as
+the dense matrix, so ``E`` experts cost one dense FFN plus ``E`` small sets of auxiliaries, instead of
+``E`` dense FFNs (:meth:`MPOEFeedForward.parameter_report`).
+
+Routing is Switch/GShard style: a linear router, softmax probabilities, top-``k`` experts per token
+(gates renormalized over the chosen ``k`` when ``k > 1``, the raw probability for ``k = 1``),
+optionally a per-expert capacity ``ceil(capacity_factor * tokens * k / E)`` filled first-choice-first,
+token order within a choice (overflowing assignments are dropped: they add nothing, the caller's
+residual carries the token). The load-balancing loss is Switch's ``E * sum_e f_e P_e`` with ``f_e`` the
+fraction of the ``tokens * k`` assignments routed to ``e`` (before capacity) and ``P_e`` the mean
+router probability of ``e``: 1 for perfectly balanced routing, up to ``E`` when collapsed.
+
+The shared central receives the gradients of all experts, so an expert that gets most tokens
+dominates its updates. ``central_grad`` chooses the counter-measure (applied in training only):
+
+``"inverse_frequency"`` (default, our choice)
+    Expert ``e``'s contribution to the central's gradient is scaled by ``1 / (E f'_e)``, with ``f'_e``
+    the fraction of the kept assignments it processed in this batch: every active expert then
+    weighs as if routing were balanced (factors are 1 when it is). Auxiliaries, biases, the router
+    and the input gradient are untouched.
+``"bernoulli"``
+    Each entry of the central's gradient is dropped with probability ``mask_prob`` (a fresh mask per
+    forward, not rescaled), slowing the shared tensor's updates relative to the auxiliaries, in the
+    spirit of the MPOE paper's gradient mask (its exact rule may differ).
+``"none"``
+    Plain summed gradients.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from mpo_core.contract import contract
+from mpo_core.nn import MPOLinear, full_ranks
+from mpo_core.shapes import resolve_shapes
+
+__all__ = ["Routing", "route", "load_balancing_loss", "MoEOutput", "MPOEFeedForward"]
+
+CENTRAL_GRAD_MODES = ("inverse_frequency", "bernoulli", "none")
+
+
+class _GradMul(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``factor`` (a scalar or same-shape tensor)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(factor)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (factor,) = ctx.saved_tensors
+        return grad * factor.to(grad.dtype), None
+
+
+@dataclass
+class Routing:
+    """Top-``k`` routing of ``T`` tokens to ``E`` experts.
+
+    Attributes
+    ----------
+    probs : torch.Tensor
+        ``(T, E)`` router softmax (float32).
+    index : torch.Tensor
+        ``(T, k)`` chosen experts, best first.
+    gates : torch.Tensor
+        ``(T, k)`` combine weights (renormalized over the ``k`` chosen when ``k > 1``).
+    keep : torch.Tensor
+        ``(T, k)`` bool, False where an assignment overflowed its expert's capacity.
+    capacity : int or None
+        Per-expert capacity, ``None`` when unlimited.
+    """
+
+    probs: torch.Tensor
+    index: torch.Tensor
+    gates: torch.Tensor
+    keep: torch.Tensor
+    capacity: int | None
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs.shape[1]
+
+    def counts(self, kept_only: bool = False) -> torch.Tensor:
+        """``(E,)`` assignments per expert (all, or only those within capacity)."""
+        idx = self.index[self.keep] if kept_only else self.index.reshape(-1)
+        return torch.bincount(idx, minlength=self.num_experts)
+
+    @property
+    def dropped(self) -> int:
+        """Assignments dropped by the capacity limit."""
+        return int((~self.keep).sum())
+
+
+def route(logits: torch.Tensor, k: int = 1, capacity_factor: float | None = None) -> Routing:
+    """Top-``k`` routing from router ``logits`` of shape ``(T, E)``; see the module docstring."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating (tokens, experts) tensor, got {getattr(logits, 'shape', type(logits).__name__)}")
+    tokens, experts = logits.shape
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= experts:
+        raise ValueError(f"k must be an int in [1, {experts}], got {k!r}")
+    probs = torch.softmax(logits.float(), dim=-1)
+    top, index = probs.topk(k, dim=-1)
+    gates = top / top.sum(-1, keepdim=True) if k > 1 else top
+    capacity = None
+    keep = torch.ones_like(index, dtype=torch.bool)
+    if capacity_factor is not None:
+        if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be a float > 0 or None, got {capacity_factor!r}")
+        capacity = max(1, math.ceil(capacity_factor * tokens * k / experts))
+        order = index.T.reshape(-1)  # choice-major: every token's first choice before any second choice
+        onehot = torch.nn.functional.one_hot(order, experts)
+        position = (onehot.cumsum(0) * onehot).sum(-1) - 1  # place in its expert's queue
+        keep = (position < capacity).reshape(k, tokens).T
+    return Routing(probs, index, gates, keep, capacity)
+
+
+def load_balancing_loss(routing: Routing) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss ``E * sum_e f_e * P_e`` (1 when balanced, ``E`` when collapsed).
+
+    ``f_e`` is the fraction of all ``T * k`` assignments that chose expert ``e`` (not differentiable),
+    ``P_e`` the mean router probability of ``e`` (differentiable: the loss pushes probability away
+    from overloaded experts).
+    """
+    tokens, k = routing.index.shape
+    fractions = routing.counts().to(routing.probs.dtype) / (tokens * k)
+    return routing.num_experts * (fractions * routing.probs.mean(0)).sum()
+
+
+@dataclass
+class MoEOutput:
+    """``output`` (same shape as the input), the ``balance_loss`` to add (times a coefficient) to the
+    training loss, and the :class:`Routing`."""
+
+    output: torch.Tensor
+    balance_loss: torch.Tensor
+    routing: Routing
+
+
+class MPOEFeedForward(nn.Module):
+    """MPOE feed-forward layer: ``E`` MPO experts sharing the central core of each matrix.
+
+    Parameters
+    ----------
+    hidden_size, intermediate_size : int
+        ``x`` is ``(..., hidden_size)``; each expert maps it through ``intermediate_size``.
+    num_experts : int
+    top_k : int, default 1
+    n : int, optional
+        Cores per matrix (balanced factorization; odd so that a central core exists). Or give
+        ``hidden_shape`` and ``intermediate_shape``.
+    hidden_shape, intermediate_shape : sequence of int, optional
+        Mode sizes of the two dimensions.
+    max_bond : int, optional
+        Caps every bond (default: full rank).
+    capacity_factor : float, optional
+        Per-expert capacity factor (default: unlimited).
+    central_grad : {"inverse_frequency", "bernoulli", "none"}
+        How the shared centrals' gradients are balanced (module docstring).
+    mask_prob : float, default 0.5
+        Drop probability of the ``"bernoulli"`` mask.
+    strategy : str
+        Contraction strategy (:func:`mpo_core.contract.contract`).
+
+    Attributes
+    ----------
+    router : nn.Linear
+        ``hidden_size -> num_experts``, no bias.
+    experts_in, experts_out : nn.ModuleList of MPOLinear
+        Expert ``e``'s two matrices; ``experts_in[e].central is experts_in[0].central`` for all ``e``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int = 1,
+        n: int | None = 5,
+        hidden_shape: Sequence[int] | None = None,
+        intermediate_shape: Sequence[int] | None = None,
+        max_bond: int | None = None,
+        capacity_factor: float | None = None,
+        central_grad: str = "inverse_frequency",
+        mask_prob: float = 0.5,
+        strategy: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size), ("num_experts", num_experts)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        if central_grad not in CENTRAL_GRAD_MODES:
+            raise ValueError(f"central_grad must be one of {CENTRAL_GRAD_MODES}, got {central_grad!r}")
+        if not (isinstance(mask_prob, (int, float)) and 0.0 <= mask_prob < 1.0):
+            raise ValueError(f"mask_prob must be in [0, 1), got {mask_prob!r}")
+        if capacity_factor is not None:
+            route(torch.zeros(1, num_experts), top_k, capacity_factor)  # validates capacity_factor
+        h_shape, i_shape = resolve_shapes(hidden_size, intermediate_size, hidden_shape, intermediate_shape,
+                                          None if hidden_shape is not None else n)
+        if len(h_shape) % 2 == 0:
+            raise ValueError(f"the number of cores must be odd (a central core at n // 2), got {len(h_shape)}")
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
+        self.central_grad, self.mask_prob, self.strategy = central_grad, float(mask_prob), strategy
+        self.router = nn.Linear(hidden_size, num_experts, bias=False)
+        nn.init.normal_(self.router.weight, 0.0, 0.02)
+
+        def build(fan_in: int, fan_out: int, s_in, s_out) -> nn.ModuleList:
+            ranks = [min(r, max_bond) if max_bond else r for r in full_ranks(s_in, s_out)]
+            experts = nn.ModuleList(MPOLinear(fan_in, fan_out, s_in, s_out, ranks=ranks, strategy=strategy)
+                                    for _ in range(num_experts))
+            for layer in experts[1:]:
+                layer.share_core(layer.central_index, experts[0].central)
+            return experts
+
+        self.experts_in = build(hidden_size, intermediate_size, h_shape, i_shape)
+        self.experts_out = build(intermediate_size, hidden_size, i_shape, h_shape)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_mpo(cls, mpo_in: MPOLinear, mpo_out: MPOLinear, num_experts: int, top_k: int = 1,
+                 noise_std: float = 0.0, generator: torch.Generator | None = None, **kwargs) -> "MPOEFeedForward":
+        """Experts initialized from one MPO FFN (``mpo_in`` then GELU then ``mpo_out``), as MPOE does from a PLM.
+
+        Every expert gets the FFN's cores and biases; the central is shared. ``noise_std > 0`` adds
+        ``N(0, (noise_std * rms(core))^2)`` to each expert's auxiliaries to break the symmetry
+        between experts. ``kwargs`` go to the constructor (``capacity_factor``, ``central_grad``, ...).
+        """
+        for name, layer in (("mpo_in", mpo_in), ("mpo_out", mpo_out)):
+            if not isinstance(layer, MPOLinear) or layer.bias is None:
+                raise TypeError(f"{name} must be an MPOLinear with a bias")
+        if mpo_in.out_features != mpo_out.in_features or mpo_in.in_features != mpo_out.out_features:
+            raise ValueError(f"mpo_in ({mpo_in.in_features}->{mpo_in.out_features}) and mpo_out "
+                             f"({mpo_out.in_features}->{mpo_out.out_features}) do not form an FFN")
+        if mpo_in.in_shape != mpo_out.out_shape or mpo_in.out_shape != mpo_out.in_shape:
+            raise ValueError("mpo_in and mpo_out must use the same mode shapes (hidden and intermediate)")
+        layer = cls(mpo_in.in_features, mpo_in.out_features, num_experts, top_k,
+                    hidden_shape=mpo_in.in_shape, intermediate_shape=mpo_in.out_shape, **kwargs)
+        first = mpo_in.cores[0]
+        layer.to(device=first.device, dtype=first.dtype)
+        for experts, source in ((layer.experts_in, mpo_in), (layer.experts_out, mpo_out)):
+            if [tuple(c.shape) for c in experts[0].cores] != [tuple(c.shape) for c in source.cores]:
+                raise ValueError(f"source cores {[tuple(c.shape) for c in source.cores]} do not match the layer's "
+                                 f"{[tuple(c.shape) for c in experts[0].cores]} (max_bond?)")
+            with torch.no_grad():
+                for expert in experts:
+                    for k, (core, src) in enumerate(zip(expert.cores, source.cores)):
+                        core.copy_(src)
+                        if k != expert.central_index and noise_std > 0:
+                            rms = float(src.pow(2).mean().sqrt())
+                            core.add_(torch.randn(src.shape, generator=generator).to(core) * (noise_std * rms))
+                    expert.bias.copy_(source.bias)
+        return layer
+
+    @classmethod
+    def from_dense(cls, ffn_in: nn.Linear, ffn_out: nn.Linear, num_experts: int, top_k: int = 1, n: int = 5,
+                   noise_std: float = 0.0, generator: torch.Generator | None = None, **kwargs) -> "MPOEFeedForward":
+        """Decompose a dense FFN exactly (``n`` cores) and build experts from it (:meth:`from_mpo`)."""
+        mpo_in = MPOLinear.from_linear(ffn_in, n=n)
+        mpo_out = MPOLinear.from_linear(ffn_out, in_shape=mpo_in.out_shape, out_shape=mpo_in.in_shape)
+        return cls.from_mpo(mpo_in, mpo_out, num_experts, top_k, noise_std, generator, **kwargs)
+
+    # ------------------------------------------------------------------ forward
+    def _central_factors(self, routing: Routing) -> list[torch.Tensor | None]:
+        """Per expert, the factor applied to its contribution to the centrals' gradients (or None)."""
+        if not (self.training and torch.is_grad_enabled()) or self.central_grad == "none":
+            return [None] * self.num_experts
+        if self.central_grad == "bernoulli":
+            central = self.experts_in[0].central
+            mask_in = (torch.rand(central.shape, device=central.device) >= self.mask_prob)
+            central = self.experts_out[0].central
+            mask_out = (torch.rand(central.shape, device=central.device) >= self.mask_prob)
+            return [(mask_in, mask_out)] * self.num_experts
+        kept = routing.counts(kept_only=True).float()
+        total = kept.sum().clamp_min(1.0)
+        factors = torch.where(kept > 0, total / (self.num_experts * kept.clamp_min(1.0)), torch.zeros_like(kept))
+        return [(f, f) for f in factors]
+
+    def _cores(self, expert: MPOLinear, factor: torch.Tensor | None) -> list[torch.Tensor]:
+        cores = list(expert.cores)
+        if factor is not None:
+            c = expert.central_index
+            cores[c] = _GradMul.apply(cores[c], factor)
+        return cores
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        """Route every token of ``x`` (``(..., hidden_size)``) to its top-``k`` experts and combine."""
+        if not isinstance(x, torch.Tensor) or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must have last dimension hidden_size={self.hidden_size}, got {getattr(x, 'shape', None)}")
+        x2d = x.reshape(-1, self.hidden_size)
+        routing = route(self.router(x2d), self.top_k, self.capacity_factor)
+        factors = self._central_factors(routing)
+        out = torch.zeros_like(x2d)
+        for e in range(self.num_experts):
+            token, slot = torch.nonzero((routing.index == e) & routing.keep, as_tuple=True)
+            if token.numel() == 0:
+                continue
+            f_in, f_out = factors[e] if factors[e] is not None else (None, None)
+            hidden = contract(x2d[token], self._cores(self.experts_in[e], f_in), self.experts_in[e].bias,
+                              strategy=self.strategy, activation="gelu")
+            y = contract(hidden, self._cores(self.experts_out[e], f_out), self.experts_out[e].bias, strategy=self.strategy)
+            out = out.index_add(0, token, y * routing.gates[token, slot, None].to(y.dtype))
+        return MoEOutput(out.reshape(x.shape), load_balancing_loss(routing), routing)
+
+    # ------------------------------------------------------------------ reports
+    def parameter_report(self) -> dict[str, int]:
+        """Parameter counts: this layer (shared centrals once), a plain MoE of ``E`` dense experts, one dense FFN."""
+        h, i, e = self.hidden_size, self.intermediate_size, self.num_experts
+        dense_ffn = 2 * h * i + h + i
+        central = self.experts_in[0].central.numel() + self.experts_out[0].central.numel()
+        auxiliary = sum(a.numel() for experts in (self.experts_in, self.experts_out) for a in experts[0].auxiliary)
+        router = self.router.weight.numel()
+        return {
+            "mpoe": sum(p.numel() for p in self.parameters()),
+            "plain_moe": e * dense_ffn + router,
+            "dense_ffn": dense_ffn,
+            "shared_central": central,
+            "auxiliary_per_expert": auxiliary,
+            "router": router,
+        }
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, num_experts={self.num_experts}, "
+                f"top_k={self.top_k}, capacity_factor={self.capacity_factor}, central_grad={self.central_grad!r}")
