@@ -13,7 +13,9 @@
 #include <ATen/Parallel.h>
 #include <omp.h>
 
+#include <bit>
 #include <cmath>
+#include <cstdint>
 #include <utility>
 
 namespace mpo_core {
@@ -24,6 +26,28 @@ constexpr int64_t kParallelMinElements = 1 << 15;
 
 int threads_for(int64_t elements) {
   return elements >= kParallelMinElements ? std::max(1, at::get_num_threads()) : 1;
+}
+
+// Element conversions. bfloat16 gets branch-free bit manipulation (round to nearest even, NaN
+// kept quiet, as c10 does), which the compiler vectorizes; c10::BFloat16's own conversion does not.
+template <typename Acc, typename T>
+inline Acc widen(T v) {
+  return static_cast<Acc>(v);
+}
+template <>
+inline float widen<float, c10::BFloat16>(c10::BFloat16 v) {
+  return std::bit_cast<float>(static_cast<uint32_t>(v.x) << 16);
+}
+template <typename T, typename Acc>
+inline T narrow(Acc v) {
+  return static_cast<T>(v);
+}
+template <>
+inline c10::BFloat16 narrow<c10::BFloat16, float>(float v) {
+  const uint32_t u = std::bit_cast<uint32_t>(v);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint16_t bits = v != v ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+  return c10::BFloat16(bits, c10::BFloat16::from_bits());
 }
 
 // The row kernels are compiled for baseline x86-64 and, where GCC can dispatch at load time,
@@ -41,40 +65,37 @@ MPO_CPU_CLONES std::pair<Acc, Acc> forward_row(const T* xr, const T* rr, const A
                                                T* yr, T* hw, int64_t n, Acc eps) {
   const Acc inv_n = Acc(1) / static_cast<Acc>(n);
   const T* hr = xr;  // h = x when there is no residual
-  Acc sum = 0;
   if (rr != nullptr) {
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j) {
-      const T v = static_cast<T>(static_cast<Acc>(xr[j]) + static_cast<Acc>(rr[j]));
-      hw[j] = v;
-      sum += static_cast<Acc>(v);
-    }
+    // Separate from the sum below: a loop that stores T and reduces its widened value does not
+    // vectorize for bfloat16; the second read of the row hits L1.
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) hw[j] = narrow<T>(widen<Acc>(xr[j]) + widen<Acc>(rr[j]));
     hr = hw;
-  } else {
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j) sum += static_cast<Acc>(xr[j]);
   }
+  Acc sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += widen<Acc>(hr[j]);
   const Acc mu = sum * inv_n;
   Acc sq = 0;
 #pragma omp simd reduction(+ : sq)
   for (int64_t j = 0; j < n; ++j) {
-    const Acc d = static_cast<Acc>(hr[j]) - mu;
+    const Acc d = widen<Acc>(hr[j]) - mu;
     sq += d * d;
   }
   const Acc rs = Acc(1) / std::sqrt(sq * inv_n + eps);
   if (w != nullptr && b != nullptr) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j)
-      yr[j] = static_cast<T>((static_cast<Acc>(hr[j]) - mu) * rs * w[j] + b[j]);
+      yr[j] = narrow<T>((widen<Acc>(hr[j]) - mu) * rs * w[j] + b[j]);
   } else if (w != nullptr) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) yr[j] = static_cast<T>((static_cast<Acc>(hr[j]) - mu) * rs * w[j]);
+    for (int64_t j = 0; j < n; ++j) yr[j] = narrow<T>((widen<Acc>(hr[j]) - mu) * rs * w[j]);
   } else if (b != nullptr) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) yr[j] = static_cast<T>((static_cast<Acc>(hr[j]) - mu) * rs + b[j]);
+    for (int64_t j = 0; j < n; ++j) yr[j] = narrow<T>((widen<Acc>(hr[j]) - mu) * rs + b[j]);
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) yr[j] = static_cast<T>((static_cast<Acc>(hr[j]) - mu) * rs);
+    for (int64_t j = 0; j < n; ++j) yr[j] = narrow<T>((widen<Acc>(hr[j]) - mu) * rs);
   }
   return {mu, rs};
 }
@@ -101,8 +122,8 @@ MPO_CPU_CLONES void backward_row(const T* dyr, const T* hr, const Acc* w, Acc mu
   if (w != nullptr) {
 #pragma omp simd reduction(+ : sum_g, sum_gx)
     for (int64_t j = 0; j < n; ++j) {
-      const Acc d = static_cast<Acc>(dyr[j]);
-      const Acc xhat = (static_cast<Acc>(hr[j]) - mu) * rs;
+      const Acc d = widen<Acc>(dyr[j]);
+      const Acc xhat = (widen<Acc>(hr[j]) - mu) * rs;
       const Acc g = d * w[j];
       sum_g += g;
       sum_gx += g * xhat;
@@ -111,21 +132,21 @@ MPO_CPU_CLONES void backward_row(const T* dyr, const T* hr, const Acc* w, Acc mu
     }
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const Acc xhat = (static_cast<Acc>(hr[j]) - mu) * rs;
-      const Acc g = static_cast<Acc>(dyr[j]) * w[j];
-      dhr[j] = static_cast<T>(rs * (g - (sum_g + xhat * sum_gx) * inv_n));
+      const Acc xhat = (widen<Acc>(hr[j]) - mu) * rs;
+      const Acc g = widen<Acc>(dyr[j]) * w[j];
+      dhr[j] = narrow<T>(rs * (g - (sum_g + xhat * sum_gx) * inv_n));
     }
   } else {
 #pragma omp simd reduction(+ : sum_g, sum_gx)
     for (int64_t j = 0; j < n; ++j) {
-      const Acc g = static_cast<Acc>(dyr[j]);
+      const Acc g = widen<Acc>(dyr[j]);
       sum_g += g;
-      sum_gx += g * (static_cast<Acc>(hr[j]) - mu) * rs;
+      sum_gx += g * (widen<Acc>(hr[j]) - mu) * rs;
     }
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const Acc xhat = (static_cast<Acc>(hr[j]) - mu) * rs;
-      dhr[j] = static_cast<T>(rs * (static_cast<Acc>(dyr[j]) - (sum_g + xhat * sum_gx) * inv_n));
+      const Acc xhat = (widen<Acc>(hr[j]) - mu) * rs;
+      dhr[j] = narrow<T>(rs * (widen<Acc>(dyr[j]) - (sum_g + xhat * sum_gx) * inv_n));
     }
   }
 }
@@ -191,7 +212,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> residual_layernorm_forward_cpu(
                                 r.has_value() ? r->data_ptr<scalar_t>() : nullptr,
                                 affine_ptr<Acc>(w), affine_ptr<Acc>(b), y.data_ptr<scalar_t>(),
                                 h.data_ptr<scalar_t>(), mean.data_ptr<Acc>(), rstd.data_ptr<Acc>(),
-                                rows, n, static_cast<Acc>(eps));
+                                rows, n, widen<Acc>(eps));
   });
   return {y, h, mean, rstd};
 }

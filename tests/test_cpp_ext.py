@@ -159,6 +159,17 @@ def test_cpu_reduced_precision(C, dtype, n, residual):
     _check(C, (6, n), dtype, residual, "both", seed=1)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cpu_nan_stays_in_its_row(C, dtype):
+    x, r, w, b, _ = _inputs((4, 33), dtype, True, "both", seed=2)
+    x[1, 5] = float("nan")
+    y, h, mean, rstd = C.residual_layernorm_forward(x, r, w, b, 1e-5)
+    assert torch.isnan(h[1, 5]) and torch.isnan(y[1]).all() and torch.isnan(mean[1])
+    keep = [0, 2, 3]
+    y_ok, h_ok, *_ = C.residual_layernorm_forward(x[keep], r[keep], w, b, 1e-5)
+    assert torch.equal(y[keep], y_ok) and torch.equal(h[keep], h_ok)
+
+
 def test_cpu_float32_affine_with_bfloat16_input(C):
     """fp32 LayerNorm parameters with a bf16 activation (mixed precision): grads stay fp32."""
     x, r, _, _, dy = _inputs((4, 64), torch.bfloat16, True, "none")
