@@ -8,6 +8,8 @@ from typing import Sequence
 
 import torch
 
+from mpo_core.ops._dispatch import triton_supported
+
 __all__ = ["fused_available", "fused_cost", "run_fused"]
 
 _OP_MODULE = "mpo_core.ops.mpo_linear"
@@ -21,20 +23,17 @@ def _importable(name: str) -> bool:
         return False
 
 
-@lru_cache(maxsize=None)
-def _capability_ok(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (8, 0)
-
-
 def fused_available(device: torch.device) -> bool:
     """Whether ``auto`` may choose the fused path on ``device``.
 
-    True for a CUDA device of compute capability >= 8.0 with Triton and the fused op
-    importable. (Below 8.0, Triton's ``tl.dot`` has no tensor cores: cuBLAS through torch wins.)
+    True for a CUDA device where Triton's ``tl.dot`` kernels run
+    (:func:`mpo_core.ops._dispatch.triton_supported`: compute capability >= 8.0) with the
+    fused op importable. (Below 8.0, Triton's ``tl.dot`` has no tensor cores: cuBLAS
+    through torch wins.)
     """
-    if device.type != "cuda" or not (_importable("triton") and _importable(_OP_MODULE)):
+    if device.type != "cuda" or not _importable(_OP_MODULE):
         return False
-    return _capability_ok(device.index if device.index is not None else torch.cuda.current_device())
+    return triton_supported(device, uses_dot=True)
 
 
 def _op_module():

@@ -77,24 +77,30 @@ def _bias_gelu_bwd_kernel(DY, X, B, DX, DB, M, N, rows_per_program, HAS_BIAS: tl
         tl.store(DB + pid * N + cols, db, mask=col_mask)
 
 
-_WARPS = 8
+WARPS = 8
 """4096-element tiles over 256 threads: 16 elements per thread, no spills (ptxas, sm_80/sm_90)."""
 
 
-def _blocks(n: int) -> tuple[int, int]:
+def blocks(n: int) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)`` tile for rows of ``n`` elements: up to 1024 columns, 4096 elements."""
     block_n = min(triton.next_power_of_2(n), 1024)
     return max(1, 4096 // block_n), block_n
+
+
+def bwd_rows_per_program(m: int, g: int, block_m: int) -> int:
+    """Rows each of the ``g`` backward programs walks: a multiple of ``block_m`` covering ``m``."""
+    return triton.cdiv(triton.cdiv(m, g), block_m) * block_m
 
 
 def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
     """``gelu(x + bias)`` for contiguous 2-D ``x``; ``approximate`` is ``"none"`` (erf) or ``"tanh"``."""
     m, n = x.shape
     y = torch.empty_like(x)
-    block_m, block_n = _blocks(n)
+    block_m, block_n = blocks(n)
     if m:
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
         _bias_gelu_fwd_kernel[grid](x, bias, y, m, n, HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",
-                                    BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_WARPS)
+                                    BLOCK_M=block_m, BLOCK_N=block_n, num_warps=WARPS)
     return y
 
 
@@ -103,13 +109,13 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, 
     """Backward of :func:`bias_gelu_fwd`; returns ``(dx, dbias)`` (``dbias`` is ``None`` without bias)."""
     m, n = x.shape
     dx = torch.empty_like(x)
-    block_m, block_n = _blocks(n)
+    block_m, block_n = blocks(n)
     g = num_partials(triton.cdiv(m, block_m), x.device)
-    rows_per_program = triton.cdiv(triton.cdiv(m, g), block_m) * block_m
+    rows_per_program = bwd_rows_per_program(m, g, block_m)
     db_part = torch.empty((g, n), dtype=torch.float32, device=x.device) if bias is not None else None
     # with no rows the programs still run and store zero partials
     _bias_gelu_bwd_kernel[(g, triton.cdiv(n, block_n))](dy, x, bias, dx, db_part, m, n, rows_per_program,
                                                         HAS_BIAS=bias is not None,
                                                         APPROX_TANH=approximate == "tanh", BLOCK_M=block_m,
-                                                        BLOCK_N=block_n, num_warps=_WARPS)
+                                                        BLOCK_N=block_n, num_warps=WARPS)
     return dx, (column_sum(db_part, bias.dtype) if bias is not None else None)

@@ -148,9 +148,10 @@ def _mpo_matmul_kernel(
 
 # Every config has BLOCK_K, BLOCK_N >= 32 and BLOCK_K * BLOCK_N >= 16 * 64, which the limits in
 # :func:`padded_small_shape` rely on (tile holds whole padded right modes; rebuild GEMM has >= 16 rows).
-# ptxas (sm_80, sm_90; bf16/fp16, right block 4x4, D 16): no spills without the pre-activation
-# store; with it (training), the 128- and 64x128 tiles spill 64-152 B/thread once, in the
-# epilogue (checked in tests/test_mpo_matmul.py). 256-row tiles and BLOCK_K=64 spilled: left out.
+# ptxas (Triton 3.9, bf16, 4x4 end core, D 16; `python -m mpo_core.aot`, tests/test_aot_compile.py):
+# no spills on sm_80/sm_90 without the pre-activation store; with it (training) the 128-row tiles
+# spill 96-152 B/thread in the epilogue, so STORE_PRE launches autotune over the 64-row tiles only.
+# 256-row tiles and BLOCK_K=64 spilled: left out. Every config emits wgmma on sm_90.
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
     for bm, bn, bk, w, st in [
@@ -161,7 +162,24 @@ _GPU_CONFIGS = [
         (64, 64, 32, 4, 4),
     ]
 ]
-_autotuned_kernel = triton.autotune(configs=_GPU_CONFIGS, key=["M", "N", "K", "D", "ISP", "JSP", "SMALL_FIRST", "STORE_PRE", "ACTIVATION"])(_mpo_matmul_kernel)
+#: Largest ``BLOCK_M`` of a config that also stores the pre-activation (larger ones spill).
+STORE_PRE_MAX_BLOCK_M = 64
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The autotuner's early prune: only the non-spilling tiles when the epilogue also stores ``pre``."""
+    store_pre = kwargs.get("STORE_PRE", named_args.get("STORE_PRE", False))
+    return [c for c in configs if not store_pre or c.kwargs["BLOCK_M"] <= STORE_PRE_MAX_BLOCK_M]
+
+
+_autotuned_kernel = triton.autotune(configs=_GPU_CONFIGS, key=["M", "N", "K", "D", "ISP", "JSP", "SMALL_FIRST", "STORE_PRE", "ACTIVATION"],
+                                    prune_configs_by={"early_config_prune": _prune_configs})(_mpo_matmul_kernel)
+
+
+def launch_configs(store_pre: bool) -> list[triton.Config]:
+    """The tile configs the autotuner may pick for a launch with this ``STORE_PRE`` (its own prune applied)."""
+    return _autotuned_kernel.early_config_prune(list(_autotuned_kernel.configs), {}, STORE_PRE=store_pre)
+
 
 #: Whether the kernel runs on Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import).
 INTERPRETED: bool = isinstance(_mpo_matmul_kernel, InterpretedFunction)
@@ -184,6 +202,15 @@ def padded_small_shape(d: int, i: int, j: int) -> tuple[int, int, int] | None:
     if ip * jp > MAX_SMALL_BLOCK or ip > 32 or jp > 32 or dp > MAX_BOND:
         return None
     return dp, ip, jp
+
+
+def launch_constexprs(dtype: torch.dtype, has_bias: bool, activation: str, store_pre: bool, small_left: bool,
+                      padded: tuple[int, int, int]) -> dict:
+    """The kernel's non-tiling ``tl.constexpr`` arguments for one launch (``padded`` = ``(DP, ISP, JSP)``)."""
+    dp, isp, jsp = padded
+    return dict(HAS_BIAS=has_bias, ACTIVATION=ACTIVATION_CODES[activation], STORE_PRE=store_pre,
+                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", SMALL_FIRST=small_left,
+                ISP=isp, JSP=jsp, DP=dp)
 
 
 def mpo_matmul(
@@ -238,7 +265,7 @@ def mpo_matmul(
     _, i_s, j_s = small.shape
     padded = padded_small_shape(d, i_s, j_s)
     assert padded is not None, f"on-chip factor {(d, i_s, j_s)} exceeds the kernel's limits"
-    dp, isp, jsp = padded
+    jsp = padded[2]
     big = big.contiguous()
     small = small.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -247,14 +274,7 @@ def mpo_matmul(
         return y, pre
     args = (x, big, small, bias if bias is not None else y, y, pre if store_pre else y,
             m, n, k, ib, jb, i_s, j_s, d, x.stride(0), x.stride(1))
-    flags = dict(
-        HAS_BIAS=bias is not None,
-        ACTIVATION=ACTIVATION_CODES[activation],
-        STORE_PRE=store_pre,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        SMALL_FIRST=small_left,
-        ISP=isp, JSP=jsp, DP=dp,
-    )
+    flags = launch_constexprs(x.dtype, bias is not None, activation, store_pre, small_left, padded)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(jb, meta["BLOCK_N"] // jsp),)

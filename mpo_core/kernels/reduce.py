@@ -23,12 +23,16 @@ def _column_sum_kernel(P, OUT, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexp
     tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=col_mask)
 
 
+def column_sum_blocks(g: int, n: int) -> tuple[int, int]:
+    """``(BLOCK_G, BLOCK_N)`` of the column sum of a ``(g, n)`` buffer (default 4 warps)."""
+    return min(triton.next_power_of_2(g), 32), min(triton.next_power_of_2(n), 128)
+
+
 def column_sum(partial: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """Sum a contiguous fp32 ``(G, N)`` buffer over its first dim into a new ``(N,)`` tensor."""
     g, n = partial.shape
     out = torch.empty(n, dtype=out_dtype, device=partial.device)
-    block_n = min(triton.next_power_of_2(n), 128)
-    block_g = min(triton.next_power_of_2(g), 32)
+    block_g, block_n = column_sum_blocks(g, n)
     _column_sum_kernel[(triton.cdiv(n, block_n),)](partial, out, g, n, BLOCK_G=block_g, BLOCK_N=block_n)
     return out
 
@@ -45,6 +49,10 @@ def num_partials(rows: int, device: torch.device) -> int:
     one after another, only a few.
     """
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(rows, PROGRAMS_PER_SM * sms))
+        return gpu_partials(rows, torch.cuda.get_device_properties(device).multi_processor_count)
     return max(1, min(rows, 4))
+
+
+def gpu_partials(rows: int, sm_count: int) -> int:
+    """Partial rows on a GPU with ``sm_count`` SMs: :data:`PROGRAMS_PER_SM` per SM, at most ``rows``, at least 1."""
+    return max(1, min(rows, PROGRAMS_PER_SM * sm_count))
