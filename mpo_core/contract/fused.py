@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from mpo_core.ops._dispatch import triton_supported
+from mpo_core.ops import _dispatch
 
 __all__ = ["fused_available", "fused_cost", "run_fused"]
 
@@ -33,7 +33,7 @@ def fused_available(device: torch.device) -> bool:
     """
     if device.type != "cuda" or not _importable(_OP_MODULE):
         return False
-    return triton_supported(device, uses_dot=True)
+    return _dispatch.triton_supported(device, uses_dot=True)
 
 
 def _op_module():

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from mpo_core.mpo import validate_cores
-from mpo_core.ops._dispatch import TRITON_DOT_MIN_CAPABILITY, device_capability, triton_supported
+from mpo_core.ops import _dispatch
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
 BACKENDS = (None, "torch", "triton")
@@ -376,7 +376,7 @@ _kron_linear_op.register_autograd(_backward, setup_context=_setup_context)
 def _cuda_triton_ok(x: torch.Tensor) -> bool:
     """Whether ``backend=None`` picks the Triton kernel: ``x`` on CUDA where ``tl.dot`` kernels run
     (:func:`mpo_core.ops._dispatch.triton_supported`: compute capability >= 8.0)."""
-    return x.is_cuda and triton_supported(x.device, uses_dot=True)
+    return x.is_cuda and _dispatch.triton_supported(x.device, uses_dot=True)
 
 
 def _check_triton_forced(x: torch.Tensor) -> None:
@@ -384,8 +384,8 @@ def _check_triton_forced(x: torch.Tensor) -> None:
         return
     reason = None
     if x.is_cuda:
-        reason = (f"device {x.device} has compute capability {device_capability(x.device)}; "
-                  f"tl.dot needs >= {TRITON_DOT_MIN_CAPABILITY} (use backend='torch')")
+        reason = (f"device {x.device} has compute capability {_dispatch.device_capability(x.device)}; "
+                  f"tl.dot needs >= {_dispatch.TRITON_DOT_MIN_CAPABILITY} (use backend='torch')")
     elif x.device.type != "cpu":
         reason = f"x is on {x.device}, which Triton does not support here"
     else:
