@@ -71,8 +71,10 @@ setup(
     install_requires=["torch>=2.1", "numpy", "scipy"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "hypothesis", "tensorly", "tntorch"],
+        "mpobert": ["tokenizers", "tqdm", "safetensors"],
+        "test": ["pytest", "hypothesis", "tensorly", "tntorch", "transformers"],
     },
+    entry_points={"console_scripts": ["mpobert=mpobert.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
