@@ -29,8 +29,8 @@ struct Geometry {
 Geometry plan(DType dtype, int n, bool pointers_aligned) {
   const int full = 16 / detail::dtype_size(dtype);
   const int vec = pointers_aligned && n % full == 0 ? full : 1;
-  const int per_thread = static_cast<int>(ceil_div(ceil_div(n, vec), kElemsPerThread / vec));
-  const int threads = static_cast<int>(ceil_div(per_thread, 32) * 32);
+  const int64_t threads_needed = ceil_div(ceil_div(n, vec), kElemsPerThread / vec);
+  const int threads = static_cast<int>(ceil_div(threads_needed, 32) * 32);
   return {vec, threads, threads == 32 ? kRowsPerWarpBlock : 1};
 }
 
