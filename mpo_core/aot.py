@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
 from mpo_core.kernels.registry import KernelSpec, Ptr
-from mpo_core.roofline import DEVICES, Device
+from mpo_core.roofline import DEVICES, Device, format_rows
 
 ARCHS = (80, 90)
 """Compute capabilities compiled for: A100 (sm_80) and H100 (sm_90)."""
@@ -339,17 +339,6 @@ COLUMNS = ("kernel", "arch", "warps", "regs", "spill_B", "smem_B", "mma", "wgmma
            "model_occupancy", "model_limiter", "compile_s", "problems")
 
 
-def format_rows(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
-    """A fixed-width text table of ``rows``."""
-    def cell(v) -> str:
-        return f"{v:.2f}" if isinstance(v, float) else str(v)
-
-    cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[k]) for row in cells]) for k, c in enumerate(columns)]
-    fmt = lambda vals: "  ".join(v.ljust(w) if k == 0 else v.rjust(w) for k, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
-    return "\n".join([fmt(list(columns)), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells])
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI: compile the registry, print the resource table, write JSON; exit 1 on any problem."""
     import torch
@@ -368,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = report_rows(results)
     print(f"# Triton {__import__('triton').__version__}: {len(specs)} kernel configs x {len(args.arch)} targets "
           f"compiled in {time.perf_counter() - start:.0f} s (occupancy: model, from the cubin's registers/smem)")
-    print(format_rows(rows))
+    print(format_rows(rows, COLUMNS))
     bad = [r for r in rows if r["problems"] != "ok"]
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as fh:

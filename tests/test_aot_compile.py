@@ -84,7 +84,7 @@ def test_every_registered_kernel_compiles_cleanly_for_sm80_and_sm90(compiled, ca
     results = [compiled[s.name, a] for s in SPECS for a in aot.ARCHS]
     with capsys.disabled():
         print(f"\n{len(SPECS)} registered kernel configs x sm_80, sm_90 (Triton AOT; occupancy is a model)")
-        print(aot.format_rows(aot.report_rows(results)))
+        print(aot.format_rows(aot.report_rows(results), aot.COLUMNS))
     bad = {(r.name, r.arch): aot.problems(r) for r in results if aot.problems(r)}
     assert not bad, bad
     for r in results:

@@ -23,7 +23,7 @@ set or cleared as wanted (:mod:`mpo_core.aot` compiles in worker processes witho
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,6 +76,8 @@ class KernelSpec:
         The kernel calls ``tl.dot``: its PTX must use tensor cores (``mma``) on sm_80.
     hopper : bool
         A config meant for Hopper: its sm_90 PTX must use ``wgmma``.
+    problem : tuple of int
+        The launch's problem size: ``(rows, row length)``, or ``(M, K, N)`` for the matmul.
     """
 
     name: str
@@ -88,7 +90,7 @@ class KernelSpec:
     num_stages: int = 3
     uses_dot: bool = False
     hopper: bool = False
-    notes: str = field(default="", compare=False)
+    problem: tuple[int, ...] = ()
 
     def kernel(self):
         """The ``@triton.jit`` function (a ``JITFunction`` unless ``TRITON_INTERPRET=1`` was set at import)."""
@@ -117,7 +119,7 @@ def _norm_specs(dtype: torch.dtype) -> list[KernelSpec]:
         tag = f"BLOCK_N={block},{t.dtype}"
         specs["lnf", block] = KernelSpec(
             f"layer_norm_fwd[{tag}]", "layer_norm_fwd", ln.__name__, "_layer_norm_fwd_kernel",
-            dict(X=t, Y=t, W=t, B=t, Mean=f, Rstd=f, N=n, eps=1e-12), affine, warps)
+            dict(X=t, Y=t, W=t, B=t, Mean=f, Rstd=f, N=n, eps=1e-12), affine, warps, problem=(TOKENS, n))
         for dropout in (False, True):
             drop = ",dropout" if dropout else ""
             specs["rlnf", block, dropout] = KernelSpec(
@@ -125,7 +127,7 @@ def _norm_specs(dtype: torch.dtype) -> list[KernelSpec]:
                 "mpo_core.kernels.residual_layer_norm", "_residual_layer_norm_fwd_kernel",
                 dict(X=t, R=t, Y=t, H=t, W=t, B=t, Mean=f, Rstd=f, N=n, eps=1e-12, p=0.1 if dropout else 0.0,
                      scale=ln.dropout_scale(0.1 if dropout else 0.0), seed=SEED, offset=0),
-                {**affine, "HAS_DROPOUT": dropout}, warps)
+                {**affine, "HAS_DROPOUT": dropout}, warps, problem=(TOKENS, n))
             bwd_block, bwd_warps = ln.block_and_warps(n, size, backward=True)
             specs["lnb", bwd_block, dropout] = KernelSpec(
                 f"layer_norm_bwd[BLOCK_N={bwd_block},{t.dtype}{drop}]", "layer_norm_bwd", ln.__name__,
@@ -133,11 +135,13 @@ def _norm_specs(dtype: torch.dtype) -> list[KernelSpec]:
                 dict(DY=t, H=t, W=t, Mean=f, Rstd=f, DH=t, DR=t if dropout else None, DW=f, DB=f, M=TOKENS, N=n,
                      rows_per_program=math.ceil(TOKENS / g), p=0.1 if dropout else 0.0,
                      scale=ln.dropout_scale(0.1 if dropout else 0.0), seed=SEED, offset=0),
-                {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_DROPOUT": dropout, "BLOCK_N": bwd_block}, bwd_warps)
+                {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_DROPOUT": dropout, "BLOCK_N": bwd_block}, bwd_warps,
+                problem=(TOKENS, n))
         block_g, block_n = red.column_sum_blocks(g, n)
         specs["colsum", block_g, block_n] = KernelSpec(
             f"column_sum[BLOCK_G={block_g},BLOCK_N={block_n},{t.dtype}]", "column_sum", red.__name__,
-            "_column_sum_kernel", dict(P=f, OUT=t, G=g, N=n), {"BLOCK_G": block_g, "BLOCK_N": block_n}, 4)
+            "_column_sum_kernel", dict(P=f, OUT=t, G=g, N=n), {"BLOCK_G": block_g, "BLOCK_N": block_n}, 4,
+            problem=(g, n))
     return list(specs.values())
 
 
@@ -154,12 +158,13 @@ def _gelu_specs(dtype: torch.dtype) -> list[KernelSpec]:
             tag = f"{block_m}x{block_n},{'tanh' if tanh else 'erf'},{t.dtype}"
             specs["f", block_m, block_n, tanh] = KernelSpec(
                 f"bias_gelu_fwd[{tag}]", "bias_gelu_fwd", bg.__name__, "_bias_gelu_fwd_kernel",
-                dict(X=t, B=t, Y=t, M=TOKENS, N=n), const, bg.WARPS)
+                dict(X=t, B=t, Y=t, M=TOKENS, N=n), const, bg.WARPS, problem=(TOKENS, n))
             g = red.gpu_partials(math.ceil(TOKENS / block_m), SM_COUNT)
             specs["b", block_m, block_n, tanh] = KernelSpec(
                 f"bias_gelu_bwd[{tag}]", "bias_gelu_bwd", bg.__name__, "_bias_gelu_bwd_kernel",
                 dict(DY=t, X=t, B=t, DX=t, DB=f, M=TOKENS, N=n,
-                     rows_per_program=bg.bwd_rows_per_program(TOKENS, g, block_m)), const, bg.WARPS)
+                     rows_per_program=bg.bwd_rows_per_program(TOKENS, g, block_m)), const, bg.WARPS,
+                problem=(TOKENS, n))
     return list(specs.values())
 
 
@@ -208,7 +213,7 @@ def _matmul_specs(dtype: torch.dtype) -> list[KernelSpec]:
                     f"w{config.num_warps}s{config.num_stages},{t.dtype}]",
                     "mpo_matmul", mm.__name__, "_mpo_matmul_kernel", args, {**flags, **config.kwargs},
                     config.num_warps, config.num_stages, uses_dot=True, hopper=hopper_config(config),
-                    notes=f"{k_dim}x{n_dim}")
+                    problem=(TOKENS, kk, nn))
     return list(specs.values())
 
 
