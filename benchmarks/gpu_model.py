@@ -1,0 +1,159 @@
+"""GPU performance model of every kernel, op and the MPOBERT-12 training step (labelled "model").
+
+Every figure here comes from :mod:`mpo_core.roofline` (formulas in its docstrings) and,
+for the per-kernel table, from the cubins Triton builds for sm_80 / sm_90 on this
+machine (:mod:`mpo_core.aot`: registers, spills, shared memory as reported by
+``cuobjdump``; occupancy and roofline fraction are models). Tables:
+
+1. fused ops (LayerNorm, residual (+ dropout) + LayerNorm, bias + GELU) at BERT-base/large
+   shapes, forward and backward: FLOPs, HBM bytes read / written by our kernels, bytes of
+   the unfused torch sequence, roofline time on A100-80GB and H100 SXM;
+2. one MPO linear ``gelu(x W + b)`` per strategy (dense = the unfused torch sequence,
+   sequential, fused) at every BERT-base/large weight shape;
+3. per registered kernel: registers, spills, shared memory, occupancy and the modelled
+   fraction of the roofline on A100 (sm_80 cubin) and H100 (sm_90 cubin);
+4. one MPOBERT-12 training step (batch 32 x 512, bf16, forward + backward + LAMB): HBM
+   bytes and FLOPs fused vs unfused, predicted step time on both devices, bytes saved.
+
+With a GPU, table 1 is also measured (ours and torch eager, Triton's ``do_bench``) and
+printed in its own table beside the model, with the ratio measured / model.
+
+    python benchmarks/gpu_model.py                    # everything (compiles ~100 cubins: 20 s warm, 2 min cold)
+    python benchmarks/gpu_model.py --no-compile       # tables 1, 2, 4 only
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _common import device_description, write_json  # noqa: E402
+
+from mpo_core import roofline as rl  # noqa: E402
+
+KERNEL_COLUMNS = ("kernel", "regs_sm80", "regs_sm90", "spill_B", "smem_B_sm90", "occupancy_A100", "occupancy_H100",
+                  "roofline_frac_A100", "roofline_frac_H100", "bound_H100")
+STEP_COLUMNS = ("variant", "GB", "GB_read", "GB_written", "TFLOP", "kernels", "ms_A100-80GB", "ms_H100-SXM")
+
+
+def kernel_rows(jobs: int | None = None) -> list[dict]:
+    """Compile the registry for sm_80 and sm_90; resources (ptxas) with modelled occupancy and roofline fraction."""
+    from mpo_core import aot
+    from mpo_core.kernels.registry import kernel_specs
+
+    specs = kernel_specs()
+    results = {(r.name, r.arch): r for r in aot.compile_all(specs, aot.ARCHS, jobs)}
+    rows = []
+    for spec in specs:
+        executed, useful, flight = rl.spec_model(spec)
+        row = {"kind": "ptxas resources + model", "kernel": spec.name}
+        for arch, device in ((80, rl.A100), (90, rl.H100)):
+            r = results[spec.name, arch]
+            if r.error:
+                row[f"regs_sm{arch}"] = "compile error"
+                continue
+            occ = aot.occupancy(r.registers, r.smem, r.num_warps, device)
+            frac = rl.kernel_fraction(executed, useful, flight, occ["blocks_per_sm"], device)
+            short = device.name.split("-")[0]
+            row.update({f"regs_sm{arch}": r.registers, f"smem_B_sm{arch}": r.smem,
+                        "spill_B": max(row.get("spill_B", 0), r.spills),
+                        f"occupancy_{short}": occ["occupancy"], f"roofline_frac_{short}": frac["fraction"],
+                        f"bound_{short}": frac["bound"], f"problems_sm{arch}": "; ".join(aot.problems(r)) or "ok"})
+        rows.append(row)
+    return rows
+
+
+def step_rows(dropout: bool) -> tuple[list[dict], dict]:
+    """MPOBERT-12 (its config's sizes) fused vs unfused; and the bytes saved per step."""
+    from mpobert.config import MPOBertConfig
+
+    cfg = MPOBertConfig.mpobert12()
+    shape = rl.BertShape(layers=cfg.num_layers, hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
+                         heads=cfg.num_heads, vocab=cfg.vocab_size, embedding=cfg.embedding_size,
+                         adapter_rank=cfg.adapter_rank, adapter_matrices=len(cfg.adapter_matrices),
+                         hidden_dropout=dropout)
+    rows = []
+    for fused in (True, False):
+        rows.append({"variant": "fused" if fused else "unfused (torch eager)",
+                     **rl.step_summary(rl.mpobert_step(shape, batch=32, seq=512, dtype_bytes=2, fused=fused))})
+    saved = {"kind": rl.MODEL, "GB_saved_per_step": rows[1]["GB"] - rows[0]["GB"],
+             "fraction_of_unfused_bytes": 1 - rows[0]["GB"] / rows[1]["GB"],
+             **{f"ms_saved_{d.name}": rows[1][f"ms_{d.name}"] - rows[0][f"ms_{d.name}"] for d in (rl.A100, rl.H100)}}
+    return rows, saved
+
+
+def measured_fused_ops(model_rows: list[dict], dtype: torch.dtype) -> list[dict]:
+    """On a GPU: time ours and torch eager for every row of the fused-op model table; ratio to the model."""
+    from fused_ops import _eager, _fwd_bwd_times, _inputs, _ours
+
+    device = rl.H100 if "H100" in device_description("cuda") else rl.A100
+    rows = []
+    for row in model_rows:
+        if row["dir"] != "fwd":
+            continue
+        op, m, n = row["op"], row["tokens"], row["hidden"]
+        inputs = _inputs(op, m, n, dtype, "cuda")
+        for impl, make in (("fused", lambda: _ours(op, None)), ("torch", lambda: _eager(op))):
+            t_fwd, t_bwd = _fwd_bwd_times(make(), inputs, "cuda")
+            model = {d: next(r for r in model_rows if r["op"] == op and r["hidden"] == n and r["dir"] == d)
+                     [f"us_{impl}_{device.name}"] for d in ("fwd", "bwd")}
+            for direction, t in (("fwd", t_fwd), ("bwd", t_bwd)):
+                rows.append({"kind": "measured", "op": op, "dir": direction, "hidden": n, "impl": impl,
+                             "measured_us": t * 1e6, f"model_us_{device.name}": model[direction],
+                             "measured/model": t * 1e6 / model[direction]})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-compile", action="store_true", help="skip the per-kernel table (no Triton compile)")
+    ap.add_argument("--jobs", type=int, default=None, help="compile workers (default: CPU count)")
+    ap.add_argument("--dropout", action="store_true", help="model the step with hidden dropout (BERT's 0.1; "
+                    "MPOBERT's ALBERT config has none)")
+    ap.add_argument("--json", default=os.path.join("results", "gpu_model.json"))
+    args = ap.parse_args(argv)
+    report: dict = {"devices": {d.name: vars(d) for d in (rl.A100, rl.H100)}, "tokens": rl.BERT_TOKENS}
+
+    ops = rl.fused_op_rows()
+    print(f"1. MODEL: fused ops vs the unfused torch sequence, {rl.BERT_TOKENS} tokens, bf16 (HBM bytes, roofline us)")
+    print(rl.format_rows(ops, rl.FUSED_OP_COLUMNS))
+    lin = rl.linear_rows()
+    print(f"\n2. MODEL: MPO linear gelu(xW+b) per strategy, full rank, {rl.BERT_TOKENS} tokens, bf16 "
+          "(dense = unfused torch; dense/this > 1: faster than unfused)")
+    print(rl.format_rows(lin, rl.LINEAR_COLUMNS))
+    report.update(model_fused_ops=ops, model_linear=lin)
+
+    if not args.no_compile:
+        kernels = kernel_rows(args.jobs)
+        print("\n3. per kernel: registers / spills / shared memory from ptxas (cuobjdump); occupancy and "
+              "roofline fraction are MODEL")
+        print(rl.format_rows(kernels, KERNEL_COLUMNS))
+        report["kernels"] = kernels
+
+    steps, saved = step_rows(args.dropout)
+    print(f"\n4. MODEL: one MPOBERT-12 training step, batch 32 x 512, bf16, hidden dropout "
+          f"{'on' if args.dropout else 'off'} (forward + backward + LAMB)")
+    print(rl.format_rows(steps, STEP_COLUMNS))
+    print(f"   fusion saves {saved['GB_saved_per_step']:.2f} GB of HBM traffic per step "
+          f"({100 * saved['fraction_of_unfused_bytes']:.1f}%), model: "
+          f"{saved['ms_saved_A100-80GB']:.2f} ms on A100-80GB, {saved['ms_saved_H100-SXM']:.2f} ms on H100 SXM")
+    report.update(model_step=steps, model_step_saved=saved)
+
+    if torch.cuda.is_available():
+        measured = measured_fused_ops(ops, torch.bfloat16)
+        print(f"\nMEASURED on {device_description('cuda')} beside the model (ratio measured/model)")
+        cols = ["op", "dir", "hidden", "impl", "measured_us", next(k for k in measured[0] if k.startswith("model_us")),
+                "measured/model"]
+        print(rl.format_rows(measured, cols))
+        report.update(device=device_description("cuda"), measured_fused_ops=measured)
+    write_json(args.json, report)
+    print(f"\nwrote {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
