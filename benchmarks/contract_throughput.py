@@ -11,6 +11,10 @@ prints each one as a ratio to ``nn.Linear`` (lower is better, < 1 is faster) and
 strategy ``auto`` picked. A strategy whose modelled time is over ``--skip-factor`` times the
 best candidate's is not run ("skip", the cost model's prediction is in the JSON, labelled model).
 
+Without a GPU it first prints the GPU model table of :func:`mpo_core.roofline.linear_rows`
+(labelled "model", the same table as ``benchmarks/gpu_model.py``: each strategy's FLOPs,
+HBM bytes and roofline time on A100-80GB / H100 SXM at BERT shapes, 16384 tokens, bf16).
+
 Run ``python benchmarks/contract_throughput.py`` (CPU default finishes in a few minutes),
 ``--quick`` for a smoke run, ``--full`` for every bond and token count (the GPU default).
 """
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from mpo_core import roofline as rl  # noqa: E402
 from mpo_core.contract import contract, explain  # noqa: E402
 from mpo_core.contract import fused as fused_mod  # noqa: E402
 from mpo_core.nn import MPOLinear, full_ranks  # noqa: E402
@@ -153,6 +158,13 @@ def main(argv=None) -> dict:
     min_time = args.min_time if args.min_time is not None else (0.05 if on_cpu else 0.2)
     measure = timer(device, min_time)
 
+    model_rows = []
+    if not torch.cuda.is_available():
+        model_rows = rl.linear_rows()
+        print(f"# MODEL (not measured; mpo_core.roofline): MPO linear gelu(xW+b) per strategy on GPUs, full rank, "
+              f"{rl.BERT_TOKENS} tokens, bf16 (dense = unfused torch; dense/this > 1: faster than unfused)")
+        print(rl.format_rows(model_rows, rl.LINEAR_COLUMNS) + "\n")
+
     rows_out = []
     cols = ["dense", "sequential"] + (["fused"] if fused_mod.fused_available(device) else []) + ["auto", "module(no_grad)"]
     header = f"{'shape':>10} {'bond':>5} {'comp':>6} {'tokens':>6} {'mode':>8} {'linear ms':>10} " + \
@@ -187,7 +199,7 @@ def main(argv=None) -> dict:
     out = {
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "rows": rows_out, "summary_auto_vs_linear_geomean": summary,
+        "rows": rows_out, "summary_auto_vs_linear_geomean": summary, "gpu_model": model_rows,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as fh:

@@ -5,11 +5,11 @@ BERT shapes (768x3072, 3072x768, 1024x4096, 4096x1024; n=5 modes 768->(4,4,4,4,3
 (``--max-bond``), tokens 4096..65536, forward and forward+backward.
 
 * **model** (always printed, labelled "model", never mixed with measurements): FLOPs
-  (tensor-core and FMA-unit separately) and compulsory HBM bytes of both paths, from
-  :func:`mpo_core.ops.mpo_linear.mpo_linear_cost` and the dense sequence below, and a
-  roofline time ``max(bytes/BW, tc_flops/TC_peak + fma_flops/FMA_peak)`` on
-  A100-80GB (2.0 TB/s, 312 TFLOP/s bf16, 19.5 TFLOP/s fp32) and H100 SXM (3.35 TB/s,
-  989 TFLOP/s bf16, 67 TFLOP/s fp32). Ratio ``dense/fused`` > 1 means fused is faster.
+  and compulsory HBM bytes of both paths from :func:`mpo_core.roofline.linear_cost`
+  (``"fused"``: the op's own :func:`~mpo_core.ops.mpo_linear.mpo_linear_cost`; ``"dense"``:
+  the unfused sequence below), and the roofline time of :mod:`mpo_core.roofline` on
+  A100-80GB and H100 SXM (forward + backward: the sum of the two). Ratio ``dense/fused``
+  > 1 means fused is faster.
 * **measured** (only with a CUDA GPU): both paths timed in the same run with Triton's
   ``do_bench``; ratio ``dense/fused`` per row.
 
@@ -32,46 +32,17 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import device_description, format_table, write_json  # noqa: E402
 
-from mpo_core.ops.mpo_linear import _contract, mpo_linear, mpo_linear_cost  # noqa: E402
+from mpo_core import roofline as rl  # noqa: E402
+from mpo_core.ops.mpo_linear import _contract, mpo_linear  # noqa: E402
 
-MODES = {768: (4, 4, 4, 4, 3), 1024: (4, 4, 4, 4, 4), 3072: (4, 4, 8, 6, 4), 4096: (4, 4, 8, 8, 4)}
+from mpo_core.kernels.registry import MPO_MODES as MODES  # noqa: E402
+
 CASES = [(768, 3072), (3072, 768), (1024, 4096), (4096, 1024)]
-GPUS = {  # HBM bytes/s, dense bf16 tensor FLOP/s, fp32 FMA FLOP/s (public spec sheets)
-    "A100": (2.0e12, 312e12, 19.5e12),
-    "H100": (3.35e12, 989e12, 67e12),
-}
-
-
-def full_ranks(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> list[int]:
-    """Exact (untruncated) MPO bonds: ``d_k = min(prod_{<=k} i*j, prod_{>k} i*j)``."""
-    sizes = [i * j for i, j in zip(in_shape, out_shape)]
-    return [1] + [min(math.prod(sizes[:k]), math.prod(sizes[k:])) for k in range(1, len(sizes))] + [1]
-
-
-def dense_cost(tokens: int, in_shape, out_shape, ranks, b: int) -> dict:
-    """Model FLOPs/bytes of the dense sequence: rebuild W (chain of einsums), GEMM, bias, GELU; and its backward."""
-    m, k, n = tokens, math.prod(in_shape), math.prod(out_shape)
-    chain_flops, inter_elems, rows = 0, 0, in_shape[0] * out_shape[0]
-    for q in range(1, len(in_shape)):
-        chain_flops += 2 * rows * ranks[q] * in_shape[q] * out_shape[q] * ranks[q + 1]
-        rows *= in_shape[q] * out_shape[q]
-        if q < len(in_shape) - 1:
-            inter_elems += rows * ranks[q + 1]
-    core_elems = sum(ranks[q] * in_shape[q] * out_shape[q] * ranks[q + 1] for q in range(len(in_shape)))
-    chain_bytes = b * (core_elems + 2 * inter_elems + k * n)
-    fwd_bytes = chain_bytes + b * (m * k + k * n + m * n) + b * (2 * m * n + n) + b * 2 * m * n
-    bwd_bytes = b * (3 * m * n + m * n + (m * n + k * n + m * k) + (m * k + m * n + k * n)) + 2 * chain_bytes
-    return dict(fwd_tc=chain_flops + 2 * m * k * n, fwd_fma=9 * m * n, fwd_bytes=fwd_bytes,
-                bwd_tc=2 * chain_flops + 4 * m * k * n, bwd_fma=9 * m * n, bwd_bytes=bwd_bytes)
-
-
-def roofline_s(bytes_: float, tc: float, fma: float, gpu: str) -> float:
-    bw, tc_peak, fma_peak = GPUS[gpu]
-    return max(bytes_ / bw, tc / tc_peak + fma / fma_peak)
+GPUS = (rl.A100, rl.H100)
 
 
 def bond_sets(in_shape, out_shape, max_bond: int) -> dict[str, list[int]]:
-    full = full_ranks(in_shape, out_shape)
+    full = rl.full_ranks(in_shape, out_shape)
     return {"full": full, f"max_bond={max_bond}": [min(d, max_bond) for d in full]}
 
 
@@ -81,27 +52,20 @@ def model_table(tokens_list, max_bond: int, b: int) -> list[dict]:
         in_shape, out_shape = MODES[k_dim], MODES[n_dim]
         for label, ranks in bond_sets(in_shape, out_shape, max_bond).items():
             for m in tokens_list:
-                f = mpo_linear_cost(m, in_shape, out_shape, ranks, b, bias=True, activation="gelu")
-                d = dense_cost(m, in_shape, out_shape, ranks, b)
-                fused = {
-                    "fwd": (f["bytes"], f["flops_tensor"], f["flops_fma"]),
-                    "fwd+bwd": (f["bytes"] + f["bytes_bwd"], f["flops_tensor"] + f["flops_bwd_tensor"],
-                                f["flops_fma"] + f["flops_bwd"] - f["flops_bwd_tensor"]),
-                }
-                dense = {
-                    "fwd": (d["fwd_bytes"], d["fwd_tc"], d["fwd_fma"]),
-                    "fwd+bwd": (d["fwd_bytes"] + d["bwd_bytes"], d["fwd_tc"] + d["bwd_tc"], d["fwd_fma"] + d["bwd_fma"]),
-                }
-                for direction in ("fwd", "fwd+bwd"):
+                costs = {path: rl.linear_cost(path, m, in_shape, out_shape, ranks, b) for path in ("fused", "dense")}
+                for direction, parts in (("fwd", ("fwd",)), ("fwd+bwd", ("fwd", "bwd"))):
+                    seq = {path: [c[p] for p in parts] for path, c in costs.items()}
                     row = {"kind": "model", "shape": f"{k_dim}x{n_dim}", "bonds": label, "tokens": m,
                            "dir": direction,
-                           "GFLOP_fused": sum(fused[direction][1:]) / 1e9, "GFLOP_dense": sum(dense[direction][1:]) / 1e9,
-                           "MB_fused": fused[direction][0] / 1e6, "MB_dense": dense[direction][0] / 1e6}
+                           "GFLOP_fused": sum(c.flops for c in seq["fused"]) / 1e9,
+                           "GFLOP_dense": sum(c.flops for c in seq["dense"]) / 1e9,
+                           "MB_fused": sum(c.bytes for c in seq["fused"]) / 1e6,
+                           "MB_dense": sum(c.bytes for c in seq["dense"]) / 1e6}
                     for gpu in GPUS:
-                        tf, td = roofline_s(*fused[direction], gpu), roofline_s(*dense[direction], gpu)
-                        row[f"us_fused_{gpu}"] = tf * 1e6
-                        row[f"us_dense_{gpu}"] = td * 1e6
-                        row[f"dense/fused_{gpu}"] = td / tf
+                        tf, td = rl.sequence_seconds(seq["fused"], gpu), rl.sequence_seconds(seq["dense"], gpu)
+                        row[f"us_fused_{gpu.name}"] = tf * 1e6
+                        row[f"us_dense_{gpu.name}"] = td * 1e6
+                        row[f"dense/fused_{gpu.name}"] = td / tf
                     rows.append(row)
     return rows
 
@@ -167,12 +131,13 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = getattr(torch, args.dtype)
     tokens = [4096] if args.quick else args.tokens
     b = torch.tensor([], dtype=dtype).element_size()
-    report: dict = {"dtype": args.dtype, "tokens": tokens, "max_bond": args.max_bond, "gpus_model": GPUS}
+    report: dict = {"dtype": args.dtype, "tokens": tokens, "max_bond": args.max_bond,
+                    "gpus_model": {g.name: vars(g) for g in GPUS}}
 
     model = model_table(tokens, args.max_bond, b)
     print(f"MODEL (roofline, not measured): fused MPO linear vs dense rebuild + F.linear + bias + GELU, {args.dtype}")
     cols = ["shape", "bonds", "tokens", "dir", "GFLOP_fused", "GFLOP_dense", "MB_fused", "MB_dense"] + \
-        [f"{k}_{gpu}" for gpu in GPUS for k in ("us_fused", "us_dense", "dense/fused")]
+        [f"{k}_{gpu.name}" for gpu in GPUS for k in ("us_fused", "us_dense", "dense/fused")]
     print(format_table(model, cols))
     report["model"] = model
 

@@ -7,10 +7,11 @@ each of ``triton`` / ``cuda`` present), against torch eager (the unfused sequenc
 one run: time, achieved GB/s (our kernel's bytes / time), % of a measured
 device-to-device copy, and the ratio to eager.
 
-Without a GPU: a roofline table labelled "model" (bytes our kernel reads and writes vs
-the unfused torch sequence, predicted time at A100-80GB 2.0 TB/s and H100 SXM
-3.35 TB/s), and, when ``mpo_core._C`` is built, a measured CPU comparison of torch
-eager vs the C++ residual + LayerNorm.
+Always (first): the model table of :func:`mpo_core.roofline.fused_op_rows`, labelled
+"model" (the same table as ``benchmarks/gpu_model.py``: bytes our kernels read and write
+vs the unfused torch sequence, roofline time on A100-80GB and H100 SXM); without a GPU,
+when ``mpo_core._C`` is built, a measured CPU comparison of torch eager vs the C++
+residual + LayerNorm.
 
     python benchmarks/fused_ops.py --quick
     python benchmarks/fused_ops.py --json results/fused_ops.json
@@ -29,46 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import device_description, format_table, time_call, write_json  # noqa: E402
 
 from mpo_core import backends, ops  # noqa: E402
-from mpo_core.kernels.reduce import PROGRAMS_PER_SM  # noqa: E402
+from mpo_core import roofline as rl  # noqa: E402
 
-PEAK_BW = {"A100-80GB": 2.0e12, "H100-SXM": 3.35e12}
-OPS = ("layer_norm", "residual_layer_norm", "residual_dropout_layer_norm", "bias_gelu")
+OPS = rl.FUSED_OPS
 DROPOUT_P = 0.1
-
-
-def model_bytes(op: str, direction: str, m: int, n: int, s: int) -> dict[str, int]:
-    """HBM bytes of our fused kernel and of the unfused torch eager sequence ("model").
-
-    ``m`` tokens, hidden ``n``, ``s`` bytes per element; fp32 row statistics; parameters
-    of ``n`` elements; torch's dropout keeps a 1-byte mask. Our second-stage reductions
-    of ``(G, n)`` fp32 partials are counted (written once, read once) with
-    ``G = PROGRAMS_PER_SM * 132`` (H100 SXM). torch's CUDA LayerNorm backward runs a dX
-    kernel (reads dy, x) and a separate dgamma/dbeta kernel that reads dy and x again.
-    """
-    g = PROGRAMS_PER_SM * 132
-    e, stats, par, partials = m * n * s, 8 * m, n * s, g * n * 4
-    mask = m * n
-    if op == "layer_norm":
-        fwd = {"fused": 2 * e + stats + 2 * par, "torch": 2 * e + stats + 2 * par}
-        bwd = {"fused": 3 * e + stats + par + 4 * partials + 2 * par, "torch": 5 * e + stats + 3 * par}
-    elif op == "residual_layer_norm":
-        # fused: read x, r; write y, h.  torch: add (3) + layer_norm (2)
-        fwd = {"fused": 4 * e + stats + 2 * par, "torch": 5 * e + stats + 2 * par}
-        # as layer_norm (the add's backward passes dh to x and r)
-        bwd = {"fused": 3 * e + stats + par + 4 * partials + 2 * par, "torch": 5 * e + stats + 3 * par}
-    elif op == "residual_dropout_layer_norm":
-        # torch: dropout (read r, write r', mask) + add (3) + layer_norm (2)
-        fwd = {"fused": 4 * e + stats + 2 * par, "torch": 7 * e + mask + stats + 2 * par}
-        # fused: also writes dr; torch: + dropout backward (read dh, mask, write dr)
-        bwd = {"fused": 4 * e + stats + par + 4 * partials + 2 * par, "torch": 7 * e + mask + stats + 3 * par}
-    elif op == "bias_gelu":
-        # torch: add (read x, write u) + gelu (read u, write y)
-        fwd = {"fused": 2 * e + par, "torch": 4 * e + par}
-        # torch: gelu backward (read dy, u, write du) + dbias = du.sum(0) (read du)
-        bwd = {"fused": 3 * e + par + 2 * partials + par, "torch": 4 * e + 2 * par}
-    else:
-        raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    return fwd if direction == "fwd" else bwd
 
 
 def shapes(quick: bool) -> list[tuple[int, int]]:
@@ -77,21 +42,9 @@ def shapes(quick: bool) -> list[tuple[int, int]]:
     return [(m, n) for m in tokens for n in hidden]
 
 
-def model_table(quick: bool, dtype: torch.dtype) -> list[dict]:
-    s = torch.tensor([], dtype=dtype).element_size()
-    rows = []
-    for op in OPS:
-        for direction in ("fwd", "bwd"):
-            for m, n in shapes(quick):
-                b = model_bytes(op, direction, m, n, s)
-                row = {"kind": "model", "op": op, "dir": direction, "tokens": m, "hidden": n,
-                       "MB_fused": b["fused"] / 1e6, "MB_torch": b["torch"] / 1e6,
-                       "torch/fused": b["torch"] / b["fused"]}
-                for gpu, bw in PEAK_BW.items():
-                    row[f"us_fused_{gpu}"] = b["fused"] / bw * 1e6
-                    row[f"us_torch_{gpu}"] = b["torch"] / bw * 1e6
-                rows.append(row)
-    return rows
+def fused_bytes(op: str, direction: str, m: int, n: int, s: int) -> float:
+    """HBM bytes of our fused kernels for one op (model, :func:`mpo_core.roofline.fused_op_cost`)."""
+    return rl.fused_op_cost(op, direction, m, n, s).bytes
 
 
 def _inputs(op: str, m: int, n: int, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
@@ -168,7 +121,7 @@ def measured_table(candidates: dict[str, Callable[[str], Callable[..., torch.Ten
                 t_fwd, t_bwd = _fwd_bwd_times(make(op), inputs, device)
                 base = base or (t_fwd, t_bwd)
                 for direction, t, t0 in (("fwd", t_fwd, base[0]), ("bwd", t_bwd, base[1])):
-                    gbs = model_bytes(op, direction, m, n, s)["fused"] / t / 1e9
+                    gbs = fused_bytes(op, direction, m, n, s) / t / 1e9
                     row = {"kind": "measured", "op": op, "dir": direction, "tokens": m, "hidden": n, "impl": name,
                            "us": t * 1e6, "speedup_vs_" + next(iter(candidates)): t0 / t, "GB/s(fused bytes)": gbs}
                     if copy_bw:
@@ -198,11 +151,12 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = getattr(torch, args.dtype)
     report: dict = {"dtype": args.dtype, "quick": args.quick, "dropout_p": DROPOUT_P, "backends": backends()}
 
-    model = model_table(args.quick, dtype)
-    print(f"MODEL (roofline, not measured): HBM bytes of our fused kernel vs the unfused torch sequence, {args.dtype}")
-    cols = ["op", "dir", "tokens", "hidden", "MB_fused", "MB_torch", "torch/fused"] + \
-        [f"us_{k}_{gpu}" for gpu in PEAK_BW for k in ("fused", "torch")]
-    print(format_table(model, cols))
+    s = torch.tensor([], dtype=dtype).element_size()
+    tokens = sorted({m for m, _ in shapes(args.quick)})
+    model = [row for m in tokens for row in rl.fused_op_rows(m, s)]
+    print(f"MODEL (roofline, not measured; mpo_core.roofline): our fused kernels vs the unfused torch sequence, "
+          f"{args.dtype}")
+    print(rl.format_rows(model, ("tokens",) + rl.FUSED_OP_COLUMNS))
     report["model"] = model
 
     if torch.cuda.is_available():
