@@ -226,7 +226,8 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
         steps_per_epoch = sum(s.steps_per_epoch for s in sources.values()) // args.grad_accum
         args.max_steps = max(1, int(args.epochs * steps_per_epoch))
     fingerprint = {"model": cfg.to_dict(), "tasks": tasks, "batch_size": args.batch_size, "few_shot": args.few_shot}
-    trainer = Trainer(model, batches, _train_config(args), eval_fn=eval_fn, fingerprint=fingerprint)
+    trainer = Trainer(model, batches, _train_config(args), eval_fn=eval_fn, fingerprint=fingerprint,
+                      find_unused_parameters=len(specs) > 1)  # a step uses one task's head
     _say(rank, f"[finetune] tasks {tasks}: {sum(len(v) for v in train_sets.values())} train / "
                f"{sum(len(v) for v in dev_sets.values())} dev examples, {args.max_steps} steps on {trainer.device}")
     final = trainer.train()

@@ -228,14 +228,18 @@ class Trainer:
     fingerprint : dict, optional
         Extra settings that a resumed run must share (e.g. the model config, batch size);
         the optimizer settings, precision, ``max_steps`` and world size are always included.
-    rank, world_size, local_rank : int, optional
-        Default: from the initialized process group (or a single process).
+    find_unused_parameters : bool
+        Passed to ``DistributedDataParallel``: needed when a step leaves some parameters
+        without gradient (e.g. the other tasks' heads in multitask training).
+
+    The data-parallel rank and world size come from :func:`setup_distributed` (the
+    initialized process group, or ``torchrun``'s environment, or a single process).
     """
 
     def __init__(
         self, model: nn.Module, batches: BatchSource, config: TrainConfig,
         eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
-        fingerprint: dict[str, Any] | None = None,
+        fingerprint: dict[str, Any] | None = None, find_unused_parameters: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -262,7 +266,8 @@ class Trainer:
         self.ddp = None
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
+                                                           find_unused_parameters=find_unused_parameters)
         self.optimizer = build_optimizer(self.model, config.optimizer, config.lr, config.weight_decay)
         self.scheduler = warmup_linear_scheduler(self.optimizer, config.warmup_steps, config.max_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None

@@ -82,11 +82,20 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
     assert ckpt["fingerprint"]["world_size"] == 2 and len(ckpt["rng"]) == 2  # every rank's RNG state is saved
 
 
-def test_torchrun_cli_finetune_matches_single_process(tmp_path):
+@pytest.mark.parametrize("multitask", [False, True])
+def test_torchrun_cli_finetune_matches_single_process(tmp_path, multitask):
     data = write_pydoc_topic_task(tmp_path / "data")
     texts = [ln.split("\t")[0] for ln in (data / "train.tsv").read_text().splitlines()[1:]]
     train_wordpiece(texts, vocab_size=300).save(tmp_path / "tok.json")
-    common = ["finetune", "--task", "pydoc-topics", "--data-dir", str(data), "--tokenizer", str(tmp_path / "tok.json"),
+    tasks, dirs = ["pydoc-topics"], [str(data)]
+    if multitask:  # a second task: the other head gets no gradient in a step (find_unused_parameters)
+        sst = tmp_path / "sst"
+        sst.mkdir()
+        rows = "sentence\tlabel\n" + "".join(f"{w} is {w}\t{i % 2}\n" for i, w in enumerate(["good", "bad", "ok", "poor"] * 8))
+        (sst / "train.tsv").write_text(rows)
+        (sst / "dev.tsv").write_text(rows)
+        tasks, dirs = tasks + ["sst2"], dirs + [str(sst)]
+    common = ["finetune", "--task", ",".join(tasks), "--data-dir", *dirs, "--tokenizer", str(tmp_path / "tok.json"),
               "--model-config", "tiny", "--max-steps", "3", "--max-seq-len", "32", "--dropout", "0", "--log-every", "1",
               "--progress", "none", "--eval-batch-size", "128", "--lr", "3e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -100,6 +109,10 @@ def test_torchrun_cli_finetune_matches_single_process(tmp_path):
     final = json.loads((tmp_path / "ddp" / "final_metrics.json").read_text())
     assert final["world_size"] == 2
     assert _losses(tmp_path / "ddp" / "metrics.jsonl") == pytest.approx(_losses(tmp_path / "one" / "metrics.jsonl"), rel=1e-5)
-    a = MPOBertForSequenceClassification.from_pretrained(tmp_path / "ddp" / "model").state_dict()
-    b = MPOBertForSequenceClassification.from_pretrained(tmp_path / "one" / "model").state_dict()
+    if multitask:
+        a = torch.load(tmp_path / "ddp" / "multitask_model.pt", weights_only=True)
+        b = torch.load(tmp_path / "one" / "multitask_model.pt", weights_only=True)
+    else:
+        a = MPOBertForSequenceClassification.from_pretrained(tmp_path / "ddp" / "model").state_dict()
+        b = MPOBertForSequenceClassification.from_pretrained(tmp_path / "one" / "model").state_dict()
     _assert_close_states(a, b)
