@@ -216,10 +216,6 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
     return result
 
 
-def _job(spec: KernelSpec, arch: int) -> CompileResult:
-    return compile_spec(spec, arch)
-
-
 def compile_all(specs: Sequence[KernelSpec], archs: Iterable[int] = ARCHS, jobs: int | None = None
                 ) -> list[CompileResult]:
     """Compile every ``spec`` for every arch in ``spawn`` worker processes (no ``TRITON_INTERPRET``).
@@ -250,7 +246,7 @@ def compile_all(specs: Sequence[KernelSpec], archs: Iterable[int] = ARCHS, jobs:
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1, mp_context=ctx,
                              initializer=_worker_init) as pool:
-        futures = {i: pool.submit(_job, *work[i]) for i in order}
+        futures = {i: pool.submit(compile_spec, *work[i]) for i in order}
         for i, future in futures.items():
             results[i] = future.result()
     return results  # type: ignore[return-value]
@@ -305,7 +301,7 @@ def problems(result: CompileResult) -> list[str]:
     ``mma`` on sm_80; a config meant for Hopper without ``wgmma`` on sm_90.
     """
     if result.error:
-        return [f"compile error: {result.error.splitlines()[0] if result.error else ''}"]
+        return [f"compile error: {result.error.splitlines()[0]}"]
     out = []
     if result.spills:
         out.append(f"spills: {result.stack} B stack, {result.local} B local memory per thread")
