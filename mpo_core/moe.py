@@ -309,7 +309,7 @@ class MPOEFeedForward(nn.Module):
             hidden = contract(x2d[token], self._cores(self.experts_in[e], f_in), self.experts_in[e].bias,
                               strategy=self.strategy, activation="gelu")
             y = contract(hidden, self._cores(self.experts_out[e], f_out), self.experts_out[e].bias, strategy=self.strategy)
-            out = out.index_add(0, token, y * routing.gates[token, slot, None].to(y.dtype))
+            out = out.index_add(0, token, (y * routing.gates[token, slot, None].to(y.dtype)).to(out.dtype))
         return MoEOutput(out.reshape(x.shape), load_balancing_loss(routing), routing)
 
     # ------------------------------------------------------------------ reports

@@ -101,12 +101,12 @@ def expand_linear(
     with torch.no_grad():
         for k, (core, src) in enumerate(zip(layer.cores, mpo.cores)):
             a, i, j, b = src.shape
-            padded = torch.zeros(core.shape, dtype=torch.float64)
+            padded = torch.zeros(core.shape, dtype=torch.float64, device=src.device)
             padded[:a, :, :, :b] = src
             if core.shape[3] > b:  # new right-bond columns of the original left rows: noise
                 rms = float(src.pow(2).mean().sqrt())
                 noise = torch.randn(a, i, j, core.shape[3] - b, generator=generator, dtype=torch.float64)
-                padded[:a, :, :, b:] = noise * (noise_std * rms)
+                padded[:a, :, :, b:] = noise.to(src.device) * (noise_std * rms)
             core.copy_(padded)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias)
