@@ -265,8 +265,11 @@ class OverParameterization:
                 shape_kw = dict(n=None, in_shape=in_shape, out_shape=out_shape)
             else:
                 shape_kw = dict(n=self.n)
-            layer = expand_linear(linear, ranks=self.ranks, noise_std=self.noise_std, generator=self.generator,
-                                  strategy=self.strategy, **shape_kw)
+            try:
+                layer = expand_linear(linear, ranks=self.ranks, noise_std=self.noise_std, generator=self.generator,
+                                      strategy=self.strategy, **shape_kw)
+            except ValueError as exc:
+                raise ValueError(f"cannot expand layer {name!r} ({linear.in_features}x{linear.out_features}): {exc}") from exc
             layer.train(linear.training)
             self._set(name, layer)
             self.expanded.add(name)
