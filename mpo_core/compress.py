@@ -305,6 +305,8 @@ def compress(
         No matching layer, a shared core (e.g. MPOBERT's shared centrals: truncating one layer
         would change the others), or a budget/rel_tol problem from :func:`allocate_ranks`.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     match = _matcher(include)
     shared = _shared_cores(model)
     targets = [(name, mod) for name, mod in model.named_modules()

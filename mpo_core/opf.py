@@ -146,6 +146,10 @@ def importance_scores(
     dict of str to float
         Score per module name. No parameter's ``.grad`` is touched.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (model, batch) -> loss, got {type(loss_fn).__name__}")
     match = _matcher(include)
     targets = {name: mod for name, mod in model.named_modules()
                if name and isinstance(mod, (nn.Linear, MPOLinear)) and match(name, mod)}

@@ -152,6 +152,8 @@ def test_errors():
         compress(_mlp(), budget="half", n=3)
     with pytest.raises(ValueError, match="matched no"):
         compress(_mlp(), budget=0.5, include="nothing.*")
+    with pytest.raises(TypeError, match="model"):
+        compress({"w": torch.zeros(2, 2)}, budget=0.5)
     with pytest.raises(ValueError, match="exact decomposition"):
         allocate_ranks({"w": decompose(torch.randn(16, 16), n=2, max_bond=2)}, budget=0.5)
     shared = nn.Sequential(MPOLinear(16, 16, n=3), MPOLinear(16, 16, n=3))

@@ -122,6 +122,8 @@ def test_importance_scores_match_dense_gradient_and_ignore_param_grads():
         importance_scores(model, batches, _loss, include="zzz")
     with pytest.raises(ValueError, match="at least one batch"):
         importance_scores(model, [], _loss)
+    with pytest.raises(TypeError, match="loss_fn"):
+        importance_scores(model, batches, None)
 
 
 def test_select_top():
