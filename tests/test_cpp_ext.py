@@ -8,7 +8,13 @@ Philox4x32-10 (itself checked on the Random123 known-answer vectors).
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,40 +293,206 @@ def test_numpy_philox_reference_matches_random123_known_answers():
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA kernels (run only where a GPU is present).
+# CUDA kernels: on a GPU through mpo_core._C ("cuda"), and everywhere through the host emulation
+# of csrc/cuda/host_emulation.h ("emulated"): the same .cu sources compiled by g++, blocks run
+# one after another, each block's threads as std::threads, on CPU tensors. The emulation checks
+# the kernels' arithmetic, indexing, launch planning and reductions; only the GPU checks speed,
+# the real warp scheduler and the real toolchain's code generation.
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 LOWP = [torch.float32, torch.bfloat16, torch.float16]
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import nvcc_check  # noqa: E402
+
+# Stands in for the CUDA runtime calls the launchers make: device 0 with 2 SMs, so that the
+# persistent grids of the backward kernels walk several rows per block even for small inputs.
+_EMU_HARNESS = r"""
+#include <cstring>
+#include "kernels.h"
+using namespace mpo_core::cuda;
+cudaError_t cudaGetLastError() { return cudaSuccess; }
+cudaError_t cudaGetDevice(int* device) { *device = 0; return cudaSuccess; }
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  *value = attr == cudaDevAttrMultiProcessorCount ? 2 : 0;
+  return cudaSuccess;
+}
+cudaError_t cudaMemsetAsync(void* p, int v, size_t count, cudaStream_t) { std::memset(p, v, count); return cudaSuccess; }
+extern "C" {
+int emu_ln_fwd(int dt, const void* x, const void* r, const float* g, const float* b, void* y, void* h, float* mean,
+               float* rstd, int64_t rows, int n, float eps, float p, uint64_t seed, uint64_t offset) {
+  LayerNormForwardArgs a;
+  a.x = x; a.r = r; a.gamma = g; a.beta = b; a.y = y; a.h = h; a.mean = mean; a.rstd = rstd;
+  a.rows = rows; a.n = n; a.eps = eps; a.dropout_p = p; a.seed = seed; a.offset = offset;
+  return layernorm_forward(static_cast<DType>(dt), a, nullptr);
+}
+static LayerNormBackwardArgs bwd_args(const void* dy, const void* h, const float* g, const float* mean,
+                                      const float* rstd, void* dh, void* dr, float* dg, float* db, float* ws,
+                                      int64_t rows, int n, float p, uint64_t seed, uint64_t offset) {
+  LayerNormBackwardArgs a;
+  a.dy = dy; a.h = h; a.gamma = g; a.mean = mean; a.rstd = rstd; a.dh = dh; a.dr = dr; a.dgamma = dg; a.dbeta = db;
+  a.workspace = ws; a.rows = rows; a.n = n; a.dropout_p = p; a.seed = seed; a.offset = offset;
+  return a;
+}
+size_t emu_ln_bwd_ws(int dt, const void* dy, const void* h, const float* g, void* dh, void* dr, int64_t rows, int n) {
+  return layernorm_backward_workspace(static_cast<DType>(dt),
+                                      bwd_args(dy, h, g, nullptr, nullptr, dh, dr, nullptr, nullptr, nullptr, rows, n, 0, 0, 0));
+}
+int emu_ln_bwd(int dt, const void* dy, const void* h, const float* g, const float* mean, const float* rstd, void* dh,
+               void* dr, float* dg, float* db, float* ws, int64_t rows, int n, float p, uint64_t seed, uint64_t offset) {
+  return layernorm_backward(static_cast<DType>(dt),
+                            bwd_args(dy, h, g, mean, rstd, dh, dr, dg, db, ws, rows, n, p, seed, offset), nullptr);
+}
+int emu_gelu_fwd(int dt, const void* x, const float* b, void* y, int64_t rows, int n, int tanh_approx) {
+  return bias_gelu_forward(static_cast<DType>(dt), x, b, y, rows, n, tanh_approx != 0, nullptr);
+}
+size_t emu_gelu_bwd_ws(int dt, int64_t rows, int n) { return bias_gelu_backward_workspace(static_cast<DType>(dt), rows, n); }
+int emu_gelu_bwd(int dt, const void* dy, const void* x, const float* b, void* dx, float* db, float* ws, int64_t rows,
+                 int n, int tanh_approx) {
+  return bias_gelu_backward(static_cast<DType>(dt), dy, x, b, dx, db, ws, rows, n, tanh_approx != 0, nullptr);
+}
+}
+"""
 
 
-@pytest.fixture(scope="module")
-def CC(C):
-    """The extension on a GPU machine: it must have been built with its CUDA kernels."""
-    if not C.WITH_CUDA:
-        pytest.fail("a GPU is present but mpo_core._C was built without CUDA (need a CUDA torch + nvcc)")
-    return C
+def _build_emulation(out_dir: Path) -> Path:
+    """Compile csrc/cuda/*.cu for host emulation plus the harness into one shared library."""
+    nvcc = nvcc_check.find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc (and with it the CUDA headers) not found")
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    assert cxx, "a host C++ compiler is needed (the extension build needs one too)"
+    cuda_dir = ROOT / "csrc" / "cuda"
+    flags = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-DMPO_CUDA_HOST_EMULATION",
+             *nvcc_check.TORCH_NVCC_FLAGS[:-1], f"-I{cuda_dir}", *(f"-I{d}" for d in nvcc_check.cuda_include_dirs(nvcc))]
+    (out_dir / "harness.cpp").write_text(_EMU_HARNESS)
+    jobs = [[cxx, *flags, "-x", "c++", "-include", "host_emulation.h", "-c", str(src), "-o", str(out_dir / f"{src.stem}.o")]
+            for src in sorted(cuda_dir.glob("*.cu"))]
+    jobs.append([cxx, *flags, "-c", str(out_dir / "harness.cpp"), "-o", str(out_dir / "harness.o")])
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        procs = list(pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True, check=False), jobs))
+    for cmd, proc in zip(jobs, procs):
+        assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"
+    lib = out_dir / "libmpo_emu.so"
+    subprocess.run([cxx, "-shared", "-pthread", *map(str, sorted(out_dir.glob("*.o"))), "-o", str(lib)], check=True)
+    return lib
 
 
-@pytest.mark.cuda
-@requires_gpu
+class EmulatedKernels:
+    """The CUDA kernels under host emulation, behind the CUDA ops' signatures of mpo_core._C
+    (same argument handling as csrc/cuda/glue.cpp), on CPU tensors."""
+
+    DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+    def __init__(self, path: Path):
+        V, I64, I, F32, U64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_uint64
+        self.lib = lib = ctypes.CDLL(str(path))
+        lib.emu_ln_fwd.argtypes = [I, V, V, V, V, V, V, V, V, I64, I, F32, F32, U64, U64]
+        lib.emu_ln_bwd_ws.argtypes = [I, V, V, V, V, V, I64, I]
+        lib.emu_ln_bwd_ws.restype = ctypes.c_size_t
+        lib.emu_ln_bwd.argtypes = [I, V, V, V, V, V, V, V, V, V, V, I64, I, F32, U64, U64]
+        lib.emu_gelu_fwd.argtypes = [I, V, V, V, I64, I, I]
+        lib.emu_gelu_bwd_ws.argtypes = [I, I64, I]
+        lib.emu_gelu_bwd_ws.restype = ctypes.c_size_t
+        lib.emu_gelu_bwd.argtypes = [I, V, V, V, V, V, V, I64, I, I]
+
+    @staticmethod
+    def _ptr(t):
+        return None if t is None else t.data_ptr()
+
+    @staticmethod
+    def _f32(t):
+        return None if t is None else t.float().contiguous()
+
+    def residual_layernorm_forward(self, x, residual, weight, bias, eps):
+        return self.residual_dropout_layernorm_forward(x, residual, weight, bias, 0.0, 0, 0, eps)
+
+    def residual_dropout_layernorm_forward(self, x, r, weight, bias, p, seed, offset, eps):
+        x, P = x.contiguous(), self._ptr
+        r = None if r is None else r.contiguous()
+        w, b = self._f32(weight), self._f32(bias)
+        n = x.shape[-1]
+        rows = x.numel() // n
+        y, h = torch.empty_like(x), (x if r is None else torch.empty_like(x))
+        mean, rstd = torch.empty(rows), torch.empty(rows)
+        rc = self.lib.emu_ln_fwd(self.DTYPES[x.dtype], P(x), P(r), P(w), P(b), P(y), None if r is None else P(h),
+                                 P(mean), P(rstd), rows, n, eps, p, seed % 2**64, offset % 2**64)
+        assert rc == 0, f"layernorm_forward returned cudaError {rc}"
+        return y, h, mean, rstd
+
+    def _backward(self, dy, h, weight, mean, rstd, want_dr, p, seed, offset):
+        dy, h, P = dy.contiguous(), h.contiguous(), self._ptr
+        w = self._f32(weight)
+        n = h.shape[-1]
+        rows = h.numel() // n
+        dh = torch.empty_like(h)
+        dr = torch.empty_like(h) if want_dr else None
+        dw, db = (torch.empty(n), torch.empty(n)) if w is not None else (None, None)
+        dt = self.DTYPES[h.dtype]
+        ws = torch.empty(self.lib.emu_ln_bwd_ws(dt, P(dy), P(h), P(w), P(dh), P(dr), rows, n))
+        rc = self.lib.emu_ln_bwd(dt, P(dy), P(h), P(w), P(mean), P(rstd), P(dh), P(dr), P(dw), P(db),
+                                 P(ws) if ws.numel() else None, rows, n, p, seed % 2**64, offset % 2**64)
+        assert rc == 0, f"layernorm_backward returned cudaError {rc}"
+        if w is not None:
+            dw, db = dw.to(weight.dtype), db.to(weight.dtype)
+        return dh, dr, dw, db
+
+    def residual_layernorm_backward(self, dy, h, weight, mean, rstd):
+        dh, _, dw, db = self._backward(dy, h, weight, mean, rstd, False, 0.0, 0, 0)
+        return dh, dw, db
+
+    def residual_dropout_layernorm_backward(self, dy, h, weight, mean, rstd, p, seed, offset):
+        return self._backward(dy, h, weight, mean, rstd, True, p, seed, offset)
+
+    def bias_gelu_forward(self, x, bias, approximate="none"):
+        x, b, P = x.contiguous(), self._f32(bias), self._ptr
+        y = torch.empty_like(x)
+        n = x.shape[-1]
+        rc = self.lib.emu_gelu_fwd(self.DTYPES[x.dtype], P(x), P(b), P(y), x.numel() // n, n, approximate == "tanh")
+        assert rc == 0, f"bias_gelu_forward returned cudaError {rc}"
+        return y
+
+    def bias_gelu_backward(self, dy, x, bias, approximate="none"):
+        x, dy, b, P = x.contiguous(), dy.contiguous(), self._f32(bias), self._ptr
+        n = x.shape[-1]
+        rows, dt = x.numel() // n, self.DTYPES[x.dtype]
+        dx, dbias = torch.empty_like(x), torch.empty(n)
+        ws = torch.empty(self.lib.emu_gelu_bwd_ws(dt, rows, n))
+        rc = self.lib.emu_gelu_bwd(dt, P(dy), P(x), P(b), P(dx), P(dbias), P(ws) if ws.numel() else None, rows, n,
+                                   approximate == "tanh")
+        assert rc == 0, f"bias_gelu_backward returned cudaError {rc}"
+        return dx, dbias.to(bias.dtype)
+
+
+@pytest.fixture(scope="module", params=["emulated", pytest.param("cuda", marks=[pytest.mark.cuda, requires_gpu])])
+def kernels(request, tmp_path_factory):
+    """(ops, device): the CUDA kernels on a GPU, or under host emulation on the CPU."""
+    if request.param == "emulated":
+        return EmulatedKernels(_build_emulation(tmp_path_factory.mktemp("cuda_emu"))), "cpu"
+    ext = extension()
+    if ext is None or not ext.WITH_CUDA:
+        pytest.fail("a GPU is present but mpo_core._C was not built with CUDA (need a CUDA torch + nvcc)")
+    return ext, "cuda"
+
+
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("n", [1, 7, 64, 512, 768, 1000, 1001, 1024, 3072, 4099, 8192])
-@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
-@pytest.mark.parametrize("affine", ["both", "none"])
-def test_cuda_layernorm_matches_torch(CC, dtype, n, residual, affine):
-    _check(CC, (3, 37, n), dtype, residual, affine, device="cuda", seed=n)
+@pytest.mark.parametrize("residual,affine", [(True, "both"), (False, "none")])
+def test_cuda_layernorm_matches_torch(kernels, dtype, n, residual, affine):
+    ops, device = kernels
+    lead = (3, 37) if device == "cuda" else (2, 3)  # the emulation runs one OS thread per CUDA thread
+    _check(ops, (*lead, n), dtype, residual, affine, device=device, seed=n)
 
 
-@pytest.mark.cuda
-@requires_gpu
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
-def test_cuda_layernorm_misaligned_and_many_rows(CC, dtype):
+def test_cuda_layernorm_misaligned_and_many_rows(kernels, dtype):
     """Views starting one element into their storage take the scalar (unaligned) path and must
-    agree with the vector path; 20000 rows exercise the persistent backward's row loop and
-    its partial dgamma/dbeta rows."""
-    for n in (256, 768):
-        _check(CC, (20000, n), dtype, True, "both", device="cuda", seed=n)
-        x, r, w, b, dy = _inputs((5, n), dtype, True, "both", device="cuda", seed=n + 1)
+    agree with the vector path; many rows exercise the persistent backward's row loop and its
+    partial dgamma/dbeta rows (the emulated device has 2 SMs, so 150 rows suffice there)."""
+    CC, device = kernels
+    for n in (64, 768):
+        _check(CC, (20000 if device == "cuda" else 150, n), dtype, True, "both", device=device, seed=n)
+        x, r, w, b, dy = _inputs((5, n), dtype, True, "both", device=device, seed=n + 1)
 
         def shifted(t):
             buf = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
@@ -339,18 +511,17 @@ def test_cuda_layernorm_misaligned_and_many_rows(CC, dtype):
             _close(a, c, 4 * TOL[dtype], f"unaligned {name}")
 
 
-@pytest.mark.cuda
-@requires_gpu
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("n", [768, 1001])
-def test_cuda_dropout_mask_is_philox_and_backward_recomputes_it(CC, dtype, n):
-    rows, p, seed, offset = 64, 0.25, 1234, 7
+def test_cuda_dropout_mask_is_philox_and_backward_recomputes_it(kernels, dtype, n):
+    CC, device = kernels
+    rows, p, seed, offset = 64 if device == "cuda" else 16, 0.25, 1234, 7
     g = torch.Generator().manual_seed(n)
-    r = (torch.rand(rows, n, generator=g) + 0.5).to("cuda", dtype)  # nonzero everywhere
+    r = (torch.rand(rows, n, generator=g) + 0.5).to(device, dtype)  # nonzero everywhere
     zero = torch.zeros_like(r)
-    w = torch.randn(n, generator=g).to("cuda", dtype)
-    b = torch.randn(n, generator=g).to("cuda", dtype)
-    keep = torch.from_numpy(dropout_keep_mask(rows * n, p, seed, offset)).view(rows, n).to("cuda")
+    w = torch.randn(n, generator=g).to(device, dtype)
+    b = torch.randn(n, generator=g).to(device, dtype)
+    keep = torch.from_numpy(dropout_keep_mask(rows * n, p, seed, offset)).view(rows, n).to(device)
     scale = 1.0 / (1.0 - float(np.float32(p)))
 
     # x = 0: h is exactly the dropped-out r, so the mask is observed bit for bit.
@@ -358,7 +529,7 @@ def test_cuda_dropout_mask_is_philox_and_backward_recomputes_it(CC, dtype, n):
     assert torch.equal(h != 0, keep)
     torch.testing.assert_close(h, (r.float() * keep * scale).to(dtype), rtol=TOL[dtype], atol=0)
 
-    x = torch.randn(rows, n, generator=g).to("cuda", dtype)
+    x = torch.randn(rows, n, generator=g).to(device, dtype)
     y, h, mean, rstd = CC.residual_dropout_layernorm_forward(x, r, w, b, p, seed, offset, 1e-5)
     again = CC.residual_dropout_layernorm_forward(x, r, w, b, p, seed, offset, 1e-5)
     assert all(torch.equal(a, c) for a, c in zip((y, h, mean, rstd), again)), "not deterministic"
@@ -367,7 +538,7 @@ def test_cuda_dropout_mask_is_philox_and_backward_recomputes_it(CC, dtype, n):
     y_plain, *_ = CC.residual_layernorm_forward(h, None, w, b, 1e-5)
     torch.testing.assert_close(y, y_plain, rtol=TOL[dtype], atol=TOL[dtype])
 
-    dy = torch.randn(rows, n, generator=g).to("cuda", dtype)
+    dy = torch.randn(rows, n, generator=g).to(device, dtype)
     dx, dr, dw, db = CC.residual_dropout_layernorm_backward(dy, h, w, mean, rstd, p, seed, offset)
     dh, dw0, db0 = CC.residual_layernorm_backward(dy, h, w, mean, rstd)
     assert torch.equal(dx, dh) and torch.equal(dw, dw0) and torch.equal(db, db0)
@@ -382,16 +553,15 @@ def test_cuda_dropout_mask_is_philox_and_backward_recomputes_it(CC, dtype, n):
     assert torch.equal(h1, x)
 
 
-@pytest.mark.cuda
-@requires_gpu
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("shape", [(7, 1), (7, 5), (2, 9, 768), (33, 1001), (300, 3072)])
-def test_cuda_bias_gelu_matches_torch(CC, dtype, approximate, shape):
+def test_cuda_bias_gelu_matches_torch(kernels, dtype, approximate, shape):
+    CC, device = kernels
     g = torch.Generator().manual_seed(shape[-1])
-    x = (torch.randn(*shape, generator=g) * 3).to("cuda", dtype)
-    bias = torch.randn(shape[-1], generator=g).to("cuda", dtype)
-    dy = torch.randn(*shape, generator=g).to("cuda", dtype)
+    x = (torch.randn(*shape, generator=g) * 3).to(device, dtype)
+    bias = torch.randn(shape[-1], generator=g).to(device, dtype)
+    dy = torch.randn(*shape, generator=g).to(device, dtype)
     xl, bl = x.double().requires_grad_(True), bias.double().requires_grad_(True)
     ref = F.gelu(xl + bl, approximate=approximate)
     ref.backward(dy.double())
@@ -406,7 +576,11 @@ def test_cuda_bias_gelu_matches_torch(CC, dtype, approximate, shape):
 
 @pytest.mark.cuda
 @requires_gpu
-def test_cuda_only_ops_reject_bad_input(CC):
+def test_cuda_only_ops_reject_bad_input(C):
+    """The argument checks of the torch glue (only a CUDA build has it)."""
+    if not C.WITH_CUDA:
+        pytest.fail("a GPU is present but mpo_core._C was built without CUDA (need a CUDA torch + nvcc)")
+    CC = C
     x = torch.randn(4, 8, device="cuda")
     bias = torch.randn(8, device="cuda")
     with pytest.raises(ValueError, match="CUDA-only kernel.*torch reference path"):

@@ -114,9 +114,10 @@ void launch_forward(const Geometry& g, const void* x, const float* bias, void* y
   const T* xt = static_cast<const T*>(x);
   T* yt = static_cast<T*>(y);
   if (g.vec == 1)
-    bias_gelu_forward_kernel<T, 1><<<g.grid, g.block, 0, stream>>>(xt, bias, yt, rows, n, tanh_approx);
+    MPO_LAUNCH(g.grid, g.block, 0, stream, bias_gelu_forward_kernel<T, 1>)(xt, bias, yt, rows, n, tanh_approx);
   else
-    bias_gelu_forward_kernel<T, 16 / sizeof(T)><<<g.grid, g.block, 0, stream>>>(xt, bias, yt, rows, n, tanh_approx);
+    MPO_LAUNCH(g.grid, g.block, 0, stream, bias_gelu_forward_kernel<T, 16 / sizeof(T)>)(
+        xt, bias, yt, rows, n, tanh_approx);
 }
 
 template <typename T>
@@ -126,11 +127,11 @@ void launch_backward(const Geometry& g, const void* dy, const void* x, const flo
   const T* xt = static_cast<const T*>(x);
   T* dxt = static_cast<T*>(dx);
   if (g.vec == 1)
-    bias_gelu_backward_kernel<T, 1>
-        <<<g.grid, g.block, 0, stream>>>(dyt, xt, bias, dxt, partial, rows, n, tanh_approx);
+    MPO_LAUNCH(g.grid, g.block, 0, stream, bias_gelu_backward_kernel<T, 1>)(
+        dyt, xt, bias, dxt, partial, rows, n, tanh_approx);
   else
-    bias_gelu_backward_kernel<T, 16 / sizeof(T)>
-        <<<g.grid, g.block, 0, stream>>>(dyt, xt, bias, dxt, partial, rows, n, tanh_approx);
+    MPO_LAUNCH(g.grid, g.block, 0, stream, bias_gelu_backward_kernel<T, 16 / sizeof(T)>)(
+        dyt, xt, bias, dxt, partial, rows, n, tanh_approx);
 }
 
 }  // namespace

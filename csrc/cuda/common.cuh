@@ -11,9 +11,25 @@
 #include "kernels.h"
 #include "philox.cuh"
 
+// Kernel launches and dynamic shared memory go through these two, so that host_emulation.h
+// (tests on machines without a GPU) can stand in for them.
+#ifndef MPO_CUDA_HOST_EMULATION
+#define MPO_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+
 namespace mpo_core {
 namespace cuda {
 namespace detail {
+
+#ifdef MPO_CUDA_HOST_EMULATION
+using mpo_emu::dynamic_smem;
+#else
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+  extern __shared__ float4 mpo_dynamic_smem[];
+  return reinterpret_cast<T*>(mpo_dynamic_smem);
+}
+#endif
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v);

@@ -110,7 +110,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kMaxThreads)
     layernorm_backward_kernel(LayerNormBackwardArgs a, float keep_prob, float scale) {
   constexpr int CHUNKS = kElemsPerThread / VEC;
-  extern __shared__ float partial_smem[];  // 2 x blockDim.y x n floats when blockDim.y > 1
+  float* partial_smem = detail::dynamic_smem<float>();  // 2 x blockDim.y x n floats when blockDim.y > 1
   __shared__ float scratch[32];
   const int n = a.n;
   const bool affine = a.gamma != nullptr;
@@ -218,9 +218,9 @@ cudaError_t launch_forward(const LayerNormForwardArgs& a, const Geometry& geo, c
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(blocks));
   if (geo.vec == 1)
-    layernorm_forward_kernel<T, 1><<<grid, block, 0, stream>>>(a, dp.keep_prob, dp.scale);
+    MPO_LAUNCH(grid, block, 0, stream, layernorm_forward_kernel<T, 1>)(a, dp.keep_prob, dp.scale);
   else
-    layernorm_forward_kernel<T, 16 / sizeof(T)><<<grid, block, 0, stream>>>(a, dp.keep_prob, dp.scale);
+    MPO_LAUNCH(grid, block, 0, stream, layernorm_forward_kernel<T, 16 / sizeof(T)>)(a, dp.keep_prob, dp.scale);
   return cudaGetLastError();
 }
 
@@ -263,10 +263,10 @@ cudaError_t launch_backward(const LayerNormBackwardArgs& a, const BackwardLaunch
   const detail::DropoutParams dp = detail::dropout_params(a.dropout_p);
   const dim3 block(l.geo.threads_per_row, l.geo.rows_per_block);
   if (l.geo.vec == 1)
-    layernorm_backward_kernel<T, 1><<<l.blocks, block, l.smem_bytes, stream>>>(a, dp.keep_prob, dp.scale);
+    MPO_LAUNCH(l.blocks, block, l.smem_bytes, stream, layernorm_backward_kernel<T, 1>)(a, dp.keep_prob, dp.scale);
   else
-    layernorm_backward_kernel<T, 16 / sizeof(T)>
-        <<<l.blocks, block, l.smem_bytes, stream>>>(a, dp.keep_prob, dp.scale);
+    MPO_LAUNCH(l.blocks, block, l.smem_bytes, stream, layernorm_backward_kernel<T, 16 / sizeof(T)>)(
+        a, dp.keep_prob, dp.scale);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || a.gamma == nullptr) return err;
   err = column_sums(a.workspace, l.blocks, a.n, a.dgamma, stream);

@@ -33,8 +33,8 @@ __global__ void __launch_bounds__(kColumns * kLanesPerColumn)
 cudaError_t column_sums(const float* in, int64_t parts, int n, float* out, cudaStream_t stream) {
   if (n < 1 || parts < 0) return cudaErrorInvalidValue;
   const dim3 block(kColumns, kLanesPerColumn);
-  column_sums_kernel<<<static_cast<unsigned>(detail::ceil_div(n, kColumns)), block, 0, stream>>>(
-      in, parts, n, out);
+  const dim3 grid(static_cast<unsigned>(detail::ceil_div(n, kColumns)));
+  MPO_LAUNCH(grid, block, 0, stream, column_sums_kernel)(in, parts, n, out);
   return cudaGetLastError();
 }
 
