@@ -195,12 +195,14 @@ def test_convert_albert(tmp_path, capsys):
 def test_demo_quick(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--output-dir", str(out), "--pretrain-steps", "3", "--finetune-epochs", "0.1",
-                 "--batch-size", "16", "--max-seq-len", "32", "--progress", "none"]) == 0
+                 "--batch-size", "16", "--max-seq-len", "32", "--progress", "none", "--compare-scratch"]) == 0
     text = capsys.readouterr().out
     assert "dev accuracy" in text and "majority-class baseline" in text and "central cores" in text
+    assert "from a random init" in text
     summary = json.loads((out / "demo_metrics.json").read_text())
     assert summary["pretrain"]["steps"] == 3 and set(summary["pretrain"]["heldout"]) == {"loss", "mlm_accuracy", "sop_accuracy"}
     assert 0.0 <= summary["finetune"]["dev"]["accuracy"] <= 1.0
+    assert summary["finetune_from_scratch"]["steps"] == summary["finetune"]["steps"]
     # the held-out corpus is the dev split: none of its paragraphs was pretrained on
     dev = {e.text_a for e in load_split("pydoc-topics", out / "data" / "pydoc-topics", "dev")}
     corpus = (out / "pretrain" / "corpus.txt").read_text()
