@@ -98,7 +98,7 @@ def _skewed_layer(mode: str, seed: int = 0) -> MPOEFeedForward:
     torch.manual_seed(seed)
     layer = MPOEFeedForward(16, 32, num_experts=3, n=3, central_grad=mode)
     with torch.no_grad():  # expert 0 wins for most tokens
-        layer.router.weight.copy_(torch.randn(3, 16) * 0.1)
+        layer.router.weight.copy_(torch.randn(3, 16, generator=torch.Generator().manual_seed(seed)) * 0.1)
         layer.router.weight[0] += 0.3
     return layer
 
@@ -114,7 +114,7 @@ def _central_grads(layer, x, w, token_mask=None):
 
 
 def test_inverse_frequency_central_gradient(capsys):
-    x = torch.randn(60, 16, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(60, 16, generator=torch.Generator().manual_seed(1)) + 0.2  # along expert 0's router row
     w = torch.randn(60, 16, generator=torch.Generator().manual_seed(2))
     plain = _skewed_layer("none")
     masked = _skewed_layer("inverse_frequency")
