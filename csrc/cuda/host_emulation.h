@@ -5,11 +5,11 @@
 // Compile each .cu as C++ with MPO_CUDA_HOST_EMULATION defined and this header force-included
 // (`g++ -x c++ -DMPO_CUDA_HOST_EMULATION -include host_emulation.h`); the harness that links them
 // defines the few CUDA runtime calls the launchers make (cudaGetLastError, cudaGetDevice,
-// cudaDeviceGetAttribute, cudaMemsetAsync) for an emulated device. Blocks run one after
-// another; the threads of a block run concurrently as std::threads (one pool per launch), so
-// __syncthreads is a barrier and __shfl_xor_sync a two-phase exchange through a per-warp buffer.
-// __shared__ variables become function statics (one block at a time shares them). A thread
-// that returns leaves its barriers, as on a GPU.
+// cudaDeviceGetAttribute, cudaMemsetAsync) for an emulated device. Everything runs on the
+// calling thread: blocks one after another, the threads of a block as ucontext fibers that
+// switch at barriers, so __syncthreads is a barrier over the block's fibers and __shfl_xor_sync
+// a two-phase exchange through a per-warp buffer. __shared__ variables become function statics
+// (one block at a time shares them). A thread that returns leaves its barriers, as on a GPU.
 #pragma once
 
 #ifndef MPO_CUDA_HOST_EMULATION
@@ -20,41 +20,94 @@
 #define __launch_bounds__(...)
 
 #include <cuda_runtime.h>
+#include <ucontext.h>
 
-#include <barrier>
 #include <cmath>
 #include <cstddef>
-#include <cstring>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
 #include <memory>
-#include <thread>
-#include <utility>
 #include <vector>
 
 namespace mpo_emu {
 
+// One emulated CUDA thread: a cooperative fiber (its stack belongs to the launch).
+struct Fiber {
+  ucontext_t context;
+  dim3 thread_idx;
+  unsigned linear_tid = 0;
+  bool done = false;
+};
+
+// A barrier among `expected` fibers; a finished fiber leaves it for good, as on a GPU.
+struct Barrier {
+  unsigned expected, arrived = 0;
+  unsigned long generation = 0;
+};
+
 struct Block {
-  std::unique_ptr<std::barrier<>> all;
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  Barrier all;
+  std::vector<Barrier> warps;
   std::vector<float> lanes;
   std::vector<float> dynamic_smem;
+  std::vector<Fiber> fibers;
+  ucontext_t scheduler;
+  Fiber* running = nullptr;
+  std::function<void()> body;
 };
 
 inline Block* current_block = nullptr;  // the block running now (blocks run one at a time)
-inline thread_local unsigned linear_tid = 0;
+inline unsigned long progress = 0;      // arrivals, releases and exits: a pass without any is a deadlock
+constexpr size_t kStackBytes = 64 * 1024;
+
+inline void yield() {
+  Block& b = *current_block;
+  swapcontext(&b.running->context, &b.scheduler);
+}
+
+inline void leave(Barrier& bar) {
+  ++progress;
+  --bar.expected;
+  if (bar.arrived > 0 && bar.arrived == bar.expected) {
+    bar.arrived = 0;
+    ++bar.generation;
+  }
+}
+
+inline void arrive_and_wait(Barrier& bar) {
+  ++progress;
+  const unsigned long generation = bar.generation;
+  if (++bar.arrived == bar.expected) {
+    bar.arrived = 0;
+    ++bar.generation;
+    return;
+  }
+  while (bar.generation == generation) yield();
+}
+
+inline void fiber_entry() {
+  Block& b = *current_block;
+  b.body();
+  b.running->done = true;
+  leave(b.warps[b.running->linear_tid / 32]);
+  leave(b.all);
+  swapcontext(&b.running->context, &b.scheduler);  // never resumed
+}
 
 }  // namespace mpo_emu
 
-inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 
-inline void __syncthreads() { mpo_emu::current_block->all->arrive_and_wait(); }
+inline void __syncthreads() { mpo_emu::arrive_and_wait(mpo_emu::current_block->all); }
 
 inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) {
   mpo_emu::Block& b = *mpo_emu::current_block;
-  const unsigned warp = mpo_emu::linear_tid / 32, lane = mpo_emu::linear_tid % 32;
+  const unsigned tid = b.running->linear_tid, warp = tid / 32, lane = tid % 32;
   b.lanes[warp * 32 + lane] = v;
-  b.warps[warp]->arrive_and_wait();
+  mpo_emu::arrive_and_wait(b.warps[warp]);
   const float out = b.lanes[warp * 32 + (lane ^ static_cast<unsigned>(lane_mask))];
-  b.warps[warp]->arrive_and_wait();
+  mpo_emu::arrive_and_wait(b.warps[warp]);
   return out;
 }
 
@@ -67,8 +120,8 @@ T* dynamic_smem() {
   return reinterpret_cast<T*>(current_block->dynamic_smem.data());
 }
 
-// Runs kernel<<<grid, block, smem>>>(args...) on the host: one std::thread per CUDA thread of
-// a block, reused for every block of the grid (blocks run one after another).
+// Runs kernel<<<grid, block, smem>>>(args...) on the calling thread: blocks one after another,
+// the threads of a block as fibers switched at barriers and shuffles (round robin).
 template <typename... P>
 struct Launch {
   void (*kernel)(P...);
@@ -79,38 +132,50 @@ struct Launch {
   void operator()(A&&... args) const {
     const unsigned threads = block.x * block.y * block.z;
     const unsigned warps = (threads + 31) / 32;
-    const unsigned blocks = grid.x * grid.y * grid.z;
-    Block b;
-    std::barrier<> step(threads);  // separates blocks; nobody leaves it
-    auto setup = [&] {
-      b.all = std::make_unique<std::barrier<>>(threads);
-      b.warps.clear();
-      for (unsigned w = 0; w < warps; ++w)
-        b.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
-      b.lanes.assign(32 * warps, 0.0f);
-      b.dynamic_smem.assign((smem + sizeof(float) - 1) / sizeof(float), 0.0f);
-    };
-    current_block = &b;
-    std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (unsigned t = 0; t < threads; ++t)
-      pool.emplace_back([&, t] {
-        linear_tid = t;
-        threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-        blockDim = block;
-        gridDim = grid;
-        for (unsigned index = 0; index < blocks; ++index) {
-          if (t == 0) setup();
-          step.arrive_and_wait();  // the block is set up
-          blockIdx = dim3(index % grid.x, (index / grid.x) % grid.y, index / (grid.x * grid.y));
-          kernel(args...);
-          b.warps[t / 32]->arrive_and_drop();
-          b.all->arrive_and_drop();
-          step.arrive_and_wait();  // every thread is done with the block
+    blockDim = block;
+    gridDim = grid;
+    std::vector<std::unique_ptr<char[]>> stacks(threads);
+    for (auto& stack : stacks) stack.reset(new char[kStackBytes]);  // uninitialized: no memset
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+      for (unsigned by = 0; by < grid.y; ++by)
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+          Block b;
+          b.all.expected = threads;
+          for (unsigned w = 0; w < warps; ++w) b.warps.push_back(Barrier{std::min(32u, threads - 32 * w)});
+          b.lanes.assign(32 * warps, 0.0f);
+          b.dynamic_smem.assign((smem + sizeof(float) - 1) / sizeof(float), 0.0f);
+          b.body = [&] { kernel(args...); };
+          b.fibers.resize(threads);
+          blockIdx = dim3(bx, by, bz);
+          current_block = &b;
+          for (unsigned t = 0; t < threads; ++t) {
+            Fiber& f = b.fibers[t];
+            f.linear_tid = t;
+            f.thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+            getcontext(&f.context);
+            f.context.uc_stack.ss_sp = stacks[t].get();
+            f.context.uc_stack.ss_size = kStackBytes;
+            f.context.uc_link = nullptr;
+            makecontext(&f.context, fiber_entry, 0);
+          }
+          for (unsigned live = threads; live > 0;) {
+            const unsigned long before = progress;
+            live = 0;
+            for (Fiber& f : b.fibers) {
+              if (f.done) continue;
+              b.running = &f;
+              threadIdx = f.thread_idx;
+              swapcontext(&b.scheduler, &f.context);
+              live += !f.done;
+            }
+            if (live > 0 && progress == before) {
+              std::fprintf(stderr, "host_emulation: deadlock in block (%u,%u,%u): %u threads wait forever\n", bx,
+                           by, bz, live);
+              std::abort();
+            }
+          }
+          current_block = nullptr;
         }
-      });
-    for (auto& th : pool) th.join();
-    current_block = nullptr;
   }
 };
 
