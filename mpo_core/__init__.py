@@ -7,22 +7,31 @@ Public API (re-exports only; see the submodules for the implementations):
 - :class:`MPOLinear`, :func:`mpo_ify`, :func:`set_trainable`: ``torch.nn`` layers and helpers;
 - :mod:`mpo_core.ops`: fused ops (``layer_norm``, ``residual_layer_norm``, ``bias_gelu``,
   ``mpo_linear``) dispatched to CUDA, Triton or torch;
+- :func:`compress` (MPOP), :class:`OverParameterization` / :func:`expand_linear` (OPF),
+  :class:`MPOEFeedForward` (MPOE): the MPO method family;
 - :func:`backends`: what this installation can use.
 """
 from mpo_core import ops
 from mpo_core._backends import backends
+from mpo_core.compress import compress
 from mpo_core.contract import contract, explain
 from mpo_core.decompose import decompose
+from mpo_core.moe import MPOEFeedForward
 from mpo_core.mpo import MPO
 from mpo_core.nn import MPOLinear, mpo_ify, set_trainable
+from mpo_core.opf import OverParameterization, expand_linear
 from mpo_core.shapes import factorize
 
 __all__ = [
     "MPO",
+    "MPOEFeedForward",
     "MPOLinear",
+    "OverParameterization",
     "backends",
+    "compress",
     "contract",
     "decompose",
+    "expand_linear",
     "explain",
     "factorize",
     "mpo_ify",
