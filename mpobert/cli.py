@@ -328,10 +328,10 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
         "--eval-corpus", str(out / "heldout.txt"), "--vocab-size", str(args.vocab_size), "--model-config", args.model_config,
         "--max-steps", str(args.pretrain_steps), "--batch-size", str(args.batch_size), "--lr", str(args.pretrain_lr),
         "--optimizer", args.optimizer, "--warmup-steps", str(max(1, args.pretrain_steps // 10)),
-        "--log-every", str(max(1, args.pretrain_steps // 20)), *common]))
+        "--log-every", str(max(1, args.pretrain_steps // 20)), "--dropout", str(args.dropout), *common]))
     finetune = ["finetune", "--task", "pydoc-topics", "--data-dir", str(task_dir), "--epochs", str(args.finetune_epochs),
                 "--batch-size", str(args.batch_size), "--lr", str(args.finetune_lr), "--optimizer", "adamw", "--log-every", "10",
-                *common]
+                "--dropout", str(args.dropout), *common]
     fine = cmd_finetune(parser.parse_args([*finetune, "--model", str(out / "pretrain" / "model"), "--output-dir", str(out / "finetune")]))
     scratch = None
     if args.compare_scratch:  # the same fine-tuning from a randomly initialized model of the same config
@@ -454,14 +454,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", cmd_demo)
     p.add_argument("--output-dir", default="results/demo", help="where data, runs and demo_metrics.json go (default %(default)s)")
-    p.add_argument("--pretrain-steps", type=int, default=300, help="MLM+SOP pretraining steps (default %(default)s)")
+    p.add_argument("--pretrain-steps", type=int, default=600, help="MLM+SOP pretraining steps (default %(default)s)")
     p.add_argument("--pretrain-lr", type=float, default=2e-3, help="pretraining peak learning rate (default %(default)s)")
     p.add_argument("--optimizer", choices=("lamb", "adamw"), default="adamw", help="pretraining optimizer (default %(default)s)")
-    p.add_argument("--compare-scratch", action="store_true",
-                   help="also fine-tune a randomly initialized model the same way (shows what pretraining adds)")
+    p.add_argument("--compare-scratch", action=argparse.BooleanOptionalAction, default=True,
+                   help="also fine-tune a randomly initialized model the same way, to show what pretraining adds "
+                        "(default: on)")
     p.add_argument("--finetune-epochs", type=float, default=5.0, help="fine-tuning epochs over pydoc-topics train (default %(default)s)")
     p.add_argument("--finetune-lr", type=float, default=2e-3, help="fine-tuning peak learning rate, AdamW (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of both stages (default %(default)s)")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="hidden/attention/classifier dropout; a model this small underfits, so none (default %(default)s)")
     p.add_argument("--max-seq-len", type=int, default=64, help="tokens per sequence, both stages (default %(default)s)")
     p.add_argument("--vocab-size", type=int, default=2000, help="WordPiece vocabulary trained on the corpus (default %(default)s)")
     p.add_argument("--model-config", default="tiny", help=f"preset {sorted(PRESETS)} or a JSON config (default %(default)s)")
