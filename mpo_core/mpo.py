@@ -314,7 +314,7 @@ def validate_cores(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     dimension, all of one dtype (else ``TypeError``) and on one device (else ``ValueError``);
     adjacent bonds must agree and the two boundary bonds must be 1 (``ValueError``).
     """
-    if isinstance(cores, torch.Tensor) or not isinstance(cores, Sequence):
+    if isinstance(cores, torch.Tensor) or not isinstance(cores, (Sequence, torch.nn.ParameterList)):
         raise TypeError(f"cores must be a list of 4-D tensors, got {type(cores).__name__}")
     cores = list(cores)
     if not cores:

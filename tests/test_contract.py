@@ -263,3 +263,13 @@ def test_sequential_steps_cover_every_gemm_form_and_never_permute_activation():
     assert [s.m for s in plan.chosen.steps] == [192, 48, 12, 3, 1]
     x = torch.randn(7, 768, dtype=torch.float64)
     torch.testing.assert_close(contract(x, cores, strategy="sequential", order="ltr"), x @ reference_dense(cores))
+
+
+def test_accepts_the_parameter_list_of_an_mpo_linear():
+    from mpo_core import MPOLinear
+
+    layer = MPOLinear(12, 6, in_shape=(3, 4), out_shape=(2, 3), ranks=2)
+    x = torch.randn(5, 12)
+    plan = explain(x, layer.cores)
+    assert plan.strategy in ("dense", "sequential")
+    torch.testing.assert_close(contract(x, layer.cores), x @ layer.weight.T)

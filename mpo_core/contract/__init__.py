@@ -40,7 +40,7 @@ OrderSpec = Union[str, Sequence[int], None]
 
 def _cores_of(mpo_or_cores: MPO | Sequence[torch.Tensor]) -> list[torch.Tensor]:
     cores = mpo_or_cores.cores if isinstance(mpo_or_cores, MPO) else mpo_or_cores
-    if isinstance(cores, torch.Tensor) or not isinstance(cores, Sequence) or len(cores) == 0:
+    if isinstance(cores, torch.Tensor) or not isinstance(cores, (Sequence, torch.nn.ParameterList)) or len(cores) == 0:
         raise TypeError(f"mpo_or_cores must be an MPO or a non-empty list of 4-D tensors, got {type(mpo_or_cores).__name__}")
     return validate_cores(cores)
 
