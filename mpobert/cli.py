@@ -1,4 +1,5 @@
-"""Command line of MPOBERT: ``python -m mpobert {pretrain,finetune,evaluate,convert,params,demo}``.
+"""Command line of MPOBERT: ``python -m mpobert {pretrain,finetune,evaluate,convert,params,demo,mpop,opf,mpoe}``
+(``mpop``/``opf``/``mpoe``: the MPO method family, from :mod:`mpobert.methods`).
 
 Every subcommand takes ``--config FILE`` (JSON, or YAML when PyYAML is installed): its keys
 are the subcommand's long options (``max_steps`` or ``max-steps``) and become defaults that
@@ -471,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the data split, init and training (default %(default)s)")
     p.add_argument("--progress", choices=("auto", "tqdm", "plain", "none"), default="plain", help="progress display (default %(default)s)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda:0', ... (default %(default)s)")
+
+    from .methods import add_subparsers as add_method_subcommands
+
+    add_method_subcommands(sub)  # mpop, opf, mpoe: the MPO method family (mpobert.methods)
     return parser
 
 

@@ -25,7 +25,7 @@ def _subparsers():
 
 def test_every_option_of_every_subcommand_is_documented(capsys):
     subs = _subparsers()
-    assert set(subs) == {"pretrain", "finetune", "evaluate", "convert", "params", "demo"}
+    assert set(subs) == {"pretrain", "finetune", "evaluate", "convert", "params", "demo", "mpop", "opf", "mpoe"}
     for name, sub in subs.items():
         assert sub.description, name
         for action in sub._actions:
@@ -208,3 +208,12 @@ def test_demo_quick(tmp_path, capsys):
     corpus = (out / "pretrain" / "corpus.txt").read_text()
     assert not any(p in corpus for p in list(dev)[:50] if len(p) > 80)
     assert MPOBertForSequenceClassification.from_pretrained(out / "finetune" / "model").config.num_labels == 5
+
+
+def test_method_subcommands_are_wired_with_config(tmp_path):
+    cfg = tmp_path / "m.json"
+    cfg.write_text(json.dumps({"steps": 2, "aux_steps": 1, "output": str(tmp_path / "mpop.json")}))
+    assert main(["mpop", "--config", str(cfg)]) == 0
+    result = json.loads((tmp_path / "mpop.json").read_text())
+    assert result["method"] == "mpop" and result["steps"] == 2 and result["aux_steps"] == 1  # from the config file
+    assert result["params"]["encoder_matrices_compressed"] < result["params"]["encoder_matrices_dense"]
