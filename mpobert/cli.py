@@ -28,7 +28,7 @@ from .data import (
 from .data.corpus import pydoc_documents
 from .evaluation import evaluate_pretraining, evaluate_squad, evaluate_task, majority_baseline
 from .multitask import MPOBertForMultiTask
-from .train import TrainConfig, Trainer, read_metrics, setup_distributed
+from .train import NonFiniteLossError, TrainConfig, Trainer, read_metrics, setup_distributed
 
 PRESETS = {"tiny": MPOBertConfig.tiny, "mpobert12": MPOBertConfig.mpobert12, "mpobert24": MPOBertConfig.mpobert24,
            "mpobert48": MPOBertConfig.mpobert48, "mpobert48_plus": MPOBertConfig.mpobert48_plus}
@@ -516,6 +516,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"mpobert: error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as exc:
+        print(f"mpobert: training stopped: {exc}", file=sys.stderr)
+        return 3
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

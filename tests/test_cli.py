@@ -217,3 +217,11 @@ def test_method_subcommands_are_wired_with_config(tmp_path):
     result = json.loads((tmp_path / "mpop.json").read_text())
     assert result["method"] == "mpop" and result["steps"] == 2 and result["aux_steps"] == 1  # from the config file
     assert result["params"]["encoder_matrices_compressed"] < result["params"]["encoder_matrices_dense"]
+
+
+def test_diverging_run_exits_with_a_message(pretrained, tmp_path, capsys):
+    # an absurd learning rate makes the loss non-finite; the CLI stops after --max-nonfinite steps in a row
+    code = main(["finetune", "--task", "pydoc-topics", "--model", str(pretrained / "model"), "--output-dir", str(tmp_path),
+                 "--max-steps", "20", "--batch-size", "8", "--lr", "1e30", "--max-grad-norm", "0", "--max-nonfinite", "2", *FAST])
+    err = capsys.readouterr().err
+    assert code == 3 and "2 consecutive steps with a non-finite loss" in err
