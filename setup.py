@@ -68,10 +68,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mpo_core", "mpo_core.*", "mpobert", "mpobert.*"]),
-    install_requires=["torch>=2.1", "numpy", "scipy"],
+    install_requires=["torch>=2.1", "numpy", "scipy", "tokenizers"],
     extras_require={
         "triton": ["triton"],
-        "mpobert": ["tokenizers", "tqdm", "safetensors"],
+        "mpobert": ["tqdm", "safetensors", "pyyaml"],
         "test": ["pytest", "hypothesis", "tensorly", "tntorch", "transformers"],
     },
     entry_points={"console_scripts": ["mpobert=mpobert.cli:main"]},

@@ -2,4 +2,4 @@
 # The main job on the bundled defaults (no downloads). Extra arguments go to it.
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
-exec python benchmarks/contract_throughput.py "$@"
+exec python -m mpobert demo "$@"
