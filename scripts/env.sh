@@ -22,7 +22,7 @@ stamp=".venv/.mpo_core_deps"
 want="$( (find setup.py pyproject.toml scripts/env.sh csrc -type f 2>/dev/null || true) | sort | xargs cat | sha1sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[env] installing dependencies and building mpo_core (with its extension)"
-  pip install -q numpy scipy ninja pybind11 "triton==3.9.0" pytest hypothesis tensorly tntorch safetensors tqdm tokenizers "transformers==5.24.0" 2>&1 | grep -v "^WARNING: Location" || true
+  pip install -q numpy scipy ninja pybind11 "triton==3.9.0" pytest hypothesis tensorly tntorch safetensors tqdm tokenizers pyyaml "transformers==5.24.0" 2>&1 | grep -v "^WARNING: Location" || true
   pip install -q --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
   python -c "import mpo_core" || { echo "[env] mpo_core failed to import" >&2; exit 1; }
   echo "$want" > "$stamp"
