@@ -3,24 +3,34 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from functools import lru_cache
 from types import ModuleType
 
 import torch
 
 
-@lru_cache(maxsize=None)
-def extension() -> ModuleType | None:
-    """The compiled extension ``mpo_core._C``, or ``None`` when it was not built."""
+def _load_extension() -> ModuleType | None:
     try:
         return importlib.import_module("mpo_core._C")
     except ImportError:
         return None
 
 
-@lru_cache(maxsize=None)
+_EXTENSION = _load_extension()
+
+
+def extension() -> ModuleType | None:
+    """The compiled extension ``mpo_core._C``, or ``None`` when it was not built.
+
+    Loaded once at import, so that ``torch.compile`` can trace code that asks for it.
+    """
+    return _EXTENSION
+
+
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
 def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def backends() -> dict[str, bool]:

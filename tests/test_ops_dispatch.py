@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mpo_core
 from mpo_core import ops
 from mpo_core._backends import extension
 from mpo_core.ops import _dispatch, gelu, norm, reference
@@ -49,9 +50,13 @@ def _cuda_like(dtype=torch.float16):
 
 # ----------------------------------------------------------------------------------------------- decisions
 @pytest.mark.parametrize("op", ["layer_norm", "residual_layer_norm", "residual_dropout_layer_norm", "bias_gelu"])
-def test_cpu_default_is_torch_and_triton_is_only_forced(op):
+def test_cpu_default_is_cpp_where_it_has_the_op_and_triton_is_only_forced(op, monkeypatch):
     x = torch.randn(2, 4)
+    has_cpp = op in ("layer_norm", "residual_layer_norm") and mpo_core.backends()["cpp"]
+    assert resolve_backend(op, x, None) == ("cpp" if has_cpp else "torch")
+    monkeypatch.setattr(_dispatch, "extension", lambda: None)  # no extension: torch
     assert resolve_backend(op, x, None) == "torch"
+    monkeypatch.undo()
     assert resolve_backend(op, x, "torch") == "torch"
     assert resolve_backend(op, x, "triton") == "triton"  # conftest set TRITON_INTERPRET=1
 
@@ -90,9 +95,11 @@ def test_cpp_backend_limits(fake_ext):
     x = torch.randn(2, 4)
     assert resolve_backend("residual_layer_norm", x, "cpp") == "cpp"
     assert resolve_backend("layer_norm", x.double(), "cpp") == "cpp"
-    assert resolve_backend("layer_norm", x, None) == "torch"  # CPU default until a benchmark says otherwise
-    with pytest.raises(BackendUnavailableError, match="float32/float64"):
-        resolve_backend("layer_norm", x.half(), "cpp")
+    assert resolve_backend("layer_norm", x, None) == "cpp"  # the CPU default where the extension has the op
+    assert resolve_backend("layer_norm", x.half(), "cpp") == "cpp"
+    assert resolve_backend("residual_dropout_layer_norm", x, None) == "torch"
+    with pytest.raises(BackendUnavailableError, match="float32/float64/bfloat16/float16"):
+        resolve_backend("layer_norm", x.to(torch.complex64), "cpp")
     with pytest.raises(BackendUnavailableError, match="no bias_gelu_forward"):
         ops.bias_gelu(x, backend="cpp")
     with pytest.raises(BackendUnavailableError, match="no residual_dropout_layernorm_forward"):
@@ -178,7 +185,7 @@ def test_torch_backend_is_the_reference_and_its_dropout_follows_the_seed():
     a = ops.residual_layer_norm(x, r, w, b, dropout_p=0.5, seed=3)
     assert torch.equal(a, ops.residual_layer_norm(x, r, w, b, dropout_p=0.5, seed=3))
     assert not torch.equal(a, ops.residual_layer_norm(x, r, w, b, dropout_p=0.5, seed=4))
-    assert torch.equal(ops.residual_layer_norm(x, r, w, b, dropout_p=0.5, training=False),
+    assert torch.equal(ops.residual_layer_norm(x, r, w, b, dropout_p=0.5, training=False, backend="torch"),
                        reference.residual_layer_norm(x, r, w, b))
 
 
