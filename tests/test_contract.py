@@ -273,3 +273,137 @@ def test_accepts_the_parameter_list_of_an_mpo_linear():
     plan = explain(x, layer.cores)
     assert plan.strategy in ("dense", "sequential")
     torch.testing.assert_close(contract(x, layer.cores), x @ layer.weight.T)
+
+
+# --- empty batches, non-contiguous inputs, size-scaled float32 tolerance --------------------------------------------
+
+_EPS32 = torch.finfo(torch.float32).eps
+
+
+def _every_route(n_cores: int, dtype: torch.dtype) -> list[tuple[str, object]]:
+    """(strategy, order) for every strategy and every sequential order.
+
+    ``fused`` (the Triton kernel, run by the interpreter on CPU) takes float32/16 only, so it is a route for
+    float32 inputs; float64 is rejected by it with a ``TypeError`` (checked in ``test_fused_rejects_float64``).
+    """
+    routes = [("dense", None), ("auto", None)] + ([("fused", None)] if dtype == torch.float32 else [])
+    return routes + [("sequential", order) for order in all_orders(n_cores)]
+
+
+@st.composite
+def views(draw):
+    """A problem plus a way of making ``x`` a non-contiguous view: transposed, strided slice, or expanded."""
+    in_shape, out_shape, inner, lead, seed = draw(problems())
+    kind = draw(st.sampled_from(["transposed", "sliced", "batch_transposed", "expanded"]))
+    return in_shape, out_shape, inner, lead, seed, kind
+
+
+def _non_contiguous(kind: str, lead: tuple[int, ...], rows: int, g: torch.Generator) -> torch.Tensor:
+    """A float64 view of shape ``(*lead, rows)`` whose strides are not the contiguous ones (unless degenerate)."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    if kind == "transposed":  # feature axis outermost in memory: stride prod(lead)
+        return randn(rows, *lead).movedim(0, -1)
+    if kind == "sliced":  # every other token and every other feature of a larger tensor
+        return randn(*lead[:-1], 2 * lead[-1], 2 * rows)[..., ::2, ::2]
+    if kind == "batch_transposed" and len(lead) == 2:  # rows contiguous, the two leading dims swapped
+        return randn(lead[1], lead[0], rows).transpose(0, 1)
+    if kind == "batch_transposed":
+        return randn(rows, *lead).movedim(0, -1)
+    return randn(rows).expand(*lead, rows)  # expanded: zero stride on every leading dim
+
+
+def _assert_every_route_matches(x, cores, bias, lead, tol):
+    """Every route agrees with ``x @ MPO(cores).to_dense() + bias``; shape and dtype preserved."""
+    w = MPO([c.double() for c in cores]).to_dense()
+    ref = x.double() @ w + (0 if bias is None else bias.double())
+    for strategy, order in _every_route(len(cores), x.dtype):
+        y = contract(x, cores, bias, strategy=strategy, order=order)
+        key = f"{strategy} {order}"
+        assert y.shape == (*lead, w.shape[1]) and y.dtype == x.dtype, key
+        torch.testing.assert_close(y.double(), ref, **tol(x, cores), msg=lambda m: f"{key}: {m}")
+
+
+def _f64_tol(x, cores):
+    return dict(rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("lead", [(0,), (0, 4), (3, 0), (2, 0, 5)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_every_route_on_empty_batches(lead, with_bias):
+    cores = random_cores((2, 3, 2), (3, 2, 2), (3, 4))
+    x = torch.randn(*lead, 12, dtype=torch.float64)
+    bias = torch.randn(12, dtype=torch.float64) if with_bias else None
+    _assert_every_route_matches(x, cores, bias, lead, _f64_tol)
+
+
+def test_empty_batch_backward_gives_zero_core_gradients():
+    cores = [c.requires_grad_() for c in random_cores((2, 3, 2), (3, 2, 2), (3, 4))]
+    x = torch.randn(0, 7, 12, dtype=torch.float64, requires_grad=True)
+    for strategy, order in _every_route(3, x.dtype):
+        grads = torch.autograd.grad(contract(x, cores, strategy=strategy, order=order).sum(), [x, *cores], allow_unused=True)
+        assert grads[0] is None or grads[0].shape == x.shape
+        for g, c in zip(grads[1:], cores):
+            assert g is None or (g.shape == c.shape and not g.any()), f"{strategy} {order}"
+
+
+@settings(max_examples=12)
+@given(views())
+def test_every_route_on_non_contiguous_inputs_float64(problem):
+    in_shape, out_shape, inner, lead, seed, kind = problem
+    cores = random_cores(in_shape, out_shape, inner, torch.float64, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = _non_contiguous(kind, lead, math.prod(in_shape), g)
+    assert x.shape == (*lead, math.prod(in_shape))
+    bias = torch.randn(math.prod(out_shape), generator=g, dtype=torch.float64)
+    _assert_every_route_matches(x, cores, bias, lead, _f64_tol)
+
+
+def test_fused_rejects_float64():
+    with pytest.raises(TypeError, match="float64"):
+        contract(torch.randn(3, 12, dtype=torch.float64), random_cores((2, 3, 2), (3, 2, 2), (3, 4)), strategy="fused")
+
+
+@pytest.mark.parametrize("lead", [(0,), (3, 0)])
+def test_fused_on_empty_float32_batches(lead):
+    cores = random_cores((2, 3, 2), (3, 2, 2), (3, 4), torch.float32)
+    _assert_every_route_matches(torch.randn(*lead, 12), cores, torch.randn(12), lead, _f32_size_scaled_tol)
+
+
+def test_non_contiguous_views_really_are_non_contiguous():
+    g = torch.Generator().manual_seed(0)
+    for kind in ("transposed", "sliced", "batch_transposed", "expanded"):
+        x = _non_contiguous(kind, (3, 5), 12, g)
+        assert x.shape == (3, 5, 12) and not x.is_contiguous(), kind
+
+
+def _f32_size_scaled_tol(x, cores):
+    """Rounding bound ``4 * sqrt(in_features) * eps * max(|x| @ |W|)`` (a scalar atol, rtol 0).
+
+    ``sqrt(in_features) * eps`` is the typical error of a float32 dot product of that length relative to
+    ``sum |x_k w_k|``; the factor 4 is the safety margin (measured errors are ~100x below it at BERT size).
+    """
+    if x.numel() == 0:
+        return dict(rtol=0.0, atol=0.0)
+    w = MPO([c.double() for c in cores]).to_dense()
+    scale = float((x.double().abs() @ w.abs()).max())
+    return dict(rtol=0.0, atol=4 * math.sqrt(x.shape[-1]) * _EPS32 * scale)
+
+
+@settings(max_examples=10)
+@given(views())
+def test_every_route_float32_within_size_scaled_tolerance(problem):
+    in_shape, out_shape, inner, lead, seed, kind = problem
+    cores = random_cores(in_shape, out_shape, inner, torch.float32, seed)
+    x = _non_contiguous(kind, lead, math.prod(in_shape), torch.Generator().manual_seed(seed + 1)).float()
+    _assert_every_route_matches(x, cores, None, lead, _f32_size_scaled_tol)
+
+
+def test_float32_tolerance_is_tight_at_bert_size():
+    """768 x 768, n=5, bonds 16: the size-scaled bound is small in absolute terms (outputs are O(1)) and holds."""
+    cores = random_cores((4, 4, 4, 4, 3), (4, 4, 4, 4, 3), (16, 16, 16, 9), torch.float32)
+    x = torch.randn(2, 9, 768).transpose(0, 1)
+    tol = _f32_size_scaled_tol(x, cores)
+    assert tol["atol"] < 1e-3
+    _assert_every_route_matches(x, cores, torch.randn(768), (9, 2), _f32_size_scaled_tol)
