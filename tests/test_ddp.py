@@ -57,11 +57,11 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _assert_close_states(a: dict, b: dict) -> None:
+def _assert_close_states(a: dict, b: dict, atol: float = 1e-5) -> None:
     assert a.keys() == b.keys()
     for k in a:
         if not k.endswith("bias.k"):
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
 def _losses(path: Path) -> list[float]:
@@ -115,4 +115,8 @@ def test_torchrun_cli_finetune_matches_single_process(tmp_path, multitask):
     else:
         a = MPOBertForSequenceClassification.from_pretrained(tmp_path / "ddp" / "model").state_dict()
         b = MPOBertForSequenceClassification.from_pretrained(tmp_path / "one" / "model").state_dict()
-    _assert_close_states(a, b)
+    # Separate processes (torchrun vs one process) sum gradients in a different order; AdamW divides
+    # by sqrt(v), so fp32 rounding noise in near-zero gradient entries grows to ~1e-5..1e-4 after 3
+    # steps at lr 3e-3 (seen in CI on a busy machine). A sharding or averaging bug moves weights by
+    # ~lr = 3e-3 and the per-step losses (checked to 1e-5 above) apart.
+    _assert_close_states(a, b, atol=3e-4)
