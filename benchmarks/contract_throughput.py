@@ -7,21 +7,24 @@ times forward and forward+backward of ``nn.Linear`` (dense, same dtype) and of
 ``mpo_core.contract.contract`` with every strategy (``dense``, ``sequential`` in its best
 order, ``fused`` where available, ``auto``), plus the inference forward of ``MPOLinear``
 (``torch.no_grad``: cached dense ``W``). All times are *measured* in this one run; the table
-prints each one as a ratio to ``nn.Linear`` (lower is better, < 1 is faster) and which
-strategy ``auto`` picked. A strategy whose modelled time is over ``--skip-factor`` times the
+prints each one as a ratio to ``nn.Linear`` (lower is better, < 1 is faster), the planner's
+throughput (tokens/s, TFLOP/s), which strategy ``auto`` picked and whether that pick was
+within 10% of the fastest strategy measured. Where ``tntorch`` is installed, its TT-matrix
+product (``tntorch.tt_multiply`` on a ``tntorch.TTMatrix`` holding the same cores, so the same
+``W`` and ranks) is timed alongside, with its ratio to ours. A strategy whose modelled time is over ``--skip-factor`` times the
 best candidate's is not run ("skip", the cost model's prediction is in the JSON, labelled model).
 
 Without a GPU it first prints the GPU model table of :func:`mpo_core.roofline.linear_rows`
 (labelled "model", the same table as ``benchmarks/gpu_model.py``: each strategy's FLOPs,
 HBM bytes and roofline time on A100-80GB / H100 SXM at BERT shapes, 16384 tokens, bf16).
 
-Run ``python benchmarks/contract_throughput.py`` (CPU default finishes in a few minutes),
-``--quick`` for a smoke run, ``--full`` for every bond and token count (the GPU default).
+Run ``python benchmarks/contract_throughput.py`` (CPU default: under 3 minutes on 2 cores),
+``--quick`` for a smoke run, ``--full`` for every bond and token count (the GPU default);
+``--out PATH`` (alias ``--json``) for the JSON, ``--plot PATH`` for a figure (needs matplotlib).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -37,11 +40,35 @@ from mpo_core import roofline as rl  # noqa: E402
 from mpo_core.contract import contract, explain  # noqa: E402
 from mpo_core.contract import fused as fused_mod  # noqa: E402
 from mpo_core.nn import MPOLinear, full_ranks  # noqa: E402
+from benchmarks._common import device_description, write_json  # noqa: E402
+
+try:
+    import tntorch
+except ImportError:  # optional comparison
+    tntorch = None
 
 MPOBERT_SHAPES = {768: (4, 4, 4, 4, 3), 1024: (4, 4, 4, 4, 4), 3072: (4, 4, 8, 6, 4), 4096: (4, 4, 8, 8, 4)}
 ALL_MATRICES = [(768, 768), (768, 3072), (3072, 768), (1024, 1024), (1024, 4096), (4096, 1024)]
 ALL_BONDS = ["full", "2x", "4x", "8x", "16x"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PICK_SLACK = 1.10  # the planner's pick counts as right when within 10% of the fastest measured strategy
+
+
+def tntorch_forward(cores, in_shape, out_shape, mode: str):
+    """``(forward, params)`` applying a ``tntorch.TTMatrix`` of the same cores with ``tntorch.tt_multiply``.
+
+    The TTMatrix is built from our cores (tntorch takes cores of the same ``(r, i, j, r')`` layout), so it
+    holds exactly the same ``W`` and ranks; a TT-SVD of ``W`` would give other cores of the same ranks and
+    cost seconds per shape. Returns ``None`` (and the reason) where tntorch cannot apply a batch.
+    """
+    if tntorch is None:
+        return None, "tntorch not installed"
+    params = [c.detach().clone().requires_grad_() for c in cores]  # as ours: parameters
+    try:
+        tt = tntorch.TTMatrix(params, [c.shape[3] for c in params[:-1]], list(in_shape), list(out_shape))
+        return (lambda x: tntorch.tt_multiply(tt, x)), params
+    except Exception as exc:  # noqa: BLE001 - any failure of the optional library is reported, not fatal
+        return None, f"tntorch cannot apply a batch: {type(exc).__name__}: {exc}"
 
 
 def bond_cap(in_shape, out_shape, compression: float) -> int:
@@ -116,18 +143,44 @@ def run_case(rows, cols, bond, tokens, mode, dtype, device, measure, skip_factor
         variants[s] = fwd_bwd(lambda s=s: contract(x, cores, bias, strategy=s), [x, *cores, bias])
     model_ms["auto"] = best_model * 1e3
     variants["auto"] = fwd_bwd(lambda: contract(x, cores, bias), [x, *cores, bias])
+    tnt, tnt_params = tntorch_forward(cores, in_shape, out_shape, mode)
+    tnt_note = None
+    if tnt is None:
+        tnt_note = tnt_params
+    else:  # tntorch has no bias: add ours, so both compute the same x @ W + b
+        with torch.no_grad():
+            err = (tnt(x) + bias - contract(x, cores, bias)).abs().max().item()
+        scale = contract(x.detach(), [c.detach() for c in cores], bias.detach()).abs().max().item()
+        if not err <= 1e-3 * max(scale, 1.0):
+            tnt_note = f"tntorch result differs from ours by {err:.3g} (max |y| {scale:.3g}): not timed"
+        else:
+            variants["tntorch"] = fwd_bwd(lambda: tnt(x) + bias, [x, *tnt_params, bias])
     if mode == "fwd":
         def inference():
             with torch.no_grad():
                 return layer(x)
         variants["module(no_grad)"] = inference
     times = measure(variants)
+    measured = {s: times[s] for s in strategies if s in times}
+    fastest = min(measured, key=measured.get)
+    picked = plan.chosen.strategy
+    pass_factor = 1 if mode == "fwd" else 3  # backward ~ 2 forward GEMM-equivalents
+    dense_flops = pass_factor * 2 * tokens * rows * cols
+    own_flops = {s: pass_factor * explain(x, cores, bias, strategy=s).chosen.flops for s in strategies}
+    own_flops["auto"] = pass_factor * plan.chosen.flops
     return {
         "shape": [rows, cols], "in_shape": list(in_shape), "out_shape": list(out_shape), "bond": bond,
         "ranks": [c.shape[0] for c in cores] + [1], "compression": round(layer.compression, 2),
         "tokens": tokens, "mode": mode, "measured_ms": times,
         "ratio_vs_linear": {k: v / times["linear"] for k, v in times.items() if k != "linear"},
-        "auto_choice": plan.chosen.label, "skipped": skipped, "model_ms": model_ms,
+        "auto_choice": plan.chosen.label, "auto_strategy": picked, "fastest_measured": fastest,
+        "auto_within_10pct_of_fastest": bool(times["auto"] <= PICK_SLACK * measured[fastest]),
+        "tokens_per_s": {k: tokens / (v * 1e-3) for k, v in times.items()},
+        "tflops_dense_equivalent": {k: dense_flops / (v * 1e-3) / 1e12 for k, v in times.items()},
+        "tflops_counted": {k: own_flops[k] / (times[k] * 1e-3) / 1e12 for k in own_flops if k in times},
+        "tntorch_vs_auto": times["tntorch"] / times["auto"] if "tntorch" in times else None,
+        "tntorch_note": tnt_note,
+        "skipped": skipped, "model_ms": model_ms,
     }
 
 
@@ -142,7 +195,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-factor", type=float, default=8.0,
                     help="do not run a strategy modelled slower than this times the best (default 8)")
     ap.add_argument("--min-time", type=float, default=None, help="seconds of repeats per measurement")
-    ap.add_argument("--json", default=os.path.join("results", "contract_throughput.json"))
+    ap.add_argument("--out", "--json", dest="out", default=os.path.join("results", "contract_throughput.json"),
+                    help="JSON report path (--json is an alias; default results/contract_throughput.json)")
+    ap.add_argument("--plot", default=None, help="also save a figure (PNG/PDF/SVG by extension; needs matplotlib)")
     args = ap.parse_args(argv)
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -166,12 +221,20 @@ def main(argv=None) -> dict:
         print(rl.format_rows(model_rows, rl.LINEAR_COLUMNS) + "\n")
 
     rows_out = []
+    if args.plot:
+        check_plot_backend()
     cols = ["dense", "sequential"] + (["fused"] if fused_mod.fused_available(device) else []) + ["auto", "module(no_grad)"]
+    cols += ["tntorch"] if tntorch is not None else []
     header = f"{'shape':>10} {'bond':>5} {'comp':>6} {'tokens':>6} {'mode':>8} {'linear ms':>10} " + \
-        " ".join(f"{c:>15}" for c in cols) + "  auto picked"
-    print(f"# contract_throughput: {device} ({platform.processor() or platform.machine()}), {args.dtype}, torch {torch.__version__}")
-    print("# measured (min of interleaved repeats); columns after 'linear ms' are ratios to nn.Linear "
+        " ".join(f"{c:>15}" for c in cols) + f" {'tnt/auto':>8} {'auto tok/s':>11} {'auto TF/s':>9} {'pick ok':>7}  auto picked"
+    print(f"# contract_throughput: {device_description(device)} ({platform.processor() or platform.machine()}), "
+          f"{args.dtype}, torch {torch.__version__}")
+    print("# measured (min of interleaved repeats); columns after 'linear ms' are ratios to F.linear on the rebuilt W "
           "(lower is better); skip = not run, modelled > --skip-factor x best")
+    print("# tnt/auto = tntorch.tt_multiply time / ours (> 1: ours faster); auto TF/s = the plan's counted FLOPs "
+          "(x3 for fwd+bwd) per second; pick ok = auto within 10% of the fastest strategy measured")
+    if tntorch is None:
+        print("# tntorch not installed: its column is left out")
     print(header)
     print("-" * len(header))
     for r, c in matrices:
@@ -184,8 +247,14 @@ def main(argv=None) -> dict:
                     for name in cols:
                         ratio = res["ratio_vs_linear"].get(name)
                         cells.append(f"{ratio:>14.2f}x" if ratio is not None else f"{'skip' if name in res['skipped'] else '-':>15}")
+                    tnt = res["tntorch_vs_auto"]
                     print(f"{f'{r}x{c}':>10} {bond:>5} {res['compression']:>5.2f}x {t:>6} {mode:>8} "
-                          f"{res['measured_ms']['linear']:>10.3f} " + " ".join(cells) + f"  {res['auto_choice']}", flush=True)
+                          f"{res['measured_ms']['linear']:>10.3f} " + " ".join(cells)
+                          + f" {f'{tnt:.2f}x' if tnt is not None else '-':>8} {res['tokens_per_s']['auto']:>11.3g}"
+                          f" {res['tflops_counted']['auto']:>9.3f} {str(res['auto_within_10pct_of_fastest']):>7}"
+                          f"  {res['auto_choice']}", flush=True)
+                    if res["tntorch_note"]:
+                        print(f"#   note: {res['tntorch_note']}")
 
     summary = {}
     for bond in bonds:
@@ -193,19 +262,62 @@ def main(argv=None) -> dict:
             sel = [x["ratio_vs_linear"]["auto"] for x in rows_out if x["bond"] == bond and x["mode"] == mode]
             if sel:
                 summary[f"{bond} {mode}"] = math.exp(sum(map(math.log, sel)) / len(sel))
-    print("\n# geometric mean of auto / nn.Linear (measured):")
+    print("\n# geometric mean of auto / F.linear (measured):")
     for key, val in summary.items():
         print(f"#   {key:>14}: {val:.2f}x")
+    tnt_ratios = [x["tntorch_vs_auto"] for x in rows_out if x["tntorch_vs_auto"] is not None]
+    if tnt_ratios:
+        print(f"# tntorch / ours (measured): geomean {math.exp(sum(map(math.log, tnt_ratios)) / len(tnt_ratios)):.2f}x, "
+              f"min {min(tnt_ratios):.2f}x, ours faster on {sum(v > 1 for v in tnt_ratios)} of {len(tnt_ratios)} cases")
+    good = sum(x["auto_within_10pct_of_fastest"] for x in rows_out)
+    pick_line = f"planner within 10% of the fastest measured on {good} of {len(rows_out)} cases"
+    print(f"# {pick_line}")
     out = {
-        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "rows": rows_out, "summary_auto_vs_linear_geomean": summary, "gpu_model": model_rows,
+        "device": str(device), "device_name": device_description(device), "processor": platform.processor(),
+        "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "tntorch": "tntorch.tt_multiply(TTMatrix of the same cores)" if tntorch is not None else "not installed",
+        "rows": rows_out, "summary_auto_vs_linear_geomean": summary, "planner_summary": pick_line,
+        "planner_within_10pct": [good, len(rows_out)], "gpu_model": model_rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as fh:
-        json.dump(out, fh, indent=1)
-    print(f"# wrote {args.json}")
+    write_json(args.out, out)
+    print(f"# wrote {args.out}")
+    if args.plot:
+        plot(rows_out, args.plot)
+        print(f"# wrote {args.plot}")
     return out
+
+
+def check_plot_backend() -> None:
+    """Fail early (before minutes of timing) when ``--plot`` is asked for without matplotlib."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        sys.exit("--plot needs matplotlib, which is not installed (pip install matplotlib); run without --plot")
+
+
+def plot(rows: list, path: str) -> None:
+    """One panel per mode: measured auto / F.linear against tokens, a line per (shape, bond)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({r["mode"] for r in rows})
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        series: dict = {}
+        for r in rows:
+            if r["mode"] == mode:
+                series.setdefault(f"{r['shape'][0]}x{r['shape'][1]} {r['bond']}", []).append(
+                    (r["tokens"], r["ratio_vs_linear"]["auto"]))
+        for label, pts in series.items():
+            ax.plot(*zip(*sorted(pts)), marker="o", label=label)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="auto / F.linear (measured)", title=mode)
+    axes[0][0].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
 
 
 if __name__ == "__main__":
