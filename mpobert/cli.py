@@ -315,6 +315,8 @@ def cmd_params(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     """End to end on bundled data: tokenizer, MLM+SOP pretraining, fine-tuning on pydoc-topics."""
     t0 = time.perf_counter()
+    if args.quick:  # a smoke run for tests and first contact: ~1/6 of the work
+        args.pretrain_steps, args.finetune_epochs, args.compare_scratch = 100, 2.0, False
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     task_dir = write_pydoc_topic_task(out / "data" / "pydoc-topics", seed=args.seed)
@@ -455,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", cmd_demo)
     p.add_argument("--output-dir", default="results/demo", help="where data, runs and demo_metrics.json go (default %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run (100 pretraining steps, 2 fine-tuning epochs, no from-scratch comparison)")
     p.add_argument("--pretrain-steps", type=int, default=600, help="MLM+SOP pretraining steps (default %(default)s)")
     p.add_argument("--pretrain-lr", type=float, default=2e-3, help="pretraining peak learning rate (default %(default)s)")
     p.add_argument("--optimizer", choices=("lamb", "adamw"), default="adamw", help="pretraining optimizer (default %(default)s)")
