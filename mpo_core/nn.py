@@ -18,6 +18,7 @@ from mpo_core.contract.costmodel import device_model, op_seconds
 from mpo_core.contract.dense import gemm_cost
 from mpo_core.decompose import decompose
 from mpo_core.shapes import resolve_shapes
+from mpo_core.truncation import bond_list
 
 __all__ = ["MPOLinear", "set_trainable", "mpo_ify", "MPOifyReport", "full_ranks"]
 
@@ -42,16 +43,7 @@ def _resolve_ranks(ranks: RankSpec, in_shape: Sequence[int], out_shape: Sequence
         if ranks < 1:
             raise ValueError(f"ranks must be >= 1, got {ranks}")
         return [min(ranks, f) for f in full]
-    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence):
-        raise TypeError(f"ranks must be an int or a list of ints, got {type(ranks).__name__}")
-    values = list(ranks)
-    if len(values) == n - 1:
-        values = [1, *values, 1]
-    if len(values) != n + 1 or values[0] != 1 or values[-1] != 1:
-        raise ValueError(f"ranks must be [1, d_1, ..., d_{n - 1}, 1] (n+1={n + 1} entries) or the n-1 inner bonds, got {list(ranks)}")
-    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-        raise ValueError(f"ranks must be ints >= 1, got {list(ranks)}")
-    return values
+    return bond_list(ranks, n)
 
 
 class MPOLinear(nn.Module):

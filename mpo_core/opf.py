@@ -27,6 +27,7 @@ from torch import nn
 
 from mpo_core.decompose import decompose
 from mpo_core.nn import MPOLinear, _matcher, full_ranks
+from mpo_core.truncation import bond_list
 
 __all__ = ["expand_linear", "importance_scores", "select_top", "OverParameterization", "sync_optimizer"]
 
@@ -41,15 +42,9 @@ def _padded_ranks(ranks: int | Sequence[int] | None, full: list[int]) -> list[in
         if ranks < 1:
             raise ValueError(f"ranks must be >= 1, got {ranks}")
         return [1] + [max(f, ranks) for f in full[1:-1]] + [1]
-    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence):
-        raise TypeError(f"ranks must be an int or a list of ints, got {type(ranks).__name__}")
-    values = list(ranks)
-    if len(values) == n - 1:
-        values = [1, *values, 1]
-    if len(values) != n + 1 or values[0] != 1 or values[-1] != 1:
-        raise ValueError(f"ranks must be [1, d_1, ..., d_{n - 1}, 1] or the {n - 1} inner bonds, got {list(ranks)}")
+    values = bond_list(ranks, n)
     for k, (v, f) in enumerate(zip(values, full)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < f:
+        if v < f:
             raise ValueError(f"ranks[{k}]={v!r} is below the full rank {f}: OPF over-parameterizes and never truncates")
     return values
 

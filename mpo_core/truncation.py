@@ -15,9 +15,31 @@ import torch
 
 from mpo_core.shapes import check_int
 
-__all__ = ["BondSpec", "bond_limits", "split_threshold", "robust_svd", "truncated_svd_split"]
+__all__ = ["BondSpec", "bond_list", "bond_limits", "split_threshold", "robust_svd", "truncated_svd_split"]
 
 BondSpec = Union[int, Sequence[int], None]
+
+
+def bond_list(values: Sequence[int], n: int, name: str = "ranks") -> list[int]:
+    """The full ranks list ``[1, d_1, ..., d_{n-1}, 1]`` from a per-bond spec.
+
+    ``values`` lists either the ``n - 1`` inner bonds or all ``n + 1`` ranks (whose two
+    boundary entries must be 1); every entry must be an int >= 1.
+    """
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, torch.Tensor)):
+        raise TypeError(f"{name} must be an int or a list of ints, got {type(values).__name__}")
+    values = list(values)
+    if len(values) == n - 1:
+        values = [1, *values, 1]
+    elif len(values) != n + 1:
+        raise ValueError(
+            f"{name} must be the n-1={n - 1} inner bonds or all n+1={n + 1} ranks [1, d_1, ..., d_{n - 1}, 1], "
+            f"got {len(values)} entries"
+        )
+    values = [check_int(v, f"{name}[{k}]") for k, v in enumerate(values)]
+    if values[0] != 1 or values[-1] != 1:
+        raise ValueError(f"a full {name} list must start and end with 1, got {values}")
+    return values
 
 
 def bond_limits(max_bond: BondSpec, n: int) -> list[int | None]:
@@ -28,20 +50,9 @@ def bond_limits(max_bond: BondSpec, n: int) -> list[int | None]:
     """
     if max_bond is None:
         return [None] * (n - 1)
-    if isinstance(max_bond, (str, bytes)):
-        raise TypeError(f"max_bond must be an int or a list of ints, got {type(max_bond).__name__}")
-    if isinstance(max_bond, Sequence) or isinstance(max_bond, torch.Tensor):
-        values = list(max_bond)
-        if len(values) == n + 1:
-            if int(values[0]) != 1 or int(values[-1]) != 1:
-                raise ValueError(f"a full ranks list must start and end with 1, got {values}")
-            values = values[1:-1]
-        if len(values) != n - 1:
-            raise ValueError(f"max_bond list must have n-1={n - 1} (or n+1={n + 1}) entries, got {len(values)}")
-    else:
-        values = [max_bond] * (n - 1)
-    per_bond = isinstance(max_bond, (Sequence, torch.Tensor))
-    return [check_int(v, f"max_bond[{k}]" if per_bond else "max_bond", minimum=1) for k, v in enumerate(values)]
+    if isinstance(max_bond, (Sequence, torch.Tensor, str, bytes)):
+        return bond_list(max_bond, n, "max_bond")[1:-1]
+    return [check_int(max_bond, "max_bond")] * (n - 1)
 
 
 def check_rel_tol(rel_tol: float | None) -> float | None:

@@ -1,5 +1,4 @@
 """MPOE: routing, capacity, load-balancing loss, central gradient balancing, equivalence to an MPO FFN."""
-import math
 
 import pytest
 import torch

@@ -105,19 +105,18 @@ def plan_sequential(
     size.update({("r", b): ranks[b] for b in range(1, n)})
     state = [("i", k) for k in range(n)]  # the token axis N is implicit in front
     steps, flops, nbytes, seconds = [], 0, 0, 0.0
-    lo = hi = None
+    lo = None  # leftmost core contracted so far (order was checked to grow one contiguous run)
     for k in order:
         left = [("r", k)] if k > 0 else []
         right = [("r", k + 1)] if k < n - 1 else []
         if lo is None:
             contracted, new = [("i", k)], left + [("j", k)] + right
-            lo = hi = k
+            lo = k
         elif k == lo - 1:
             contracted, new = [("i", k), ("r", k + 1)], left + [("j", k)]
             lo = k
         else:
             contracted, new = [("r", k), ("i", k)], [("j", k)] + right
-            hi = k
         axis = {("r", k): 0, ("i", k): 1, ("j", k): 2, ("r", k + 1): 3}
         used = [axis[a] for a in contracted + new]
         core_perm = tuple(used + [a for a in range(4) if a not in used])  # boundary bonds (size 1) last
