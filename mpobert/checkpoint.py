@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from mpo_core.io import atomic_torch_save
 
 FORMAT = "mpobert.train_checkpoint"
 VERSION = 1
@@ -66,18 +67,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     if missing:
         raise ValueError(f"checkpoint state lacks {missing}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_torch_save({"format": FORMAT, "version": VERSION, **state}, path)
     return path
 
 
