@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
-import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -18,22 +16,6 @@ def device_description(device: torch.device | str) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 5, device: torch.device | str = "cpu") -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeat`` runs (CUDA-synchronized on GPU)."""
-    device = torch.device(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

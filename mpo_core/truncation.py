@@ -50,7 +50,7 @@ def bond_limits(max_bond: BondSpec, n: int) -> list[int | None]:
     """
     if max_bond is None:
         return [None] * (n - 1)
-    if isinstance(max_bond, (Sequence, torch.Tensor, str, bytes)):
+    if isinstance(max_bond, (Sequence, torch.Tensor)):  # str is a Sequence: bond_list rejects it
         return bond_list(max_bond, n, "max_bond")[1:-1]
     return [check_int(max_bond, "max_bond")] * (n - 1)
 

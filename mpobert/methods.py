@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpo_core import set_trainable
+from mpo_core.io import atomic_write
 from mpo_core.compress import compress
 from mpo_core.moe import MPOEFeedForward
 from mpo_core.opf import OverParameterization, sync_optimizer
@@ -350,8 +351,7 @@ def _finish(args: argparse.Namespace, result: dict[str, Any], title: str, starte
     rows.append(("time_s", result["time_s"]))
     _print_table(title, rows)
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    atomic_write(out, json.dumps(result, indent=2).encode())
     print(f"  written to {out}")
     return result
 
