@@ -28,13 +28,13 @@ MAX_FUSED_BYTES = 65536
 
 
 @triton.jit
-def _dropout_keep(seed, offset, row, cols, N, p):
+def dropout_keep(seed, offset, row, cols, N, p):
     """Keep mask of element ``(row, cols)``: Philox uniform at ``offset + row * N + col`` >= p."""
     return tl.rand(seed, offset + row * N + cols) >= p
 
 
 @triton.jit
-def _normalize_row(h, cols, mask, W, B, N, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+def normalize_row(h, cols, mask, W, B, N, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """LayerNorm of one fp32 row ``h`` (zero on masked lanes); returns ``(y, mean, rstd)``."""
     mean = tl.sum(h, axis=0) / N
     centered = tl.where(mask, h - mean, 0.0)
@@ -55,7 +55,7 @@ def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, N, eps,
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-    y, mean, rstd = _normalize_row(x, cols, mask, W, B, N, eps, HAS_WEIGHT, HAS_BIAS)
+    y, mean, rstd = normalize_row(x, cols, mask, W, B, N, eps, HAS_WEIGHT, HAS_BIAS)
     tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
@@ -92,7 +92,7 @@ def _layer_norm_bwd_kernel(DY, H, W, Mean, Rstd, DH, DR, DW, DB, M, N, rows_per_
         dh = (wdy - (xhat * c1 + c2)) * rstd
         tl.store(DH + row * N + cols, dh.to(DH.dtype.element_ty), mask=mask)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, offset, row, cols, N, p)
+            keep = dropout_keep(seed, offset, row, cols, N, p)
             dr = tl.where(keep, dh * scale, 0.0)
             tl.store(DR + row * N + cols, dr.to(DR.dtype.element_ty), mask=mask)
     if HAS_WEIGHT:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mpo_core.kernels.layer_norm import (_dropout_keep, _normalize_row, block_and_warps, dropout_scale,
+from mpo_core.kernels.layer_norm import (dropout_keep, normalize_row, block_and_warps, dropout_scale,
                                          layer_norm_bwd)
 
 
@@ -30,11 +30,11 @@ def _residual_layer_norm_fwd_kernel(X, R, Y, H, W, B, Mean, Rstd, N, eps, p, sca
     x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(R + row * N + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, offset, row, cols, N, p)
+        keep = dropout_keep(seed, offset, row, cols, N, p)
         r = tl.where(keep, r * scale, 0.0)
     h = (x + r).to(H.dtype.element_ty)
     tl.store(H + row * N + cols, h, mask=mask)
-    y, mean, rstd = _normalize_row(h.to(tl.float32), cols, mask, W, B, N, eps, HAS_WEIGHT, HAS_BIAS)
+    y, mean, rstd = normalize_row(h.to(tl.float32), cols, mask, W, B, N, eps, HAS_WEIGHT, HAS_BIAS)
     tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
