@@ -1,0 +1,471 @@
+"""One optimizer step of MPOBERT against dense BERT, ALBERT and a naive MPOBERT, side by side.
+
+Contenders (same hidden size, layers, heads and intermediate size; dropout off everywhere):
+
+``mpobert``
+    :class:`mpobert.MPOBertModel` (shared centrals, per-layer auxiliaries, adapters), the
+    model users train.
+``bert``
+    ``transformers.BertModel``: every layer its own dense matrices.
+``albert``
+    ``transformers.AlbertModel``: one set of dense matrices shared by every layer.
+``naive``
+    MPOBERT written the way the public MPOBERT code runs it: every forward rebuilds each
+    dense ``W`` from its cores in float32 with plain ``torch.tensordot`` left to right,
+    ``nn.LayerNorm`` and ``nn.GELU`` unfused, no caching. It holds a copy of the
+    ``mpobert`` model's tensors, so both compute the same function (checked at start-up).
+
+One optimizer step is ``k`` micro-batches of forward + backward (loss: mean square of the
+last hidden state and the pooled output, divided by ``k``), then gradient clipping and the
+optimizer (``torch.optim.AdamW`` or :class:`mpobert.optim.LAMB`). Every contender is timed by
+the same timer (``time.perf_counter``; CUDA events on CUDA), repeats are interleaved
+(contender A, B, C, D, then again), and each row reports the median step time, its ratio to
+``bert`` in the same run, tokens/s, the peak memory of the step (CPU: resident-set growth
+sampled every 2 ms; CUDA: ``max_memory_allocated``), the unique parameters and the bytes a
+data-parallel step all-reduces (the gradients of every trainable parameter, a shared one
+once). ``--inference`` adds forward-only rows under ``torch.no_grad``.
+
+Run ``python benchmarks/train_step.py`` (CPU default: MPOBERT-12 shape, 512 tokens per
+micro-batch, k = 1 and 4, AdamW; about 4 minutes on 2 cores), ``--full`` for both presets,
+k in {1, 4, 8}, 1024-16384 tokens and both optimizers (the GPU default adds bf16 autocast);
+``--profile VARIANT`` prints the torch profiler's top operators of one step.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks._common import device_description, format_table, write_json  # noqa: E402
+from mpobert import MPOBertConfig, MPOBertModel  # noqa: E402
+from mpobert.optim import LAMB  # noqa: E402
+
+PRESETS = {"mpobert12": MPOBertConfig.mpobert12, "mpobert24": MPOBertConfig.mpobert24, "tiny": MPOBertConfig.tiny}
+VARIANTS = ("mpobert", "bert", "albert", "naive")
+OPTIMIZERS = ("adamw", "lamb")
+
+
+# ---------------------------------------------------------------- the naive MPOBERT
+def naive_rebuild(cores: list[torch.Tensor]) -> torch.Tensor:
+    """Dense ``(in, out)`` matrix from MPO cores, as the public MPOBERT code does it: float32, left to right."""
+    t = cores[0].float()
+    for core in cores[1:]:
+        t = torch.tensordot(t, core.float(), dims=([t.dim() - 1], [0]))
+    n = len(cores)
+    t = t.reshape([s for c in cores for s in c.shape[1:3]])  # (i1, j1, ..., in, jn)
+    t = t.permute(list(range(0, 2 * n, 2)) + list(range(1, 2 * n, 2)))
+    return t.reshape(math.prod(c.shape[1] for c in cores), math.prod(c.shape[2] for c in cores))
+
+
+class NaiveMPOBert(nn.Module):
+    """The public-code MPOBERT: rebuild every ``W`` each forward, unfused LayerNorm and GELU.
+
+    Built from an :class:`mpobert.MPOBertModel` (one group), whose tensors it copies.
+    """
+
+    def __init__(self, source: MPOBertModel) -> None:
+        super().__init__()
+        cfg = source.config
+        if cfg.num_groups != 1:
+            raise ValueError("the naive model is written for one group (MPOBERT, not MPOBERT+)")
+        self.config = cfg
+        emb = source.embeddings
+        copy = lambda t: nn.Parameter(t.detach().clone())  # noqa: E731
+        self.word = nn.Embedding.from_pretrained(emb.word_embeddings.weight.detach().clone(), freeze=False)
+        self.pos = nn.Embedding.from_pretrained(emb.position_embeddings.weight.detach().clone(), freeze=False)
+        self.types = nn.Embedding.from_pretrained(emb.token_type_embeddings.weight.detach().clone(), freeze=False)
+        self.emb_ln = nn.LayerNorm(cfg.embedding_size, eps=cfg.layer_norm_eps)
+        self.emb_ln.weight, self.emb_ln.bias = copy(emb.ln_weight), copy(emb.ln_bias)
+        self.proj = nn.Linear(cfg.embedding_size, cfg.hidden_size)
+        self.proj.weight, self.proj.bias = copy(emb.projection.weight), copy(emb.projection.bias)
+        shared = source.encoder.groups[0]
+        self.central = nn.ParameterDict({m: copy(p) for m, p in shared.central.items()})
+        self.dense = nn.ParameterDict({m: copy(p) for m, p in shared.dense.items()})
+        self.bias = nn.ParameterDict({m: copy(p) for m, p in shared.bias.items()})
+        self.ln = nn.ModuleList(nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) for _ in range(2))
+        self.ln[0].weight, self.ln[0].bias = copy(shared.attn_ln_weight), copy(shared.attn_ln_bias)
+        self.ln[1].weight, self.ln[1].bias = copy(shared.ffn_ln_weight), copy(shared.ffn_ln_bias)
+        self.aux = nn.ModuleList()
+        self.adapters = nn.ModuleList()
+        for layer in source.encoder.layers:
+            self.aux.append(nn.ModuleDict({
+                m: nn.ParameterList(copy(c) if k != lin.central_index else nn.Parameter(torch.empty(0))
+                                    for k, c in enumerate(lin.cores))
+                for m, lin in layer.mpo.items()
+            }))
+            self.adapters.append(nn.ModuleDict({
+                m: nn.ParameterList([copy(a.U), copy(a.D)]) for m, a in layer.adapters.items()
+            }))
+        self.gelu = nn.GELU(approximate=cfg.gelu_approximate)
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.pooler.weight, self.pooler.bias = copy(source.pooler.weight), copy(source.pooler.bias)
+
+    def _weight(self, l: int, m: str) -> torch.Tensor:
+        if m not in self.aux[l]:
+            return self.dense[m].T
+        cores = list(self.aux[l][m])
+        c = len(cores) // 2
+        cores[c] = self.central[m]
+        return naive_rebuild(cores)
+
+    def _project(self, l: int, m: str, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self._weight(l, m) + self.bias[m]
+        if m in self.adapters[l]:
+            u, d = self.adapters[l][m]
+            y = y + (x @ u) @ d
+        return y
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        b, s = input_ids.shape
+        pos = torch.arange(s, device=input_ids.device).expand(b, s)
+        x = self.word(input_ids) + self.pos(pos) + self.types(torch.zeros_like(input_ids))
+        h = self.proj(self.emb_ln(x))
+        for l in range(cfg.num_layers):
+            q, k, v = (self._project(l, m, h).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2) for m in "qkv")
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(cfg.head_dim)
+            ctx = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, cfg.hidden_size)
+            h = self.ln[0](h + self._project(l, "attn_out", ctx))
+            h = self.ln[1](h + self._project(l, "ffn_out", self.gelu(self._project(l, "ffn_in", h))))
+        return h, torch.tanh(self.pooler(h[:, 0]))
+
+
+# ---------------------------------------------------------------- contenders
+def build_variant(name: str, cfg: MPOBertConfig, mpobert: MPOBertModel) -> nn.Module:
+    """The model for contender ``name`` at ``cfg``'s shape (``mpobert`` is reused by ``naive``)."""
+    if name == "mpobert":
+        return mpobert
+    if name == "naive":
+        return NaiveMPOBert(mpobert)
+    import transformers
+
+    shape = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                 num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+                 hidden_act=cfg.hidden_act, max_position_embeddings=cfg.max_position_embeddings,
+                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, layer_norm_eps=cfg.layer_norm_eps)
+    if name == "bert":
+        return transformers.BertModel(transformers.BertConfig(**shape))
+    if name == "albert":
+        return transformers.AlbertModel(transformers.AlbertConfig(embedding_size=cfg.embedding_size, **shape))
+    raise ValueError(f"unknown variant {name!r}; expected one of {VARIANTS}")
+
+
+def encode(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(last hidden state, pooled output)`` of any contender."""
+    if isinstance(model, NaiveMPOBert):
+        return model(ids)
+    out = model(input_ids=ids)
+    return out.last_hidden_state, out.pooler_output
+
+
+def loss_of(hidden: torch.Tensor, pooled: torch.Tensor, k: int) -> torch.Tensor:
+    return (hidden.float().square().mean() + pooled.float().square().mean()) / k
+
+
+def unique_params(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters, each shared one once (``model.parameters()`` already deduplicates)."""
+    return [p for p in model.parameters() if p.numel() > 0]
+
+
+def allreduce_bytes(model: nn.Module) -> int:
+    """Bytes of the gradients a data-parallel step all-reduces: every trainable parameter once."""
+    return sum(p.numel() * p.element_size() for p in unique_params(model) if p.requires_grad)
+
+
+def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in unique_params(model) if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
+    if name == "lamb":
+        return LAMB(params, lr=1e-5, weight_decay=0.01)
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+
+
+# ---------------------------------------------------------------- measurement
+class PeakRSS:
+    """Resident-set growth over a ``with`` block, sampled every ``interval`` seconds (Linux)."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self.base = self.peak = self.rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, int]:
+    """``(seconds, peak bytes)`` of one call of ``fn`` (same timer for every contender)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3, torch.cuda.max_memory_allocated(device) - base
+    if not os.path.exists("/proc/self/statm"):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0, 0
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - t0
+    return seconds, mem.growth
+
+
+@dataclass
+class Setting:
+    """One row group: ``k`` micro-batches of ``batch x seq`` tokens, an optimizer and a precision."""
+
+    k: int
+    batch: int
+    seq: int
+    optimizer: str
+    precision: str
+    inference: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return self.k * self.batch * self.seq
+
+    def label(self) -> str:
+        if self.inference:
+            return f"infer {self.batch}x{self.seq} {self.precision}"
+        return f"k={self.k} x {self.batch}x{self.seq} {self.optimizer} {self.precision}"
+
+
+class Contender:
+    """A model with its optimizer and inputs, ready to run one step of a :class:`Setting`."""
+
+    def __init__(self, name: str, model: nn.Module, setting: Setting, device: torch.device, vocab: int, seed: int) -> None:
+        self.name, self.model, self.setting, self.device = name, model, setting, device
+        gen = torch.Generator().manual_seed(seed)
+        self.batches = [torch.randint(1, vocab, (setting.batch, setting.seq), generator=gen).to(device)
+                        for _ in range(setting.k)]
+        self.optimizer = None if setting.inference else make_optimizer(setting.optimizer, model)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.setting.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def step(self) -> None:
+        """One optimizer step (or one inference forward)."""
+        if self.setting.inference:
+            self.model.eval()
+            with torch.no_grad(), self._autocast():
+                encode(self.model, self.batches[0])
+            return
+        self.model.train()
+        k = self.setting.k
+        for ids in self.batches:
+            with self._autocast():
+                loss = loss_of(*encode(self.model, ids), k)
+            loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def check_naive(mpobert: MPOBertModel, naive: NaiveMPOBert, vocab: int) -> float:
+    """Max abs difference of the two models' last hidden states on a small batch (float32)."""
+    ids = torch.randint(1, vocab, (2, 16))
+    with torch.no_grad():
+        a = mpobert(input_ids=ids).last_hidden_state
+        b = naive(ids)[0]
+    return float((a - b).abs().max())
+
+
+def profile_step(contender: Contender, rows: int = 15) -> str:
+    """The torch profiler's top operators (by self CPU time) of one step of ``contender``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    contender.step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if contender.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        contender.step()
+    key = "self_cuda_time_total" if contender.device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def settings_from(args: argparse.Namespace, device: torch.device) -> list[Setting]:
+    precisions = args.precision or (["fp32", "bf16"] if device.type == "cuda" else ["fp32"])
+    out = []
+    for tokens in args.tokens:
+        seq = min(args.seq, tokens)
+        if tokens % seq:
+            raise SystemExit(f"--tokens {tokens} is not a multiple of --seq {seq}")
+        for precision in precisions:
+            for opt in args.optimizers:
+                out.extend(Setting(k, tokens // seq, seq, opt, precision) for k in args.k)
+            if args.inference:
+                out.append(Setting(1, tokens // seq, seq, "none", precision, inference=True))
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    print(f"device: {device_description(device)}; timings measured, interleaved, median of {args.repeats}")
+    rows, checks = [], {}
+    for preset in args.presets:
+        cfg = PRESETS[preset](hidden_dropout=0.0, attention_dropout=0.0)
+        mpobert = MPOBertModel(cfg)
+        models = {name: build_variant(name, cfg, mpobert).to(device) for name in args.variants}
+        mpobert.to(device)
+        if "naive" in models:
+            checks[preset] = check_naive(mpobert.cpu(), models["naive"].cpu(), cfg.vocab_size)
+            print(f"{preset}: naive vs mpobert max |diff| of the last hidden state: {checks[preset]:.2e}")
+            for m in models.values():
+                m.to(device)
+        info = {name: (sum(p.numel() for p in unique_params(m)), allreduce_bytes(m)) for name, m in models.items()}
+        for setting in settings_from(args, device):
+            contenders = [Contender(name, m, setting, device, cfg.vocab_size, args.seed) for name, m in models.items()]
+            if args.profile:
+                for c in contenders:
+                    if c.name == args.profile:
+                        print(f"\nprofile of one step: {preset} {c.name} {setting.label()}")
+                        print(profile_step(c, args.profile_rows))
+                continue
+            for c in contenders:  # warm-up: allocator, plans, optimizer state
+                c.step()
+            times = {c.name: [] for c in contenders}
+            mems = {c.name: [] for c in contenders}
+            for _ in range(args.repeats):
+                for c in contenders:
+                    seconds, peak = timed(c.step, device)
+                    times[c.name].append(seconds)
+                    mems[c.name].append(peak)
+            ref = statistics.median(times["bert"]) if "bert" in times else None
+            for c in contenders:
+                med = statistics.median(times[c.name])
+                params, ar = info[c.name]
+                row = {
+                    "preset": preset, "setting": setting.label(), "variant": c.name, "k": setting.k,
+                    "tokens_per_step": setting.tokens if not setting.inference else setting.batch * setting.seq,
+                    "optimizer": setting.optimizer, "precision": setting.precision, "inference": setting.inference,
+                    "seconds": med, "seconds_all": times[c.name],
+                    "vs_bert": med / ref if ref else float("nan"),
+                    "tokens_per_s": (setting.tokens if not setting.inference else setting.batch * setting.seq) / med,
+                    "peak_mb": max(mems[c.name]) / 2**20, "params_m": params / 1e6,
+                    "allreduce_mb": ar / 2**20 if not setting.inference else 0.0,
+                }
+                if "bert" in info and not setting.inference:
+                    row["allreduce_vs_bert"] = info["bert"][1] / ar
+                rows.append(row)
+            print()
+            print(f"{preset}  {setting.label()}  ({'forward, no_grad' if setting.inference else 'forward+backward+optimizer'})")
+            print(format_table([r for r in rows if r["preset"] == preset and r["setting"] == setting.label()],
+                               ["variant", "seconds", "vs_bert", "tokens_per_s", "peak_mb", "params_m",
+                                "allreduce_mb", "allreduce_vs_bert"]))
+    return {"rows": rows, "naive_check_max_abs_diff": checks, "device": device_description(device),
+            "threads": torch.get_num_threads(), "args": vars(args)}
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted({(r["preset"], r["setting"]) for r in rows}, key=str)
+    variants = sorted({r["variant"] for r in rows})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 4))
+    width = 0.8 / len(variants)
+    for v_i, v in enumerate(variants):
+        ys = [next((r["vs_bert"] for r in rows if (r["preset"], r["setting"]) == lab and r["variant"] == v), 0)
+              for lab in labels]
+        ax.bar([i + v_i * width for i in range(len(labels))], ys, width, label=v)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
+    ax.set_xticklabels([f"{p}\n{s}" for p, s in labels], fontsize=7)
+    ax.set_ylabel("time / dense BERT (measured)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--full", action="store_true",
+                    help="both presets, k in {1,4,8}, 1024..16384 tokens per micro-batch, AdamW and LAMB")
+    ap.add_argument("--presets", nargs="+", choices=sorted(PRESETS))
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--k", type=int, nargs="+", help="micro-batches per optimizer step")
+    ap.add_argument("--tokens", type=int, nargs="+", help="tokens per micro-batch (batch x seq)")
+    ap.add_argument("--seq", type=int, default=512, help="sequence length (a micro-batch is tokens/seq sequences)")
+    ap.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS)
+    ap.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], help="default fp32 (CPU), fp32 and bf16 (CUDA)")
+    ap.add_argument("--inference", action="store_true", help="also time one forward under no_grad per token count")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved timed steps per contender (median)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", choices=VARIANTS, help="print a profile of one step of this variant instead of timing")
+    ap.add_argument("--profile-rows", type=int, default=15)
+    ap.add_argument("--out", default=os.path.join("results", "train_step.json"))
+    ap.add_argument("--plot", default=None, help="also save a figure of the ratios (needs matplotlib)")
+    args = ap.parse_args(argv)
+    if args.plot:
+        import matplotlib  # noqa: F401  (fail before measuring)
+    cuda = torch.device(args.device).type == "cuda"
+    big = args.full or cuda
+    args.presets = args.presets or (["mpobert12", "mpobert24"] if big else ["mpobert12"])
+    args.k = args.k or ([1, 4, 8] if big else [1, 4])
+    args.tokens = args.tokens or ([1024, 4096, 16384] if big else [512])
+    args.optimizers = args.optimizers or (list(OPTIMIZERS) if big else ["adamw"])
+    args.repeats = args.repeats or (5 if cuda else 2)
+    if min(args.k) < 1 or min(args.tokens) < 1 or args.repeats < 1:
+        raise SystemExit("--k, --tokens and --repeats must be >= 1")
+    if args.profile and args.profile not in args.variants:
+        raise SystemExit(f"--profile {args.profile} needs that variant in --variants")
+    report = run(args)
+    if not args.profile:
+        write_json(args.out, {"benchmark": "train_step", **report})
+        print(f"\nwrote {args.out}")
+        if args.plot:
+            plot(report["rows"], args.plot)
+            print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
