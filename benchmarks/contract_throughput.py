@@ -39,7 +39,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mpo_core import roofline as rl  # noqa: E402
 from mpo_core.contract import contract, explain  # noqa: E402
 from mpo_core.contract import fused as fused_mod  # noqa: E402
-from mpo_core.nn import MPOLinear, full_ranks  # noqa: E402
+from mpo_core.nn import MPOLinear  # noqa: E402
+from mpo_core.shapes import capped_ranks, core_params, factorize, full_ranks  # noqa: E402
 from benchmarks._common import device_description, write_json  # noqa: E402
 
 try:
@@ -47,7 +48,6 @@ try:
 except ImportError:  # optional comparison
     tntorch = None
 
-MPOBERT_SHAPES = {768: (4, 4, 4, 4, 3), 1024: (4, 4, 4, 4, 4), 3072: (4, 4, 8, 6, 4), 4096: (4, 4, 8, 8, 4)}
 ALL_MATRICES = [(768, 768), (768, 3072), (3072, 768), (1024, 1024), (1024, 4096), (4096, 1024)]
 ALL_BONDS = ["full", "2x", "4x", "8x", "16x"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -77,9 +77,7 @@ def bond_cap(in_shape, out_shape, compression: float) -> int:
     dense = math.prod(in_shape) * math.prod(out_shape)
     best = 1
     for cap in range(1, max(full) + 1):
-        ranks = [min(r, cap) for r in full]
-        params = sum(ranks[k] * i * j * ranks[k + 1] for k, (i, j) in enumerate(zip(in_shape, out_shape)))
-        if params * compression <= dense:
+        if core_params(in_shape, out_shape, capped_ranks(in_shape, out_shape, cap)) * compression <= dense:
             best = cap
     return best
 
@@ -117,10 +115,10 @@ SLOW_CALL_S = 0.1  # a variant whose warm-up call takes longer is timed by that 
 
 
 def run_case(rows, cols, bond, tokens, mode, dtype, device, measure, skip_factor, with_tntorch=True):
-    in_shape, out_shape = MPOBERT_SHAPES[rows], MPOBERT_SHAPES[cols]
+    in_shape, out_shape = factorize(rows, 5), factorize(cols, 5)
     cap = None if bond == "full" else bond_cap(in_shape, out_shape, float(bond[:-1]))
     torch.manual_seed(0)
-    layer = MPOLinear(rows, cols, in_shape, out_shape, ranks=cap, device=device, dtype=dtype)
+    layer = MPOLinear(rows, cols, in_shape, out_shape, max_bond=cap, device=device, dtype=dtype)
     cores, bias = list(layer.cores), layer.bias
     weight = layer.weight.detach().clone().requires_grad_()  # nn.Linear's (out, in) weight, same values
     lin_bias = bias.detach().clone().requires_grad_()

@@ -32,15 +32,11 @@ from torch import nn
 from mpo_core.decompose import decompose
 from mpo_core.mpo import MPO
 from mpo_core.nn import MPOLinear, _matcher
+from mpo_core.shapes import core_params
 from mpo_core.truncation import check_rel_tol
 
-__all__ = ["allocate_ranks", "allocation_bound", "core_params", "consistent_ranks", "compress",
+__all__ = ["allocate_ranks", "allocation_bound", "consistent_ranks", "compress",
            "CompressionReport", "MatrixCompression"]
-
-
-def core_params(ranks: Sequence[int], in_shape: Sequence[int], out_shape: Sequence[int]) -> int:
-    """Number of core entries of an MPO with bonds ``ranks = [1, d_1, ..., d_{n-1}, 1]``."""
-    return sum(ranks[k] * i * j * ranks[k + 1] for k, (i, j) in enumerate(zip(in_shape, out_shape)))
 
 
 def consistent_ranks(ranks: Sequence[int], in_shape: Sequence[int], out_shape: Sequence[int]) -> list[int]:
@@ -89,7 +85,7 @@ class _MatrixState:
         self.rel_sq = [[v / scale for v in bond] for bond in self.sq]
         self.ranks = consistent_ranks([1] + [len(s) for s in self.sq] + [1], self.in_shape, self.out_shape)
         self.err = self._dropped(self.ranks, [1] + [len(s) for s in self.sq] + [1])  # 0 unless full bonds clamp
-        self.params = core_params(self.ranks, self.in_shape, self.out_shape)
+        self.params = core_params(self.in_shape, self.out_shape, self.ranks)
         self.version = 0
 
     def _dropped(self, new: Sequence[int], old: Sequence[int]) -> float:
@@ -102,7 +98,7 @@ class _MatrixState:
         trial = list(self.ranks)
         trial[bond] -= 1
         trial = consistent_ranks(trial, self.in_shape, self.out_shape)
-        return self._dropped(trial, self.ranks), self.params - core_params(trial, self.in_shape, self.out_shape), trial
+        return self._dropped(trial, self.ranks), self.params - core_params(self.in_shape, self.out_shape, trial), trial
 
 
 def allocate_ranks(
@@ -146,7 +142,7 @@ def allocate_ranks(
         limit_sq = check_rel_tol(rel_tol) ** 2
     else:
         target = _resolve_budget(budget, sum(math.prod(m.shape) for m in mpos.values()))
-        floor = sum(core_params([1] * (s.n + 1), s.in_shape, s.out_shape) for s in mpos.values())
+        floor = sum(core_params(s.in_shape, s.out_shape, [1] * (s.n + 1)) for s in mpos.values())
         if target < floor:
             raise ValueError(f"budget={budget} ({target} entries) is below the minimum {floor} (all bonds 1)")
 
@@ -344,10 +340,10 @@ def compress(
             layer.cache_weight = mod.cache_weight
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, layer)
-        actual = [1] + [c.shape[3] for c in layer.cores]
+        actual = layer.ranks
         report.matrices.append(MatrixCompression(
             name, mpo.in_shape, mpo.out_shape, mpo.ranks, actual, math.prod(mpo.shape), mpo.num_params,
-            core_params(actual, mpo.in_shape, mpo.out_shape), float(mpo.norm), float(layer.error_bound),
+            core_params(mpo.in_shape, mpo.out_shape, actual), float(mpo.norm), float(layer.error_bound),
             allocation_bound(mpo, ranks[name]),
         ))
     report.model_params_after = sum(p.numel() for p in model.parameters())

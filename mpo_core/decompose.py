@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from mpo_core.mpo import MPO
-from mpo_core.shapes import resolve_shapes
-from mpo_core.truncation import BondSpec, bond_limits, check_rel_tol, split_threshold, truncated_svd_split
+from mpo_core.shapes import BondSpec, bond_limits, resolve_shapes
+from mpo_core.truncation import check_rel_tol, split_threshold, truncated_svd_split
 
 __all__ = ["decompose"]
 

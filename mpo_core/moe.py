@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from mpo_core.contract import contract
-from mpo_core.nn import MPOLinear, full_ranks
+from mpo_core.nn import MPOLinear
 from mpo_core.shapes import resolve_shapes
 
 __all__ = ["Routing", "route", "load_balancing_loss", "MoEOutput", "MPOEFeedForward"]
@@ -216,8 +216,7 @@ class MPOEFeedForward(nn.Module):
         nn.init.normal_(self.router.weight, 0.0, 0.02)
 
         def build(fan_in: int, fan_out: int, s_in, s_out) -> nn.ModuleList:
-            ranks = [min(r, max_bond) if max_bond else r for r in full_ranks(s_in, s_out)]
-            experts = nn.ModuleList(MPOLinear(fan_in, fan_out, s_in, s_out, ranks=ranks, strategy=strategy)
+            experts = nn.ModuleList(MPOLinear(fan_in, fan_out, s_in, s_out, max_bond=max_bond, strategy=strategy)
                                     for _ in range(num_experts))
             for layer in experts[1:]:
                 layer.share_core(layer.central_index, experts[0].central)

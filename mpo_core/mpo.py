@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import torch
 
 from mpo_core.io import atomic_torch_save
-from mpo_core.truncation import BondSpec, bond_limits, split_threshold, truncated_svd_split
+from mpo_core.shapes import BondSpec, bond_limits
+from mpo_core.truncation import split_threshold, truncated_svd_split
 
 __all__ = ["MPO", "validate_cores"]
 

@@ -8,42 +8,18 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence, Union
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from mpo_core.contract import contract, dense_weight, explain
-from mpo_core.contract.costmodel import device_model, op_seconds
-from mpo_core.contract.dense import gemm_cost
+from mpo_core.cost import device_model, gemm_cost
 from mpo_core.decompose import decompose
-from mpo_core.shapes import resolve_shapes
-from mpo_core.truncation import bond_list
+from mpo_core.mpo import validate_cores
+from mpo_core.shapes import BondSpec, capped_ranks, resolve_shapes
 
-__all__ = ["MPOLinear", "set_trainable", "mpo_ify", "MPOifyReport", "full_ranks"]
-
-RankSpec = Union[int, Sequence[int], None]
-
-
-def full_ranks(in_shape: Sequence[int], out_shape: Sequence[int]) -> list[int]:
-    """Bonds of an exact MPO: ``d_k = min(prod_{l<=k} i_l j_l, prod_{l>k} i_l j_l)``, boundaries 1."""
-    modes = [i * j for i, j in zip(in_shape, out_shape)]
-    n = len(modes)
-    return [1] + [min(math.prod(modes[:k]), math.prod(modes[k:])) for k in range(1, n)] + [1]
-
-
-def _resolve_ranks(ranks: RankSpec, in_shape: Sequence[int], out_shape: Sequence[int]) -> list[int]:
-    full = full_ranks(in_shape, out_shape)
-    n = len(in_shape)
-    if ranks is None:
-        return full
-    if isinstance(ranks, bool):
-        raise TypeError("ranks must be an int or a list of ints, got bool")
-    if isinstance(ranks, int):
-        if ranks < 1:
-            raise ValueError(f"ranks must be >= 1, got {ranks}")
-        return [min(ranks, f) for f in full]
-    return bond_list(ranks, n)
+__all__ = ["MPOLinear", "set_trainable", "mpo_ify", "MPOifyReport"]
 
 
 class MPOLinear(nn.Module):
@@ -57,9 +33,11 @@ class MPOLinear(nn.Module):
         Mode sizes (products ``in_features`` / ``out_features``). Or give ``n``.
     n : int, optional
         Number of cores, with the balanced :func:`~mpo_core.shapes.factorize`.
-    ranks : int or list of int, optional
-        ``[1, d_1, ..., d_{n-1}, 1]`` (or the ``n - 1`` inner bonds); an int caps every bond
-        at the full rank; default full rank (exact capacity).
+    max_bond : int or list of int, optional
+        Caps the bonds as :func:`~mpo_core.decompose` does: an int caps every bond, a list
+        ``[1, d_1, ..., d_{n-1}, 1]`` (or the ``n - 1`` inner bonds) each one; bonds never exceed
+        the full rank (:func:`~mpo_core.shapes.capped_ranks`). Default full rank (exact capacity).
+        Cores with other bonds (e.g. OPF's padded ones): :meth:`from_cores`.
     bias : bool, default True
     device, dtype : optional
         Of the parameters.
@@ -86,7 +64,7 @@ class MPOLinear(nn.Module):
         in_shape: Sequence[int] | None = None,
         out_shape: Sequence[int] | None = None,
         n: int | None = None,
-        ranks: RankSpec = None,
+        max_bond: BondSpec = None,
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -96,14 +74,14 @@ class MPOLinear(nn.Module):
         super().__init__()
         self.in_shape, self.out_shape = resolve_shapes(in_features, out_features, in_shape, out_shape, n)
         self.in_features, self.out_features = in_features, out_features
-        self.ranks = _resolve_ranks(ranks, self.in_shape, self.out_shape)
+        ranks = capped_ranks(self.in_shape, self.out_shape, max_bond)
         if strategy not in ("auto", "dense", "sequential", "fused"):
             raise ValueError(f"strategy must be 'auto', 'dense', 'sequential' or 'fused', got {strategy!r}")
         self.strategy = strategy
         self.cache_weight = cache_weight
         kw = dict(device=device, dtype=dtype)
         self.cores = nn.ParameterList(
-            nn.Parameter(torch.empty(self.ranks[k], i, j, self.ranks[k + 1], **kw))
+            nn.Parameter(torch.empty(ranks[k], i, j, ranks[k + 1], **kw))
             for k, (i, j) in enumerate(zip(self.in_shape, self.out_shape))
         )
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
@@ -115,6 +93,11 @@ class MPOLinear(nn.Module):
     @property
     def n(self) -> int:
         return len(self.cores)
+
+    @property
+    def ranks(self) -> list[int]:
+        """Bond dimensions ``[1, d_1, ..., d_{n-1}, 1]`` of the cores."""
+        return [c.shape[0] for c in self.cores] + [1]
 
     @property
     def central_index(self) -> int:
@@ -176,13 +159,42 @@ class MPOLinear(nn.Module):
 
     # ------------------------------------------------------------------ conversion
     @classmethod
+    def from_cores(
+        cls,
+        cores: Sequence[torch.Tensor],
+        bias: torch.Tensor | None = None,
+        strategy: str = "auto",
+        cache_weight: bool = True,
+    ) -> "MPOLinear":
+        """A layer holding copies of ``cores`` (any valid chain, bonds as given) and of ``bias``.
+
+        The parameters take the cores' dtype and device; ``bias`` (``(prod(out_shape),)``) is
+        cast to them.
+        """
+        cores = validate_cores(cores)
+        in_shape = tuple(c.shape[1] for c in cores)
+        out_shape = tuple(c.shape[2] for c in cores)
+        first = cores[0]
+        layer = cls(math.prod(in_shape), math.prod(out_shape), in_shape, out_shape, max_bond=1,
+                    bias=bias is not None, device=first.device, dtype=first.dtype, strategy=strategy,
+                    cache_weight=cache_weight)
+        layer.cores = nn.ParameterList(nn.Parameter(c.detach().clone()) for c in cores)
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (layer.out_features,):
+                raise ValueError(f"bias must be a tensor of shape ({layer.out_features},), "
+                                 f"got {getattr(bias, 'shape', type(bias).__name__)}")
+            with torch.no_grad():
+                layer.bias.copy_(bias)
+        return layer
+
+    @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
         in_shape: Sequence[int] | None = None,
         out_shape: Sequence[int] | None = None,
         n: int | None = None,
-        max_bond: RankSpec = None,
+        max_bond: BondSpec = None,
         rel_tol: float | None = None,
         shared_central: nn.Parameter | None = None,
         strategy: str = "auto",
@@ -197,15 +209,8 @@ class MPOLinear(nn.Module):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight.detach()
         mpo = decompose(weight.T, in_shape, out_shape, max_bond, rel_tol, n=n)
-        layer = cls(
-            linear.in_features, linear.out_features, mpo.in_shape, mpo.out_shape, ranks=mpo.ranks,
-            bias=linear.bias is not None, device=weight.device, dtype=weight.dtype, strategy=strategy,
-        )
-        with torch.no_grad():
-            for core, src in zip(layer.cores, mpo.cores):
-                core.copy_(src)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
+        layer = cls.from_cores([c.to(device=weight.device, dtype=weight.dtype) for c in mpo.cores],
+                               linear.bias, strategy=strategy)
         layer.error_bound = mpo.error_bound
         if shared_central is not None:
             layer.share_core(layer.central_index, shared_central)
@@ -242,8 +247,8 @@ class MPOLinear(nn.Module):
         plan = explain(x, list(self.cores), self.bias, strategy=self.strategy)
         if plan.strategy == "dense":
             return True
-        flops, nbytes = gemm_cost(plan.tokens, self.in_features, self.out_features, plan.dtype.itemsize)
-        return plan.strategy == "sequential" and op_seconds(flops, nbytes, device_model(plan.device_type), plan.dtype) <= plan.chosen.seconds
+        gemm = gemm_cost(plan.tokens, self.in_features, self.out_features, plan.dtype.itemsize)
+        return plan.strategy == "sequential" and device_model(plan.device_type).op_seconds(gemm.flops_tensor, gemm.bytes, plan.dtype) <= plan.chosen.seconds
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cache_weight and self.strategy in ("auto", "dense") and not self._needs_grad(x) and self._gemm_beats_plan(x):
@@ -257,7 +262,7 @@ class MPOLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, in_shape={self.in_shape}, "
-            f"out_shape={self.out_shape}, ranks={[c.shape[0] for c in self.cores] + [1]}, "
+            f"out_shape={self.out_shape}, ranks={self.ranks}, "
             f"params={self.num_params}, compression={self.compression:.2f}x vs dense, "
             f"bias={self.bias is not None}, strategy={self.strategy!r}"
             + ("" if self.error_bound is None else f", error_bound={self.error_bound:.3g}")
@@ -351,7 +356,7 @@ def mpo_ify(
     model: nn.Module,
     include: str | Sequence[str] | Callable[[str, nn.Module], bool] | None = None,
     n: int | Callable[[int, int], tuple[Sequence[int], Sequence[int]]] = 5,
-    max_bond: RankSpec = None,
+    max_bond: BondSpec = None,
     rel_tol: float | None = None,
     strategy: str = "auto",
 ) -> MPOifyReport:
@@ -397,7 +402,7 @@ def mpo_ify(
             diff = float(torch.linalg.vector_norm(layer.weight.double() - ref))
             norm = float(torch.linalg.vector_norm(ref))
         report.layers.append(MPOifyRow(
-            name, layer.in_shape, layer.out_shape, [c.shape[0] for c in layer.cores] + [1],
+            name, layer.in_shape, layer.out_shape, layer.ranks,
             linear.weight.numel() + (linear.bias.numel() if linear.bias is not None else 0),
             layer.num_params, float(layer.error_bound), diff / norm if norm > 0 else diff,
         ))

@@ -26,27 +26,24 @@ import torch
 from torch import nn
 
 from mpo_core.decompose import decompose
-from mpo_core.nn import MPOLinear, _matcher, full_ranks
-from mpo_core.truncation import bond_list
+from mpo_core.nn import MPOLinear, _matcher
+from mpo_core.shapes import BondSpec, bond_list, check_int, full_ranks
 
 __all__ = ["expand_linear", "importance_scores", "select_top", "OverParameterization", "sync_optimizer"]
 
 
-def _padded_ranks(ranks: int | Sequence[int] | None, full: list[int]) -> list[int]:
-    n = len(full) - 1
-    if ranks is None:
+def _padded_ranks(min_bond: BondSpec, full: list[int]) -> list[int]:
+    """The full ranks with every inner bond raised to at least ``min_bond`` (int, or per-bond list >= full)."""
+    if min_bond is None:
         return list(full)
-    if isinstance(ranks, bool):
-        raise TypeError("ranks must be an int or a list of ints, got bool")
-    if isinstance(ranks, int):
-        if ranks < 1:
-            raise ValueError(f"ranks must be >= 1, got {ranks}")
-        return [1] + [max(f, ranks) for f in full[1:-1]] + [1]
-    values = bond_list(ranks, n)
-    for k, (v, f) in enumerate(zip(values, full)):
-        if v < f:
-            raise ValueError(f"ranks[{k}]={v!r} is below the full rank {f}: OPF over-parameterizes and never truncates")
-    return values
+    if isinstance(min_bond, (Sequence, torch.Tensor)):
+        values = bond_list(min_bond, len(full) - 1, "min_bond")
+        for k, (v, f) in enumerate(zip(values, full)):
+            if v < f:
+                raise ValueError(f"min_bond[{k}]={v!r} is below the full rank {f}: OPF over-parameterizes and never truncates")
+        return values
+    min_bond = check_int("min_bond", min_bond)
+    return [1] + [max(f, min_bond) for f in full[1:-1]] + [1]
 
 
 def expand_linear(
@@ -54,7 +51,7 @@ def expand_linear(
     n: int | None = 5,
     in_shape: Sequence[int] | None = None,
     out_shape: Sequence[int] | None = None,
-    ranks: int | Sequence[int] | None = None,
+    min_bond: BondSpec = None,
     noise_std: float = 1e-3,
     generator: torch.Generator | None = None,
     strategy: str = "auto",
@@ -67,7 +64,7 @@ def expand_linear(
         Its ``weight.T`` is decomposed exactly (TT-SVD in float64), the bias copied.
     n, in_shape, out_shape : optional
         Cores and mode sizes, as :func:`mpo_core.decompose` (shapes win over ``n``).
-    ranks : int or list of int, optional
+    min_bond : int or list of int, optional
         Bonds to pad to: ``None`` = the full ranks (already more entries than the dense matrix for
         ``n >= 3`` on most shapes); an int = every inner bond at least that; a list ``[1, d_1, ...,
         d_{n-1}, 1]`` (or the inner bonds) with every ``d_k`` at least the full rank.
@@ -90,21 +87,18 @@ def expand_linear(
         raise ValueError(f"noise_std must be a finite float >= 0, got {noise_std!r}")
     weight = linear.weight.detach()
     mpo = decompose(weight.T.double(), in_shape, out_shape, n=n if in_shape is None else None)
-    target = _padded_ranks(ranks, full_ranks(mpo.in_shape, mpo.out_shape))
-    layer = MPOLinear(linear.in_features, linear.out_features, mpo.in_shape, mpo.out_shape, ranks=target,
-                      bias=linear.bias is not None, device=weight.device, dtype=weight.dtype, strategy=strategy)
-    with torch.no_grad():
-        for k, (core, src) in enumerate(zip(layer.cores, mpo.cores)):
-            a, i, j, b = src.shape
-            padded = torch.zeros(core.shape, dtype=torch.float64, device=src.device)
-            padded[:a, :, :, :b] = src
-            if core.shape[3] > b:  # new right-bond columns of the original left rows: noise
-                rms = float(src.pow(2).mean().sqrt())
-                noise = torch.randn(a, i, j, core.shape[3] - b, generator=generator, dtype=torch.float64)
-                padded[:a, :, :, b:] = noise.to(src.device) * (noise_std * rms)
-            core.copy_(padded)
-        if linear.bias is not None:
-            layer.bias.copy_(linear.bias)
+    target = _padded_ranks(min_bond, full_ranks(mpo.in_shape, mpo.out_shape))
+    cores = []
+    for k, src in enumerate(mpo.cores):
+        a, i, j, b = src.shape
+        padded = torch.zeros(target[k], i, j, target[k + 1], dtype=torch.float64, device=src.device)
+        padded[:a, :, :, :b] = src
+        if target[k + 1] > b:  # new right-bond columns of the original left rows: noise
+            rms = float(src.pow(2).mean().sqrt())
+            noise = torch.randn(a, i, j, target[k + 1] - b, generator=generator, dtype=torch.float64)
+            padded[:a, :, :, b:] = noise.to(src.device) * (noise_std * rms)
+        cores.append(padded.to(device=weight.device, dtype=weight.dtype))
+    layer = MPOLinear.from_cores(cores, linear.bias, strategy=strategy)
     layer.error_bound = mpo.error_bound
     return layer
 
@@ -206,7 +200,7 @@ class OverParameterization:
         Modified in place.
     include : str, list of str, or callable, optional
         The candidate ``nn.Linear`` modules (names / globs / predicate); default all.
-    n, ranks, noise_std, strategy :
+    n, min_bond, noise_std, strategy :
         Passed to :func:`expand_linear` (``n`` may be a callable ``(in, out) -> (in_shape, out_shape)``).
     seed : int
         Seeds the padding noise (one generator for the controller's lifetime).
@@ -224,7 +218,7 @@ class OverParameterization:
         model: nn.Module,
         include: str | Sequence[str] | Callable[[str, nn.Module], bool] | None = None,
         n: int | Callable[[int, int], tuple[Sequence[int], Sequence[int]]] = 5,
-        ranks: int | Sequence[int] | None = None,
+        min_bond: BondSpec = None,
         noise_std: float = 1e-3,
         seed: int = 0,
         strategy: str = "auto",
@@ -237,7 +231,7 @@ class OverParameterization:
                            if name and isinstance(mod, nn.Linear) and match(name, mod)]
         if not self.candidates:
             raise ValueError("include matched no nn.Linear module of the model")
-        self.n, self.ranks, self.noise_std, self.strategy = n, ranks, noise_std, strategy
+        self.n, self.min_bond, self.noise_std, self.strategy = n, min_bond, noise_std, strategy
         self.generator = torch.Generator().manual_seed(seed)
         self.expanded: set[str] = set()
 
@@ -265,7 +259,7 @@ class OverParameterization:
             else:
                 shape_kw = dict(n=self.n)
             try:
-                layer = expand_linear(linear, ranks=self.ranks, noise_std=self.noise_std, generator=self.generator,
+                layer = expand_linear(linear, min_bond=self.min_bond, noise_std=self.noise_std, generator=self.generator,
                                       strategy=self.strategy, **shape_kw)
             except ValueError as exc:
                 raise ValueError(f"cannot expand layer {name!r} ({linear.in_features}x{linear.out_features}): {exc}") from exc

@@ -1,4 +1,8 @@
-"""Factorize dimensions into MPO modes and validate shape arguments.
+"""The vocabulary of MPO shapes and ranks: mode factorizations, bonds, core sizes, int checks.
+
+Ranks are ``[1, d_1, ..., d_{n-1}, 1]`` (``n + 1`` entries, boundaries 1). A bond cap
+(``max_bond``) is ``None`` (no cap), an int (every inner bond), or a per-bond list (the
+``n - 1`` inner bonds, or all ``n + 1`` ranks with boundary 1s).
 
 All reshapes in mpo-core are C (row-major) order: a row index ``r`` of a matrix with
 ``in_shape = (i1, ..., in)`` is ``r = ravel_multi_index((a1, ..., an), in_shape)``,
@@ -9,12 +13,18 @@ from __future__ import annotations
 import math
 import operator
 from functools import lru_cache
-from typing import Sequence
+from typing import Sequence, Union
 
-__all__ = ["check_int", "factorize", "placement_order", "resolve_shapes"]
+import torch
+
+__all__ = ["BondSpec", "bond_limits", "bond_list", "capped_ranks", "check_int", "core_params", "factorize",
+           "full_ranks", "placement_order", "resolve_shapes"]
+
+BondSpec = Union[int, Sequence[int], None]
+"""A bond cap: ``None``, an int, or a per-bond list (see the module docstring)."""
 
 
-def check_int(value: object, name: str, minimum: int = 1) -> int:
+def check_int(name: str, value: object, minimum: int = 1) -> int:
     """Return ``value`` as an int >= ``minimum``; ``TypeError`` for non-ints (bools included), else ``ValueError``."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got bool")
@@ -57,7 +67,6 @@ def placement_order(n: int) -> list[int]:
     return order
 
 
-@lru_cache(maxsize=4096)
 def factorize(dim: int, n: int, min_factor: int = 2) -> tuple[int, ...]:
     """Split ``dim`` into ``n`` balanced integer factors, the central one largest.
 
@@ -88,9 +97,12 @@ def factorize(dim: int, n: int, min_factor: int = 2) -> tuple[int, ...]:
     >>> factorize(768, 5), factorize(3072, 5), factorize(4096, 5)
     ((4, 4, 4, 4, 3), (4, 4, 8, 6, 4), (4, 4, 8, 8, 4))
     """
-    check_int(dim, "dim")
-    check_int(n, "n")
-    check_int(min_factor, "min_factor")
+    return _balanced_factors(check_int("dim", dim), check_int("n", n), check_int("min_factor", min_factor))
+
+
+@lru_cache(maxsize=4096)
+def _balanced_factors(dim: int, n: int, min_factor: int) -> tuple[int, ...]:
+    """:func:`factorize` on checked ints (cached after the checks, so ``8.0`` never hits ``8``'s entry)."""
     best: tuple[float, int, tuple[int, ...]] | None = None
     mean_log = math.log(dim) / n
     for factors in _factor_multisets(dim, n, min_factor, min_factor):
@@ -114,7 +126,7 @@ def _as_shape(shape: Sequence[int], name: str) -> tuple[int, ...]:
         raise TypeError(f"{name} must be a sequence of ints, got {type(shape).__name__}")
     if len(shape) == 0:
         raise ValueError(f"{name} must have at least one mode")
-    return tuple(check_int(s, f"{name}[{k}]") for k, s in enumerate(shape))
+    return tuple(check_int(f"{name}[{k}]", s) for k, s in enumerate(shape))
 
 
 def resolve_shapes(
@@ -131,7 +143,7 @@ def resolve_shapes(
     plus ``n`` must agree in length. A missing shape is factorized with the other's length.
     """
     if n is not None:
-        check_int(n, "n")
+        check_int("n", n)
     shapes = {}
     for name, shape, dim in (("in_shape", in_shape, rows), ("out_shape", out_shape, cols)):
         if shape is None:
@@ -153,3 +165,53 @@ def resolve_shapes(
     in_s = shapes.get("in_shape") or factorize(rows, n)
     out_s = shapes.get("out_shape") or factorize(cols, n)
     return in_s, out_s
+
+
+def full_ranks(in_shape: Sequence[int], out_shape: Sequence[int]) -> list[int]:
+    """Bonds of an exact MPO: ``d_k = min(prod_{l<k} i_l j_l, prod_{l>=k} i_l j_l)``, boundaries 1."""
+    modes = [i * j for i, j in zip(in_shape, out_shape)]
+    return [1] + [min(math.prod(modes[:k]), math.prod(modes[k:])) for k in range(1, len(modes))] + [1]
+
+
+def bond_list(values: Sequence[int], n: int, name: str = "ranks") -> list[int]:
+    """The full ranks list ``[1, d_1, ..., d_{n-1}, 1]`` from a per-bond spec.
+
+    ``values`` lists either the ``n - 1`` inner bonds or all ``n + 1`` ranks (whose two
+    boundary entries must be 1); every entry must be an int >= 1.
+    """
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, torch.Tensor)):
+        raise TypeError(f"{name} must be an int or a list of ints, got {type(values).__name__}")
+    values = list(values)
+    if len(values) == n - 1:
+        values = [1, *values, 1]
+    elif len(values) != n + 1:
+        raise ValueError(
+            f"{name} must be the n-1={n - 1} inner bonds or all n+1={n + 1} ranks [1, d_1, ..., d_{n - 1}, 1], "
+            f"got {len(values)} entries"
+        )
+    values = [check_int(f"{name}[{k}]", v) for k, v in enumerate(values)]
+    if values[0] != 1 or values[-1] != 1:
+        raise ValueError(f"a full {name} list must start and end with 1, got {values}")
+    return values
+
+
+def bond_limits(max_bond: BondSpec, n: int) -> list[int | None]:
+    """Per-bond caps for the ``n - 1`` inner bonds from ``max_bond`` (``None`` entries: no cap)."""
+    if max_bond is None:
+        return [None] * (n - 1)
+    if isinstance(max_bond, (Sequence, torch.Tensor)):  # str is a Sequence: bond_list rejects it
+        return bond_list(max_bond, n, "max_bond")[1:-1]
+    return [check_int("max_bond", max_bond)] * (n - 1)
+
+
+def capped_ranks(in_shape: Sequence[int], out_shape: Sequence[int], max_bond: BondSpec = None) -> list[int]:
+    """The :func:`full_ranks` with each inner bond capped by ``max_bond``: the ranks a TT-SVD with
+    ``max_bond`` gives a generic matrix."""
+    full = full_ranks(in_shape, out_shape)
+    caps = bond_limits(max_bond, len(full) - 1)
+    return [1] + [f if cap is None else min(f, cap) for f, cap in zip(full[1:-1], caps)] + [1]
+
+
+def core_params(in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequence[int]) -> int:
+    """Number of core entries of an MPO with these modes and bonds ``ranks = [1, d_1, ..., d_{n-1}, 1]``."""
+    return sum(ranks[k] * i * j * ranks[k + 1] for k, (i, j) in enumerate(zip(in_shape, out_shape)))

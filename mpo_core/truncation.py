@@ -1,4 +1,4 @@
-"""Truncated SVD splits and the bond/threshold rules shared by decomposition and rounding.
+"""Truncated SVD splits and the threshold rule shared by decomposition and rounding.
 
 The guarantee (Oseledets 2011, TT-SVD): if every one of the ``n - 1`` sequential splits
 discards singular values of norm at most ``δ = ε ||W||_F / sqrt(n - 1)``, the result obeys
@@ -7,52 +7,12 @@ discards singular values of norm at most ``δ = ε ||W||_F / sqrt(n - 1)``, the 
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
 
 import numpy as np
 import scipy.linalg
 import torch
 
-from mpo_core.shapes import check_int
-
-__all__ = ["BondSpec", "bond_list", "bond_limits", "split_threshold", "robust_svd", "truncated_svd_split"]
-
-BondSpec = Union[int, Sequence[int], None]
-
-
-def bond_list(values: Sequence[int], n: int, name: str = "ranks") -> list[int]:
-    """The full ranks list ``[1, d_1, ..., d_{n-1}, 1]`` from a per-bond spec.
-
-    ``values`` lists either the ``n - 1`` inner bonds or all ``n + 1`` ranks (whose two
-    boundary entries must be 1); every entry must be an int >= 1.
-    """
-    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, torch.Tensor)):
-        raise TypeError(f"{name} must be an int or a list of ints, got {type(values).__name__}")
-    values = list(values)
-    if len(values) == n - 1:
-        values = [1, *values, 1]
-    elif len(values) != n + 1:
-        raise ValueError(
-            f"{name} must be the n-1={n - 1} inner bonds or all n+1={n + 1} ranks [1, d_1, ..., d_{n - 1}, 1], "
-            f"got {len(values)} entries"
-        )
-    values = [check_int(v, f"{name}[{k}]") for k, v in enumerate(values)]
-    if values[0] != 1 or values[-1] != 1:
-        raise ValueError(f"a full {name} list must start and end with 1, got {values}")
-    return values
-
-
-def bond_limits(max_bond: BondSpec, n: int) -> list[int | None]:
-    """Per-bond caps for the ``n - 1`` inner bonds from ``max_bond``.
-
-    ``max_bond`` is ``None`` (no cap), an int >= 1 (same cap everywhere), a list of ``n - 1``
-    ints, or a full ranks list of ``n + 1`` ints whose two boundary entries are 1.
-    """
-    if max_bond is None:
-        return [None] * (n - 1)
-    if isinstance(max_bond, (Sequence, torch.Tensor)):  # str is a Sequence: bond_list rejects it
-        return bond_list(max_bond, n, "max_bond")[1:-1]
-    return [check_int(max_bond, "max_bond")] * (n - 1)
+__all__ = ["check_rel_tol", "split_threshold", "robust_svd", "truncated_svd_split"]
 
 
 def check_rel_tol(rel_tol: float | None) -> float | None:

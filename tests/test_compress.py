@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from mpo_core import MPOLinear, decompose, set_trainable
-from mpo_core.compress import (allocate_ranks, allocation_bound, compress, consistent_ranks, core_params)
+from mpo_core.compress import allocate_ranks, allocation_bound, compress, consistent_ranks
+from mpo_core.shapes import core_params
 
 
 def _decaying(rows: int, cols: int, decay: float, seed: int) -> torch.Tensor:
@@ -37,7 +38,7 @@ def test_consistent_ranks_and_core_params():
     assert consistent_ranks([1, 16, 256, 144, 9, 1], (4, 4, 4, 4, 3), (4, 4, 4, 4, 3)) == [1, 16, 256, 144, 9, 1]
     # a small left bond caps the next one at r_{k-1} * i_k * j_k
     assert consistent_ranks([1, 2, 256, 144, 9, 1], (4, 4, 4, 4, 3), (4, 4, 4, 4, 3)) == [1, 2, 32, 144, 9, 1]
-    assert core_params([1, 2, 3, 1], (2, 3, 4), (2, 3, 4)) == 1 * 4 * 2 + 2 * 9 * 3 + 3 * 16 * 1
+    assert core_params((2, 3, 4), (2, 3, 4), [1, 2, 3, 1]) == 1 * 4 * 2 + 2 * 9 * 3 + 3 * 16 * 1
 
 
 def test_budget_is_met_and_layers_match_report():

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from mpo_core.nn import MPOLinear, full_ranks, mpo_ify, set_trainable
+from mpo_core.nn import MPOLinear, mpo_ify, set_trainable
+from mpo_core.shapes import full_ranks
 
 
 def _linear(i, o, dtype=torch.float64, seed=0):
@@ -67,24 +68,24 @@ def test_init_matches_nn_linear_variance(n, ranks, seeds):
     ratios = []
     for seed in range(seeds):
         torch.manual_seed(seed)
-        layer = MPOLinear(768, 768, n=n, ranks=ranks)
+        layer = MPOLinear(768, 768, n=n, max_bond=ranks)
         with torch.no_grad():
             ratios.append(float(layer.weight.var()) / ref_var)
         assert float(layer.bias.detach().abs().max()) <= 1 / 768 ** 0.5
     assert abs(sum(ratios) / seeds - 1) < 0.1
 
 
-def test_ranks_argument():
-    assert full_ranks((4, 4, 4, 4, 3), (4, 4, 4, 4, 3)) == [1, 16, 256, 144, 9, 1]
-    assert MPOLinear(768, 768, n=5).ranks == [1, 16, 256, 144, 9, 1]
-    assert MPOLinear(768, 768, n=5, ranks=20).ranks == [1, 16, 20, 20, 9, 1]
-    assert MPOLinear(24, 24, in_shape=(2, 3, 4), out_shape=(4, 3, 2), ranks=[2, 3]).ranks == [1, 2, 3, 1]
-    with pytest.raises(ValueError, match="ranks must be"):
-        MPOLinear(24, 24, n=3, ranks=[1, 2, 3])
-    with pytest.raises(ValueError, match="ranks must be >= 1"):
-        MPOLinear(24, 24, n=3, ranks=0)
-    with pytest.raises(TypeError, match="ranks must be an int"):
-        MPOLinear(24, 24, n=3, ranks="full")
+def test_max_bond_argument():
+    assert MPOLinear(768, 768, n=5).ranks == full_ranks((4, 4, 4, 4, 3), (4, 4, 4, 4, 3)) == [1, 16, 256, 144, 9, 1]
+    assert MPOLinear(768, 768, n=5, max_bond=20).ranks == [1, 16, 20, 20, 9, 1]
+    assert MPOLinear(24, 24, in_shape=(2, 3, 4), out_shape=(4, 3, 2), max_bond=[2, 3]).ranks == [1, 2, 3, 1]
+    assert MPOLinear(24, 24, in_shape=(2, 3, 4), out_shape=(4, 3, 2), max_bond=[100, 3]).ranks == [1, 8, 3, 1]
+    with pytest.raises(ValueError, match="max_bond must be"):
+        MPOLinear(24, 24, n=3, max_bond=[1, 2, 3])
+    with pytest.raises(ValueError, match="max_bond must be >= 1"):
+        MPOLinear(24, 24, n=3, max_bond=0)
+    with pytest.raises(TypeError, match="max_bond must be an int"):
+        MPOLinear(24, 24, n=3, max_bond="full")
     with pytest.raises(ValueError, match="strategy"):
         MPOLinear(24, 24, n=3, strategy="fast")
     with pytest.raises(ValueError, match="in_shape"):
@@ -121,7 +122,7 @@ def test_share_core_validates():
 
 
 def test_set_trainable():
-    model = nn.Sequential(MPOLinear(64, 64, n=3, ranks=8), nn.Linear(64, 64), MPOLinear(64, 64, n=3, ranks=8))
+    model = nn.Sequential(MPOLinear(64, 64, n=3, max_bond=8), nn.Linear(64, 64), MPOLinear(64, 64, n=3, max_bond=8))
     model[2].share_core(1, model[0].central)
     n_aux = sum(c.numel() for m in (model[0], model[2]) for c in m.auxiliary)
     n_central = model[0].central.numel()
@@ -137,7 +138,7 @@ def test_set_trainable():
 
 def test_autocast_bf16_cpu_forward_backward():
     torch.manual_seed(0)
-    layer = MPOLinear(64, 48, n=3, ranks=8)
+    layer = MPOLinear(64, 48, n=3, max_bond=8)
     x = torch.randn(10, 64)
     ref = layer(x).detach()
     for strategy in ("dense", "sequential"):
@@ -153,8 +154,8 @@ def test_autocast_bf16_cpu_forward_backward():
 
 def test_state_dict_round_trip_with_shared_cores():
     def build():
-        a = MPOLinear(64, 64, n=3, ranks=8)
-        b = MPOLinear(64, 64, n=3, ranks=8)
+        a = MPOLinear(64, 64, n=3, max_bond=8)
+        b = MPOLinear(64, 64, n=3, max_bond=8)
         b.share_core(1, a.central)
         return nn.Sequential(a, b)
 
@@ -185,7 +186,7 @@ def test_inference_weight_cache_tracks_core_updates():
 
 
 def test_repr_mentions_shapes_ranks_params_compression():
-    text = repr(MPOLinear(768, 768, n=5, ranks=16))
+    text = repr(MPOLinear(768, 768, n=5, max_bond=16))
     for piece in ("in_shape=(4, 4, 4, 4, 3)", "ranks=[1, 16, 16, 16, 9, 1]", "params=", "compression=", "x vs dense"):
         assert piece in text
 
@@ -223,3 +224,17 @@ def test_mpo_ify_errors():
         mpo_ify(model, include=[3])
     with pytest.raises(TypeError, match="nn.Linear"):
         MPOLinear.from_linear(nn.Conv1d(2, 2, 1), n=1)
+
+
+def test_from_cores_copies_any_chain_and_bias():
+    torch.manual_seed(0)
+    cores = [torch.randn(1, 2, 3, 7), torch.randn(7, 4, 2, 1)]  # bond 7 > full rank 6: over-parameterized
+    bias = torch.randn(6)
+    layer = MPOLinear.from_cores(cores, bias, strategy="sequential")
+    assert (layer.in_features, layer.out_features, layer.ranks) == (8, 6, [1, 7, 1])
+    assert layer.strategy == "sequential" and layer.cores[0] is not cores[0]
+    x = torch.randn(5, 8)
+    w = torch.einsum("aijb,bklc->ikjl", cores[0], cores[1]).reshape(8, 6)
+    torch.testing.assert_close(layer(x), x @ w + bias)
+    with pytest.raises(ValueError, match=r"bias must be a tensor of shape \(6,\)"):
+        MPOLinear.from_cores(cores, torch.zeros(5))

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from mpo_core import MPOLinear
-from mpo_core.nn import full_ranks
+from mpo_core.shapes import full_ranks
 from mpo_core.opf import OverParameterization, sync_optimizer, expand_linear, importance_scores, select_top
 
 SHAPES = [((2, 3, 2), (2, 2, 4)), ((4, 2), (3, 3)), ((2, 2, 2, 2, 2), (2, 2, 2, 2, 2)), ((3, 2, 2), (1, 4, 2))]
@@ -22,7 +22,7 @@ def test_expansion_is_exact_and_larger(shape, pad, seed, bias):
     linear = nn.Linear(math.prod(in_shape), math.prod(out_shape), bias=bias).double()
     full = full_ranks(in_shape, out_shape)
     ranks = [1] + [f + pad for f in full[1:-1]] + [1]
-    layer = expand_linear(linear, in_shape=in_shape, out_shape=out_shape, ranks=ranks, noise_std=0.1,
+    layer = expand_linear(linear, in_shape=in_shape, out_shape=out_shape, min_bond=ranks, noise_std=0.1,
                           generator=torch.Generator().manual_seed(seed))
     assert [c.shape[0] for c in layer.cores] + [1] == ranks
     x = torch.randn(7, linear.in_features, dtype=torch.float64)
@@ -37,10 +37,10 @@ def test_full_rank_expansion_has_more_params_than_dense():
     linear = nn.Linear(32, 64)
     layer = expand_linear(linear, n=5)
     assert sum(c.numel() for c in layer.cores) > linear.weight.numel()
-    padded = expand_linear(linear, n=3, ranks=40)
+    padded = expand_linear(linear, n=3, min_bond=40)
     assert [c.shape[3] for c in padded.cores[:-1]] == [max(f, 40) for f in full_ranks(padded.in_shape, padded.out_shape)[1:-1]]
     with pytest.raises(ValueError, match="below the full rank"):
-        expand_linear(linear, n=3, ranks=[1, 1, 1, 1])
+        expand_linear(linear, n=3, min_bond=[1, 1, 1, 1])
     with pytest.raises(TypeError, match="nn.Linear"):
         expand_linear(MPOLinear(4, 4, n=2))
     with pytest.raises(ValueError, match="noise_std"):
@@ -73,7 +73,7 @@ def test_train_then_merge_is_identical_and_dense():
     model = _Net()
     dense_params = sum(p.numel() for p in model.parameters())
     opf = OverParameterization(model, n=lambda i, o: ((2, 4, 2) if i == 16 else (4, 2, 4), (4, 2, 4) if o == 32 else (1, 4, 1)),
-                               ranks=None)
+                               min_bond=None)
     opf.expand(opf.candidates)
     assert opf.extra_params() > 0
     assert sum(p.numel() for p in model.parameters()) > dense_params

@@ -5,7 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mpo_core import factorize
-from mpo_core.shapes import placement_order, resolve_shapes
+from mpo_core.shapes import (bond_limits, bond_list, capped_ranks, check_int, core_params, full_ranks, placement_order,
+                              resolve_shapes)
 
 
 @pytest.mark.parametrize(
@@ -76,3 +77,53 @@ def test_resolve_shapes():
         resolve_shapes(0, 6, (3, 0), (2, 3))
     with pytest.raises(TypeError, match="in_shape must be a sequence"):
         resolve_shapes(12, 6, "34", (2, 3))
+
+
+def test_check_int_names_the_argument():
+    assert check_int("n", 3) == 3 and check_int("n", 0, minimum=0) == 0
+    with pytest.raises(TypeError, match="n must be an int, got bool"):
+        check_int("n", True)
+    with pytest.raises(TypeError, match="n must be an int, got float"):
+        check_int("n", 2.0)
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        check_int("n", 0)
+
+
+def _brute_full_ranks(in_shape, out_shape):
+    """Rank of each unfolding of a generic (random) matrix with these modes."""
+    import torch
+
+    torch.manual_seed(0)
+    n = len(in_shape)
+    w = torch.randn(math.prod(in_shape), math.prod(out_shape), dtype=torch.float64)
+    t = w.reshape(*in_shape, *out_shape).permute([a for k in range(n) for a in (k, n + k)])
+    modes = [i * j for i, j in zip(in_shape, out_shape)]
+    return [1] + [int(torch.linalg.matrix_rank(t.reshape(math.prod(modes[:k]), -1))) for k in range(1, n)] + [1]
+
+
+@pytest.mark.parametrize("in_shape,out_shape", [((2, 3), (3, 2)), ((2, 3, 2), (2, 2, 3)), ((4, 1, 3), (1, 2, 2))])
+def test_full_ranks_are_the_unfolding_ranks_of_a_generic_matrix(in_shape, out_shape):
+    assert full_ranks(in_shape, out_shape) == _brute_full_ranks(in_shape, out_shape)
+    assert full_ranks((4, 4, 4, 4, 3), (4, 4, 4, 4, 3)) == [1, 16, 256, 144, 9, 1]
+
+
+def test_capped_ranks_and_bond_specs():
+    shape = ((4, 4, 4, 4, 3), (4, 4, 4, 4, 3))
+    assert capped_ranks(*shape) == full_ranks(*shape)
+    assert capped_ranks(*shape, max_bond=20) == [1, 16, 20, 20, 9, 1]
+    assert capped_ranks(*shape, max_bond=[8, 300, 200, 2]) == [1, 8, 256, 144, 2, 1]
+    assert capped_ranks(*shape, max_bond=[1, 8, 300, 200, 2, 1]) == [1, 8, 256, 144, 2, 1]
+    assert bond_limits(None, 3) == [None, None] and bond_limits(4, 3) == [4, 4]
+    with pytest.raises(ValueError, match="max_bond must be the n-1=4 inner bonds"):
+        capped_ranks(*shape, max_bond=[1, 2, 3])
+    with pytest.raises(ValueError, match="must start and end with 1"):
+        bond_list([2, 3, 4, 1], 3)
+    with pytest.raises(ValueError, match="max_bond must be >= 1"):
+        capped_ranks(*shape, max_bond=0)
+    with pytest.raises(TypeError, match="max_bond must be an int or a list"):
+        capped_ranks(*shape, max_bond="full")
+
+
+def test_core_params_counts_core_entries():
+    assert core_params((2, 3, 4), (2, 3, 4), [1, 2, 3, 1]) == 1 * 4 * 2 + 2 * 9 * 3 + 3 * 16 * 1
+    assert core_params((4, 3), (2, 5), full_ranks((4, 3), (2, 5))) == 1 * 8 * 8 + 8 * 15 * 1
