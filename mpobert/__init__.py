@@ -18,8 +18,8 @@ from mpobert.heads import (
     QuestionAnsweringOutput,
     SequenceClassifierOutput,
 )
-from mpobert.model import MPOBertModel, MPOBertModelOutput, MPOBertPreTrainedModel
-from mpobert.params import ParameterReport, count_parameters
+from mpobert.model import MPOBertModel, MPOBertModelOutput, MPOBertPreTrainedModel, count_parameters
+from mpobert.params import ParameterReport
 
 __all__ = [
     "IGNORE_INDEX", "MATRICES", "MPOBertConfig", "MPOBertModel", "MPOBertModelOutput", "MPOBertPreTrainedModel",

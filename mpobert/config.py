@@ -8,31 +8,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from mpo_core import factorize
 from mpo_core.io import atomic_write
+from mpo_core.shapes import check_int, factorize
 
-__all__ = ["MPOBertConfig", "MATRICES", "DEFAULT_SHAPES"]
+__all__ = ["MPOBertConfig", "MATRICES"]
 
 MATRICES = ("q", "k", "v", "attn_out", "ffn_in", "ffn_out")
 """Names of the six weight matrices of a transformer layer, in forward order."""
 
-DEFAULT_SHAPES: dict[int, tuple[int, ...]] = {
-    768: (4, 4, 4, 4, 3),
-    1024: (4, 4, 4, 4, 4),
-    3072: (4, 4, 8, 6, 4),
-    4096: (4, 4, 8, 8, 4),
-}
-"""The public MPOBERT code's 5-mode factorizations (used when ``mpo_n == 5``)."""
-
 HIDDEN_ACTS = {"gelu": "none", "gelu_new": "tanh"}
 """Supported activations and the ``approximate`` argument of :func:`mpo_core.ops.bias_gelu`."""
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _check_float(name: str, value: Any, low: float, high: float, high_open: bool = False) -> None:
@@ -64,7 +49,8 @@ class MPOBertConfig:
         Number of MPO cores per matrix (odd, so that a central core exists; MPOBERT uses 5).
     mpo_shapes : dict, optional
         ``{dim: shape}`` overrides of the mode factorization of a dimension; otherwise
-        :data:`DEFAULT_SHAPES` (when ``mpo_n == 5``) or :func:`mpo_core.factorize`.
+        :func:`mpo_core.shapes.factorize` (with ``mpo_n == 5`` it gives the published MPOBERT
+        shapes, e.g. 768 -> (4, 4, 4, 4, 3), 3072 -> (4, 4, 8, 6, 4)).
     max_bond : int, optional
         Bond truncation of every MPO (``None`` = exact, full rank, as the paper).
     mpo_matrices : tuple of str
@@ -126,14 +112,14 @@ class MPOBertConfig:
         """Raise ``ValueError``/``TypeError`` naming the first invalid field."""
         for name in ("vocab_size", "embedding_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "max_position_embeddings", "type_vocab_size", "num_groups", "num_labels"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1)
         for name in ("adapter_rank", "pad_token_id", "depth_scaling_after"):
-            _check_int(name, getattr(self, name), 0)
-        _check_int("mpo_n", self.mpo_n, 1)
+            check_int(name, getattr(self, name), 0)
+        check_int("mpo_n", self.mpo_n, 1)
         if self.mpo_n % 2 == 0:
             raise ValueError(f"mpo_n must be odd (a central core at index n // 2), got {self.mpo_n}")
         if self.max_bond is not None:
-            _check_int("max_bond", self.max_bond, 1)
+            check_int("max_bond", self.max_bond, 1)
         for name in ("hidden_dropout", "attention_dropout", "classifier_dropout"):
             _check_float(name, getattr(self, name), 0.0, 1.0, high_open=True)
         _check_float("layer_norm_eps", self.layer_norm_eps, 0.0, math.inf)
@@ -181,11 +167,9 @@ class MPOBertConfig:
         return layer // self.layers_per_group
 
     def shape_for(self, dim: int) -> tuple[int, ...]:
-        """Mode sizes used for dimension ``dim`` (override, published default, or balanced factorization)."""
+        """Mode sizes used for dimension ``dim`` (an ``mpo_shapes`` override, else the balanced factorization)."""
         if dim in self.mpo_shapes:
             return self.mpo_shapes[dim]
-        if self.mpo_n == 5 and dim in DEFAULT_SHAPES:
-            return DEFAULT_SHAPES[dim]
         return factorize(dim, self.mpo_n)
 
     def matrix_dims(self, name: str) -> tuple[int, int]:

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data.glue import TaskSpec, compute_metrics
-from .data.pretraining import IGNORE_INDEX, pad_collate
-from .data.squad import SquadExample, best_spans, squad_metrics
+from mpobert.data.glue import TaskSpec, compute_metrics
+from mpobert.data.pretraining import IGNORE_INDEX, pad_collate
+from mpobert.data.squad import SquadExample, best_spans, squad_metrics
 
 _MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 

@@ -1,7 +1,7 @@
 """MPOBERT building blocks: embeddings, per-group shared tensors, the MPO transformer layer, the encoder.
 
 Sharing (DESIGN §2): for every MPO-factorized matrix, the central core is one ``nn.Parameter``
-per group (:class:`SharedBlock`), handed to each layer's :class:`~mpo_core.nn.MPOLinear` with
+per group (:class:`SharedGroup`), handed to each layer's :class:`~mpo_core.nn.MPOLinear` with
 ``share_core``; the auxiliary cores belong to the layer. Biases, LayerNorms and the dense
 (non-factorized) matrices are shared with the central cores, i.e. one per group. Each layer
 may add a low-rank adapter ``U(l) D(l)`` to a matrix: ``W(l) = MPO(l) + U(l) D(l)``.
@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpo_core.nn import MPOLinear, full_ranks
+from mpo_core.nn import MPOLinear
 from mpo_core.ops import bias_gelu, layer_norm, residual_layer_norm
+from mpo_core.shapes import capped_ranks
 from mpobert.config import MATRICES, MPOBertConfig
 
-__all__ = ["LowRankAdapter", "SharedBlock", "MPOBertLayer", "MPOBertEncoder", "MPOBertEmbeddings", "attention_bool_mask",
+__all__ = ["LowRankAdapter", "SharedGroup", "MPOBertLayer", "MPOBertEncoder", "MPOBertEmbeddings", "attention_bool_mask",
            "central_shape"]
 
 
@@ -46,13 +47,18 @@ class LowRankAdapter(nn.Module):
         return f"in_features={self.U.shape[0]}, out_features={self.D.shape[1]}, rank={self.U.shape[1]}"
 
 
-class SharedBlock(nn.Module):
+class SharedGroup(nn.Module):
     """What the layers of one group share: central cores, dense matrices, biases, LayerNorms.
+
+    The encoder owns the groups (``encoder.groups``); each :class:`MPOBertLayer` holds a
+    reference to its group and reads every shared tensor from it, so each is registered once.
 
     Attributes
     ----------
     central : nn.ParameterDict
-        For each MPO-factorized matrix, its central core ``(d_{c}, i_c, j_c, d_{c+1})``.
+        For each MPO-factorized matrix, its central core ``(d_{c}, i_c, j_c, d_{c+1})``; every
+        layer of the group plugs this very parameter into its :class:`~mpo_core.nn.MPOLinear`
+        (:meth:`~mpo_core.nn.MPOLinear.share_core`).
     dense : nn.ParameterDict
         For each non-factorized matrix, its ``(out_features, in_features)`` weight.
     bias : nn.ParameterDict
@@ -61,12 +67,12 @@ class SharedBlock(nn.Module):
         The post-attention and post-FFN LayerNorms.
     """
 
-    def __init__(self, config: MPOBertConfig, central_shapes: dict[str, torch.Size]) -> None:
+    def __init__(self, config: MPOBertConfig) -> None:
         super().__init__()
         h = config.hidden_size
-        self.central = nn.ParameterDict({k: nn.Parameter(torch.empty(s)) for k, s in central_shapes.items()})
+        self.central = nn.ParameterDict({m: nn.Parameter(torch.empty(central_shape(config, m))) for m in config.mpo_matrices})
         self.dense = nn.ParameterDict({
-            m: nn.Parameter(torch.empty(config.matrix_dims(m)[::-1])) for m in MATRICES if m not in central_shapes
+            m: nn.Parameter(torch.empty(config.matrix_dims(m)[::-1])) for m in MATRICES if m not in config.mpo_matrices
         })
         self.bias = nn.ParameterDict({m: nn.Parameter(torch.zeros(config.matrix_dims(m)[1])) for m in MATRICES})
         self.attn_ln_weight = nn.Parameter(torch.ones(h))
@@ -78,7 +84,7 @@ class SharedBlock(nn.Module):
 def central_shape(config: MPOBertConfig, name: str) -> torch.Size:
     """Shape of matrix ``name``'s central core: full-rank bonds capped at ``config.max_bond``."""
     in_shape, out_shape = config.shape_for(config.matrix_dims(name)[0]), config.shape_for(config.matrix_dims(name)[1])
-    ranks = [r if config.max_bond is None else min(r, config.max_bond) for r in full_ranks(in_shape, out_shape)]
+    ranks = capped_ranks(in_shape, out_shape, config.max_bond)
     c = len(in_shape) // 2
     return torch.Size((ranks[c], in_shape[c], out_shape[c], ranks[c + 1]))
 
@@ -86,7 +92,7 @@ def central_shape(config: MPOBertConfig, name: str) -> torch.Size:
 def _mpo_linear(config: MPOBertConfig, name: str) -> MPOLinear:
     fan_in, fan_out = config.matrix_dims(name)
     return MPOLinear(fan_in, fan_out, config.shape_for(fan_in), config.shape_for(fan_out),
-                     ranks=config.max_bond, bias=False)
+                     max_bond=config.max_bond, bias=False)
 
 
 class MPOBertLayer(nn.Module):
@@ -95,18 +101,23 @@ class MPOBertLayer(nn.Module):
     Parameters
     ----------
     config : MPOBertConfig
-    shared : SharedBlock
-        The group's shared tensors; every MPO matrix of this layer takes its central core from
-        ``shared.central`` (one ``nn.Parameter``, identical object in all layers of the group).
+    group : SharedGroup
+        The group's shared tensors, held by reference (:attr:`group`; the encoder registers it):
+        every MPO matrix of this layer takes its central core from ``group.central`` (one
+        ``nn.Parameter``, the same object in all layers of the group), and the forward reads the
+        group's biases, LayerNorms and dense matrices.
     """
 
-    def __init__(self, config: MPOBertConfig, shared: SharedBlock) -> None:
+    def __init__(self, config: MPOBertConfig, group: SharedGroup) -> None:
         super().__init__()
+        if not isinstance(group, SharedGroup):
+            raise TypeError(f"group must be a SharedGroup, got {type(group).__name__}")
         self.config = config
+        self._group = (group,)  # a reference, not a submodule: the encoder registers each group once
         self.mpo = nn.ModuleDict()
         for name in config.mpo_matrices:
             layer = _mpo_linear(config, name)
-            layer.share_core(layer.central_index, shared.central[name])
+            layer.share_core(layer.central_index, group.central[name])
             self.mpo[name] = layer
         self.adapters = nn.ModuleDict()
         if config.adapter_rank > 0:
@@ -114,50 +125,54 @@ class MPOBertLayer(nn.Module):
                 self.adapters[name] = LowRankAdapter(*config.matrix_dims(name), config.adapter_rank,
                                                      config.adapter_init_std)
 
-    def project(self, name: str, x: torch.Tensor, shared: SharedBlock) -> torch.Tensor:
+    @property
+    def group(self) -> SharedGroup:
+        """The :class:`SharedGroup` this layer shares its central cores, biases and LayerNorms with."""
+        return self._group[0]
+
+    def project(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``x @ W(l)`` for matrix ``name`` (no bias): MPO (or the group's dense matrix) plus the adapter."""
-        y = self.mpo[name](x) if name in self.mpo else F.linear(x, shared.dense[name])
+        y = self.mpo[name](x) if name in self.mpo else F.linear(x, self.group.dense[name])
         if name in self.adapters:
             y = y + self.adapters[name](x)
         return y
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, shared: SharedBlock) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``hidden``: ``(B, S, H)``; ``mask``: boolean ``(B, 1, 1, S)`` (True = attend) or ``None``."""
-        cfg = self.config
+        cfg, group = self.config, self.group
         b, s, h = hidden.shape
         heads = [
-            (self.project(m, hidden, shared) + shared.bias[m]).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+            (self.project(m, hidden) + group.bias[m]).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
             for m in ("q", "k", "v")
         ]
         ctx = F.scaled_dot_product_attention(*heads, attn_mask=mask,
                                              dropout_p=cfg.attention_dropout if self.training else 0.0)
         ctx = ctx.transpose(1, 2).reshape(b, s, h)
-        attn = self.project("attn_out", ctx, shared) + shared.bias["attn_out"]
+        attn = self.project("attn_out", ctx) + group.bias["attn_out"]
         # under autocast the sublayer output may be in another dtype than the residual stream
-        hidden = residual_layer_norm(hidden, attn.to(hidden.dtype), shared.attn_ln_weight, shared.attn_ln_bias, cfg.layer_norm_eps,
+        hidden = residual_layer_norm(hidden, attn.to(hidden.dtype), group.attn_ln_weight, group.attn_ln_bias, cfg.layer_norm_eps,
                                      dropout_p=cfg.hidden_dropout, training=self.training)
-        inner = bias_gelu(self.project("ffn_in", hidden, shared), shared.bias["ffn_in"], cfg.gelu_approximate)
-        out = self.project("ffn_out", inner, shared) + shared.bias["ffn_out"]
-        return residual_layer_norm(hidden, out.to(hidden.dtype), shared.ffn_ln_weight, shared.ffn_ln_bias, cfg.layer_norm_eps,
+        inner = bias_gelu(self.project("ffn_in", hidden), group.bias["ffn_in"], cfg.gelu_approximate)
+        out = self.project("ffn_out", inner) + group.bias["ffn_out"]
+        return residual_layer_norm(hidden, out.to(hidden.dtype), group.ffn_ln_weight, group.ffn_ln_bias, cfg.layer_norm_eps,
                                    dropout_p=cfg.hidden_dropout, training=self.training)
 
 
 class MPOBertEncoder(nn.Module):
-    """``G`` shared blocks and ``L`` layers; layer ``l`` uses block ``config.group_of(l)``."""
+    """``G`` shared groups and ``L`` layers; layer ``l`` holds group ``config.group_of(l)``."""
 
     def __init__(self, config: MPOBertConfig) -> None:
         super().__init__()
         self.config = config
-        central_shapes = {name: central_shape(config, name) for name in config.mpo_matrices}
-        self.groups = nn.ModuleList(SharedBlock(config, central_shapes) for _ in range(config.num_groups))
+        self.groups = nn.ModuleList(SharedGroup(config) for _ in range(config.num_groups))
         self.layers = nn.ModuleList(MPOBertLayer(config, self.groups[config.group_of(l)])
                                     for l in range(config.num_layers))
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None,
                 output_hidden_states: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         states = [hidden] if output_hidden_states else None
-        for l, layer in enumerate(self.layers):
-            hidden = layer(hidden, mask, self.groups[self.config.group_of(l)])
+        for layer in self.layers:
+            hidden = layer(hidden, mask)
             if states is not None:
                 states.append(hidden)
         return hidden, states

@@ -19,10 +19,14 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from mpobert.config import MPOBertConfig, atomic_write
+from mpo_core.io import atomic_write
+from mpobert.config import MPOBertConfig
+from mpobert.init import from_albert, from_bert, init_model
 from mpobert.layers import MPOBertEmbeddings, MPOBertEncoder, attention_bool_mask
+from mpobert.params import ParameterReport, parameter_report
 
-__all__ = ["ModelOutput", "MPOBertModelOutput", "MPOBertPreTrainedModel", "MPOBertModel", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["ModelOutput", "MPOBertModelOutput", "MPOBertPreTrainedModel", "MPOBertModel", "count_parameters", "CONFIG_NAME",
+           "WEIGHTS_NAME"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "mpobert_model.pt"
@@ -95,10 +99,8 @@ class MPOBertPreTrainedModel(nn.Module):
         """Copy head weights from an ALBERT state dict, when the head has an ALBERT counterpart."""
 
     # ------------------------------------------------------------------ reports
-    def parameter_report(self) -> "ParameterReport":
+    def parameter_report(self) -> ParameterReport:
         """Parameters by role (each shared tensor counted once); see :mod:`mpobert.params`."""
-        from mpobert.params import parameter_report
-
         return parameter_report(self)
 
     # ------------------------------------------------------------------ checkpoints
@@ -189,15 +191,11 @@ class MPOBertPreTrainedModel(nn.Module):
         See :func:`mpobert.init.from_albert` for the arguments (``num_layers``, ``num_groups``,
         ``adapter_rank``, ``max_bond``, ... override the config derived from the checkpoint).
         """
-        from mpobert.init import from_albert
-
         return from_albert(cls, path, **overrides)
 
     @classmethod
     def from_bert(cls, path: str | os.PathLike, central_from: str = "mean", **overrides: Any) -> "MPOBertPreTrainedModel":
         """Build from a local (non-shared) Hugging Face BERT checkpoint; see :func:`mpobert.init.from_bert`."""
-        from mpobert.init import from_bert
-
         return from_bert(cls, path, central_from=central_from, **overrides)
 
 
@@ -234,8 +232,6 @@ class MPOBertModel(MPOBertPreTrainedModel):
         self.embeddings = MPOBertEmbeddings(config)
         self.encoder = MPOBertEncoder(config)
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
-        from mpobert.init import init_model
-
         init_model(self)
 
     def forward(
@@ -279,3 +275,13 @@ class MPOBertModel(MPOBertPreTrainedModel):
         hidden, states = self.encoder(hidden, mask, output_hidden_states)
         pooled = torch.tanh(self.pooler(hidden[:, 0]))
         return MPOBertModelOutput(hidden, pooled, states)
+
+
+def count_parameters(config: MPOBertConfig, model_class: type[MPOBertPreTrainedModel] = MPOBertModel) -> ParameterReport:
+    """The report of ``model_class(config)`` built on the meta device (no memory, no decomposition).
+
+    It builds the very modules a real model has, so the counts are the real model's.
+    """
+    with torch.device("meta"):
+        model = model_class(config)
+    return parameter_report(model)

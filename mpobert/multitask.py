@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import SequenceClassifierOutput
-from .model import MPOBertModel
+from mpobert.heads import SequenceClassifierOutput
+from mpobert.model import MPOBertModel
 
 
 class MPOBertForMultiTask(nn.Module):

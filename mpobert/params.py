@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
+from mpo_core.nn import MPOLinear
 from mpobert.config import MATRICES, MPOBertConfig
 
-__all__ = ["ParameterReport", "parameter_report", "count_parameters"]
+__all__ = ["ParameterReport", "parameter_report"]
 
 ROLES = ("embeddings", "central", "auxiliary", "adapters", "shared_other", "pooler", "heads")
 
@@ -77,8 +77,6 @@ class ParameterReport:
 
 def parameter_report(model: nn.Module) -> ParameterReport:
     """Count ``model``'s parameters (an MPOBERT model or head model) by role, each tensor once."""
-    from mpo_core.nn import MPOLinear
-
     base = model.base_model
     cfg: MPOBertConfig = model.config
     role: dict[int, tuple[str, int]] = {}
@@ -108,15 +106,3 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     dense = counts["embeddings"] + counts["pooler"] + counts["heads"] + cfg.num_layers * per_layer
     return ParameterReport(**counts, total=total, dense_equivalent=dense,
                            num_layers=cfg.num_layers, num_groups=cfg.num_groups)
-
-
-def count_parameters(config: MPOBertConfig, model_class: type | None = None) -> ParameterReport:
-    """The report of ``model_class(config)`` built on the meta device (no memory, no decomposition).
-
-    It builds the very modules a real model has, so the counts are the real model's.
-    """
-    if model_class is None:
-        from mpobert.model import MPOBertModel as model_class
-    with torch.device("meta"):
-        model = model_class(config)
-    return parameter_report(model)

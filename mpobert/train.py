@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .optim import build_optimizer, warmup_linear_scheduler
+from mpobert.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mpobert.optim import build_optimizer, warmup_linear_scheduler
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .pretraining import PretrainingStream, pad_collate
+from mpobert.data.pretraining import PretrainingStream, pad_collate
 
 
 def _check_shard(batch_size: int, rank: int, world_size: int) -> None:

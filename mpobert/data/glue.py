@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .corpus import TOPIC_FAMILIES
-from .metrics import METRICS
-from .tokenizer import WordPieceTokenizer
+from mpobert.data.corpus import TOPIC_FAMILIES
+from mpobert.data.metrics import METRICS
+from mpobert.data.tokenizer import WordPieceTokenizer
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
-from .tokenizer import WordPieceTokenizer
+from mpobert.data.tokenizer import WordPieceTokenizer
 
 IGNORE_INDEX = -100
 """Label value for positions that carry no MLM loss (torch's cross-entropy default)."""

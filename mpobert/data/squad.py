@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .tokenizer import WordPieceTokenizer
+from mpobert.data.tokenizer import WordPieceTokenizer
 
 
 @dataclass(frozen=True)
