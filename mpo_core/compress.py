@@ -31,7 +31,7 @@ from torch import nn
 
 from mpo_core.decompose import decompose
 from mpo_core.mpo import MPO
-from mpo_core.nn import MPOLinear, _matcher
+from mpo_core.nn import Include, MPOLinear, name_matcher, replace_module
 from mpo_core.shapes import core_params
 from mpo_core.truncation import check_rel_tol
 
@@ -265,7 +265,7 @@ def compress(
     model: nn.Module,
     budget: int | float | None = None,
     rel_tol: float | None = None,
-    include: str | Sequence[str] | Callable[[str, nn.Module], bool] | None = None,
+    include: Include = None,
     n: int | Callable[[int, int], tuple[Sequence[int], Sequence[int]]] = 5,
     strategy: str = "auto",
 ) -> CompressionReport:
@@ -303,7 +303,7 @@ def compress(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    match = _matcher(include)
+    match = name_matcher(include)
     shared = _shared_cores(model)
     targets = [(name, mod) for name, mod in model.named_modules()
                if name and isinstance(mod, (nn.Linear, MPOLinear)) and match(name, mod)]
@@ -338,8 +338,7 @@ def compress(
                                       strategy=mod.strategy if isinstance(mod, MPOLinear) else strategy)
         if isinstance(mod, MPOLinear):
             layer.cache_weight = mod.cache_weight
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, layer)
+        replace_module(model, name, layer)
         actual = layer.ranks
         report.matrices.append(MatrixCompression(
             name, mpo.in_shape, mpo.out_shape, mpo.ranks, actual, math.prod(mpo.shape), mpo.num_params,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence, Union
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from mpo_core.decompose import decompose
 from mpo_core.mpo import validate_cores
 from mpo_core.shapes import BondSpec, capped_ranks, resolve_shapes
 
-__all__ = ["MPOLinear", "set_trainable", "mpo_ify", "MPOifyReport"]
+__all__ = ["Include", "MPOLinear", "MPOifyReport", "mpo_ify", "name_matcher", "replace_module", "set_trainable"]
 
 
 class MPOLinear(nn.Module):
@@ -341,20 +341,32 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _matcher(include) -> Callable[[str, nn.Module], bool]:
+Include = Union[str, Sequence[str], Callable[[str, nn.Module], bool], None]
+"""Which submodules: a qualified name or glob pattern, a list of them, a predicate ``(name, module) -> bool``,
+or ``None`` (all)."""
+
+
+def name_matcher(include: Include, arg: str = "include") -> Callable[[str, nn.Module], bool]:
+    """The predicate ``(name, module) -> bool`` that ``include`` describes (``arg`` names it in errors)."""
     if include is None:
         return lambda name, mod: True
     if callable(include):
         return include
     patterns = [include] if isinstance(include, str) else list(include)
     if not all(isinstance(p, str) for p in patterns):
-        raise TypeError("include must be a name/glob pattern, a list of them, or a predicate (name, module) -> bool")
+        raise TypeError(f"{arg} must be a name/glob pattern, a list of them, or a predicate (name, module) -> bool")
     return lambda name, mod: any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in place of ``model``'s submodule ``name`` (a qualified name such as ``"encoder.0.fc"``)."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, module)
 
 
 def mpo_ify(
     model: nn.Module,
-    include: str | Sequence[str] | Callable[[str, nn.Module], bool] | None = None,
+    include: Include = None,
     n: int | Callable[[int, int], tuple[Sequence[int], Sequence[int]]] = 5,
     max_bond: BondSpec = None,
     rel_tol: float | None = None,
@@ -381,7 +393,7 @@ def mpo_ify(
         Parameter counts before/after and, per layer, shapes, ranks, the guaranteed error bound
         and the measured relative error ``||W - W_mpo||_F / ||W||_F``.
     """
-    match = _matcher(include)
+    match = name_matcher(include)
     before = _count(model)
     targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name and match(name, mod)]
     report = MPOifyReport(before, before)
@@ -395,8 +407,7 @@ def mpo_ify(
             layer = MPOLinear.from_linear(linear, max_bond=max_bond, rel_tol=rel_tol, strategy=strategy, **shape_kw)
         except ValueError as exc:
             raise ValueError(f"cannot decompose layer {name!r} ({linear.in_features}x{linear.out_features}): {exc}") from exc
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, layer)
+        replace_module(model, name, layer)
         with torch.no_grad():
             ref = linear.weight.detach().double()
             diff = float(torch.linalg.vector_norm(layer.weight.double() - ref))

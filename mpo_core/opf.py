@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from mpo_core.decompose import decompose
-from mpo_core.nn import MPOLinear, _matcher
+from mpo_core.nn import Include, MPOLinear, name_matcher, replace_module
 from mpo_core.shapes import BondSpec, bond_list, check_int, full_ranks
 
 __all__ = ["expand_linear", "importance_scores", "select_top", "OverParameterization", "sync_optimizer"]
@@ -112,7 +112,7 @@ def importance_scores(
     model: nn.Module,
     batches: Iterable[Any],
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-    include: str | Sequence[str] | Callable[[str, nn.Module], bool] | None = None,
+    include: Include = None,
 ) -> dict[str, float]:
     """First-order importance ``||W ⊙ ∂L/∂W||_F`` of every matching linear layer.
 
@@ -139,7 +139,7 @@ def importance_scores(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (model, batch) -> loss, got {type(loss_fn).__name__}")
-    match = _matcher(include)
+    match = name_matcher(include)
     targets = {name: mod for name, mod in model.named_modules()
                if name and isinstance(mod, (nn.Linear, MPOLinear)) and match(name, mod)}
     if not targets:
@@ -216,7 +216,7 @@ class OverParameterization:
     def __init__(
         self,
         model: nn.Module,
-        include: str | Sequence[str] | Callable[[str, nn.Module], bool] | None = None,
+        include: Include = None,
         n: int | Callable[[int, int], tuple[Sequence[int], Sequence[int]]] = 5,
         min_bond: BondSpec = None,
         noise_std: float = 1e-3,
@@ -225,7 +225,7 @@ class OverParameterization:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        match = _matcher(include)
+        match = name_matcher(include)
         self.model = model
         self.candidates = [name for name, mod in model.named_modules()
                            if name and isinstance(mod, nn.Linear) and match(name, mod)]
@@ -234,10 +234,6 @@ class OverParameterization:
         self.n, self.min_bond, self.noise_std, self.strategy = n, min_bond, noise_std, strategy
         self.generator = torch.Generator().manual_seed(seed)
         self.expanded: set[str] = set()
-
-    def _set(self, name: str, module: nn.Module) -> None:
-        parent, _, attr = name.rpartition(".")
-        setattr(self.model.get_submodule(parent), attr, module)
 
     def _check(self, names: Iterable[str]) -> list[str]:
         names = list(names)
@@ -264,7 +260,7 @@ class OverParameterization:
             except ValueError as exc:
                 raise ValueError(f"cannot expand layer {name!r} ({linear.in_features}x{linear.out_features}): {exc}") from exc
             layer.train(linear.training)
-            self._set(name, layer)
+            replace_module(self.model, name, layer)
             self.expanded.add(name)
             done.append(name)
         return done
@@ -279,7 +275,7 @@ class OverParameterization:
             layer = self.model.get_submodule(name)
             linear = layer.to_linear()
             linear.train(layer.training)
-            self._set(name, linear)
+            replace_module(self.model, name, linear)
             self.expanded.discard(name)
             done.append(name)
         return done
