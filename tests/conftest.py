@@ -23,14 +23,29 @@ settings.register_profile("dev", max_examples=25, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
+def _skips_fail() -> bool:
+    return bool(os.environ.get("CI"))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under CI=true a skip is a failure, unless the test needs CUDA (marked ``cuda``)."""
     outcome = yield
     report = outcome.get_result()
-    if os.environ.get("CI") and report.skipped and "cuda" not in item.keywords and not hasattr(report, "wasxfail"):
+    if _skips_fail() and report.skipped and item.get_closest_marker("cuda") is None and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, where every CPU-runnable test must run: {report.longrepr}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """Under CI=true a collection-time skip (a module-level ``pytest.importorskip`` or
+    ``pytest.skip(allow_module_level=True)``) fails too: it would hide every test of the module."""
+    outcome = yield
+    report = outcome.get_result()
+    if _skips_fail() and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"collection skipped under CI=true, where every CPU-runnable test must run: {report.longrepr}"
 
 
 def pytest_configure(config):
