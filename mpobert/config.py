@@ -16,8 +16,8 @@ __all__ = ["MPOBertConfig", "MATRICES"]
 MATRICES = ("q", "k", "v", "attn_out", "ffn_in", "ffn_out")
 """Names of the six weight matrices of a transformer layer, in forward order."""
 
-HIDDEN_ACTS = {"gelu": "none", "gelu_new": "tanh"}
-"""Supported activations and the ``approximate`` argument of :func:`mpo_core.ops.bias_gelu`."""
+HIDDEN_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh"}
+"""transformers' ``hidden_act`` names accepted here, mapped to :mod:`mpo_core.activation`'s vocabulary."""
 
 
 def _check_float(name: str, value: Any, low: float, high: float, high_open: bool = False) -> None:
@@ -178,7 +178,8 @@ class MPOBertConfig:
         return {"ffn_in": (h, i), "ffn_out": (i, h)}.get(name, (h, h))
 
     @property
-    def gelu_approximate(self) -> str:
+    def activation(self) -> str:
+        """``hidden_act`` in :mod:`mpo_core.activation`'s vocabulary: ``"gelu"`` or ``"gelu_tanh"``."""
         return HIDDEN_ACTS[self.hidden_act]
 
     # ------------------------------------------------------------------ I/O

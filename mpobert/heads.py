@@ -76,7 +76,7 @@ class MPOBertMLMHead(nn.Module):
         self.word_embeddings = [word_embeddings]  # tied, not registered twice
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = bias_gelu(F.linear(hidden, self.dense.weight), self.dense.bias, self.config.gelu_approximate)
+        x = bias_gelu(F.linear(hidden, self.dense.weight), self.dense.bias, self.config.activation)
         x = layer_norm(x, self.ln_weight, self.ln_bias, self.config.layer_norm_eps)
         return F.linear(x, self.word_embeddings[0].weight, self.bias)
 

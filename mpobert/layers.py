@@ -152,7 +152,7 @@ class MPOBertLayer(nn.Module):
         # under autocast the sublayer output may be in another dtype than the residual stream
         hidden = residual_layer_norm(hidden, attn.to(hidden.dtype), group.attn_ln_weight, group.attn_ln_bias, cfg.layer_norm_eps,
                                      dropout_p=cfg.hidden_dropout, training=self.training)
-        inner = bias_gelu(self.project("ffn_in", hidden), group.bias["ffn_in"], cfg.gelu_approximate)
+        inner = bias_gelu(self.project("ffn_in", hidden), group.bias["ffn_in"], cfg.activation)
         out = self.project("ffn_out", inner) + group.bias["ffn_out"]
         return residual_layer_norm(hidden, out.to(hidden.dtype), group.ffn_ln_weight, group.ffn_ln_bias, cfg.layer_norm_eps,
                                    dropout_p=cfg.hidden_dropout, training=self.training)

@@ -180,35 +180,35 @@ def test_dropout_p1_drops_the_whole_residual():
 
 
 # ---------------------------------------------------------------------------------------------- bias + GELU
-def _gelu(backend, approximate):
-    return lambda x, b: ops.bias_gelu(x, b, approximate=approximate, backend=backend)
+def _gelu(backend, activation):
+    return lambda x, b: ops.bias_gelu(x, b, activation=activation, backend=backend)
 
 
-def _gelu_ref(approximate):
-    return lambda x, b: reference.bias_gelu(x, b, approximate=approximate)
+def _gelu_ref(activation):
+    return lambda x, b: reference.bias_gelu(x, b, activation=activation)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_bias_gelu_fp32_matches_reference(shape, approximate, with_bias):
+def test_bias_gelu_fp32_matches_reference(shape, activation, with_bias):
     x, _, _, b, dy = _make(shape, torch.float32, "bias" if with_bias else "none")
     # dbias sums over rows
-    _check(_gelu("triton", approximate), _gelu_ref(approximate), [x, b], dy, torch.float32,
+    _check(_gelu("triton", activation), _gelu_ref(activation), [x, b], dy, torch.float32,
            grad_scale=shape[0] ** 0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_bias_gelu_half_io(dtype, approximate):
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_bias_gelu_half_io(dtype, activation):
     x, _, _, b, dy = _make((33, 70), dtype, "bias")
-    _check(_gelu("triton", approximate), _gelu_ref(approximate), [x, b], dy, dtype, grad_scale=33 ** 0.5)
+    _check(_gelu("triton", activation), _gelu_ref(activation), [x, b], dy, dtype, grad_scale=33 ** 0.5)
 
 
 def test_bias_gelu_many_rows_split_over_programs():
     # more row blocks than backward programs: each program loops over several blocks
     x, _, _, b, dy = _make((300, 3), torch.float32, "bias")
-    _check(_gelu("triton", "none"), _gelu_ref("none"), [x, b], dy, torch.float32, grad_scale=20.0)
+    _check(_gelu("triton", "gelu"), _gelu_ref("gelu"), [x, b], dy, torch.float32, grad_scale=20.0)
 
 
 # ------------------------------------------------------------------------------------- property-based tests
@@ -229,10 +229,10 @@ def test_property_layer_norms_match_reference(shape, affine, with_residual, eps)
 
 
 @settings(max_examples=25)
-@given(shape=shapes, approximate=st.sampled_from(["none", "tanh"]), with_bias=st.booleans())
-def test_property_bias_gelu_matches_reference(shape, approximate, with_bias):
+@given(shape=shapes, activation=st.sampled_from(["gelu", "gelu_tanh"]), with_bias=st.booleans())
+def test_property_bias_gelu_matches_reference(shape, activation, with_bias):
     x, _, _, b, dy = _make(shape, torch.float32, "bias" if with_bias else "none", seed=shape[0] + 7 * shape[1])
-    _check(_gelu("triton", approximate), _gelu_ref(approximate), [x, b], dy, torch.float32,
+    _check(_gelu("triton", activation), _gelu_ref(activation), [x, b], dy, torch.float32,
            grad_scale=shape[0] ** 0.5)
 
 
@@ -259,13 +259,13 @@ def test_gpu_layer_norms_match_reference(dtype, shape, with_residual):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_bias_gelu_matches_reference(dtype, approximate):
+def test_gpu_bias_gelu_matches_reference(dtype, activation):
     for backend in _gpu_backends():
         x, _, _, b, dy = _make((1000, 3072), dtype, "bias", device="cuda")
-        _check(_gelu(backend, approximate), _gelu_ref(approximate), [x, b], dy, dtype, grad_scale=1000 ** 0.5)
+        _check(_gelu(backend, activation), _gelu_ref(activation), [x, b], dy, dtype, grad_scale=1000 ** 0.5)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from mpo_core.activation import apply_activation
 from mpo_core.contract import dense_weight
 from mpobert import (
     MATRICES,
@@ -61,7 +62,7 @@ def _reference_forward(model: MPOBertModel, ids, mask, types) -> torch.Tensor:
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(cfg.head_dim) + neg, dim=-1)
         ctx = (att @ v).transpose(1, 2).reshape(b, s, -1)
         h = F.layer_norm(h + proj["attn_out"](ctx), (cfg.hidden_size,), g.attn_ln_weight, g.attn_ln_bias, cfg.layer_norm_eps)
-        f = proj["ffn_out"](F.gelu(proj["ffn_in"](h), approximate=cfg.gelu_approximate))
+        f = proj["ffn_out"](apply_activation(proj["ffn_in"](h), cfg.activation))
         h = F.layer_norm(h + f, (cfg.hidden_size,), g.ffn_ln_weight, g.ffn_ln_bias, cfg.layer_norm_eps)
     return h
 

@@ -12,13 +12,12 @@ from typing import Callable, Optional
 import torch
 
 from mpo_core._backends import extension
+from mpo_core.activation import GELUS, check_activation, gelu_approximate
 from mpo_core.ops import reference
 from mpo_core.ops._checks import check_input, check_like
 from mpo_core.ops._dispatch import resolve_backend
 
 Tensor = torch.Tensor
-
-APPROXIMATIONS = ("none", "tanh")
 
 
 def _ext_bias(bias: Tensor | None, x: Tensor) -> Tensor:
@@ -101,7 +100,7 @@ def _(dy, x, bias, approximate, backend):
 bias_gelu_fwd_op.register_autograd(_autograd_backward(bias_gelu_bwd_op), setup_context=_setup_context)
 
 
-def bias_gelu(x: Tensor, bias: Tensor | None = None, approximate: str = "none", backend: str | None = None) -> Tensor:
+def bias_gelu(x: Tensor, bias: Tensor | None = None, activation: str = "gelu", backend: str | None = None) -> Tensor:
     """``gelu(x + bias)``, fused (one read and one write per element).
 
     Parameters
@@ -110,8 +109,8 @@ def bias_gelu(x: Tensor, bias: Tensor | None = None, approximate: str = "none", 
         Input ``(..., N)``, float32/float16/bfloat16 (float64 on the torch backend).
     bias : torch.Tensor or None
         Shape ``(N,)``, added before the GELU.
-    approximate : {"none", "tanh"}
-        ``"none"``: exact erf GELU; ``"tanh"``: the tanh approximation (as ``torch.nn.functional.gelu``).
+    activation : {"gelu", "gelu_tanh"}
+        The exact erf GELU, or its tanh approximation (:mod:`mpo_core.activation`).
     backend : {None, "torch", "triton", "cuda"}
         ``None`` picks by device and availability (:func:`mpo_core.ops._dispatch.resolve_backend`).
 
@@ -122,11 +121,10 @@ def bias_gelu(x: Tensor, bias: Tensor | None = None, approximate: str = "none", 
     """
     x = check_input("x", x)
     bias = check_like("bias", bias, x, (x.shape[-1],))
-    if approximate not in APPROXIMATIONS:
-        raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    approximate = gelu_approximate(check_activation(activation, GELUS))
     chosen = resolve_backend("bias_gelu", x, backend)
     if chosen == "torch":
-        return reference.bias_gelu(x, bias, approximate)
+        return reference.bias_gelu(x, bias, activation)
     args = (x.reshape(-1, x.shape[-1]).contiguous(), None if bias is None else bias.contiguous(), approximate, chosen)
     y = bias_gelu_fwd_op(*args) if torch.compiler.is_compiling() else _BiasGelu.apply(*args)
     return y.view(x.shape)

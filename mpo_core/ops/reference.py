@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mpo_core.activation import GELUS, apply_activation, check_activation
+
 
 def _acc(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
@@ -61,8 +63,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     return residual_layer_norm(x, None, weight, bias, eps)
 
 
-def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "none") -> torch.Tensor:
-    """``gelu(x + bias)`` (``approximate`` ``"none"``: erf form, ``"tanh"``: tanh form), in ``x``'s dtype."""
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, activation: str = "gelu") -> torch.Tensor:
+    """``gelu(x + bias)`` (``activation`` ``"gelu"``: erf form, ``"gelu_tanh"``: tanh form), in ``x``'s dtype."""
     acc = accumulation_dtype(x.dtype)
     u = x.to(acc) if bias is None else x.to(acc) + bias.to(acc)
-    return F.gelu(u, approximate=approximate).to(x.dtype)
+    return apply_activation(u, check_activation(activation, GELUS)).to(x.dtype)
