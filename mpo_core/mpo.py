@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from mpo_core.io import atomic_torch_save
+from mpo_core.rebuild import dense_matrix
 from mpo_core.shapes import BondSpec, bond_limits
 from mpo_core.truncation import split_threshold, truncated_svd_split
 
@@ -142,14 +143,9 @@ class MPO:
 
     # ------------------------------------------------------------------ math
     def to_dense(self) -> torch.Tensor:
-        """Contract the cores into the ``(prod(in_shape), prod(out_shape))`` matrix (C order)."""
-        acc = self.cores[0][0]  # (i1, j1, d1)
-        for core in self.cores[1:]:
-            rows, cols, _ = acc.shape
-            _, i, j, d = core.shape
-            # (R, C, a) x (a, i, j, d) -> (R, i, C, j, d): rows keep (i1..ik), cols keep (j1..jk)
-            acc = torch.einsum("rca,aijd->ricjd", acc, core).reshape(rows * i, cols * j, d)
-        return acc[..., 0]
+        """Contract the cores into the ``(prod(in_shape), prod(out_shape))`` matrix (C order), in the
+        cheapest merge order (:func:`mpo_core.rebuild.dense_matrix`)."""
+        return dense_matrix(self.cores)
 
     def frobenius_norm(self) -> float:
         """``||to_dense()||_F`` computed from the cores (no dense matrix is formed)."""
