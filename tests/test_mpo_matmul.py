@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
+from mpo_core.kernels import mpo_matmul as kernel
 from mpo_core.ops import mpo_linear as ops
 from mpo_core.ops.mpo_linear import choose_split, mpo_linear, mpo_linear_cost, mpo_linear_reference
 
@@ -174,6 +175,104 @@ def test_backward_only_some_inputs_need_grad():
     trainable = [c for c in cores if c.requires_grad]
     for g, w in zip(torch.autograd.grad(y, trainable, gy), torch.autograd.grad(yr, trainable, gy)):
         assert rel_err(g, w) < FP32_TOL
+
+
+# ----------------------------------------------------------------------------- program order, ragged tiles, GPU tiles
+# One end core (D=5, 3x4: padded to 4x4) and a big factor of 37 x 40 modes: K = 111, N = 160. With
+# BLOCK_K = 32 (8 big rows per K step) the forward takes 5 K steps, the last one ragged (37 = 4*8 + 5),
+# and its 40 big columns fill 2 (BLOCK_N 128) or 3 (BLOCK_N 64) column blocks, the last ragged; dx
+# (transposed factors) swaps the two. Rows: GROUP_M + 2 full row blocks and a ragged one, so the
+# grouped program order runs a second, partial group.
+RAGGED_BIG = (37, 40)
+
+
+def _ragged_problem(small_left: bool, rows: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    big = torch.randn(1, *RAGGED_BIG, 5, generator=g) / math.sqrt(5)
+    small = torch.randn(5, 3, 4, 1, generator=g)
+    cores = [small.permute(3, 1, 2, 0).contiguous(), big.permute(3, 1, 2, 0).contiguous()] if small_left else [big, small]
+    k = math.prod(c.shape[1] for c in cores)
+    n = math.prod(c.shape[2] for c in cores)
+    assert choose_split([c.shape[1] for c in cores], [c.shape[2] for c in cores], [1, 5, 1]) is small_left
+    return cores, torch.randn(rows, k, generator=g), torch.randn(n, generator=g), torch.randn(rows, n, generator=g)
+
+
+def _check_forward_dx(cores, x, b, gy, activation):
+    """y and dx (the transposed-factor launch) of the kernel vs the reference; with ``x`` needing a
+    gradient and an activation, the forward is the training one (stores the pre-activation)."""
+    x = x.clone().requires_grad_()
+    y = mpo_linear(x, cores, b, activation, backend="triton")
+    (dx,) = torch.autograd.grad(y, x, gy)
+    xr = x.detach().clone().requires_grad_()
+    yr = mpo_linear_reference(xr, cores, b, activation)
+    (dxr,) = torch.autograd.grad(yr, xr, gy)
+    assert rel_err(y, yr) < FP32_TOL, "y"
+    assert rel_err(dx, dxr) < FP32_TOL, "dx"
+
+
+def _check_inference_forward_and_dx(cores, x, b, gy, activation):
+    """The inference forward (bias + activation epilogue, nothing stored), then dx through an
+    activation-free training forward (which stores nothing either)."""
+    with torch.no_grad():
+        y = mpo_linear(x, cores, b, activation, backend="triton")
+    assert rel_err(y, mpo_linear_reference(x, cores, b, activation)) < FP32_TOL, "inference y"
+    _check_forward_dx(cores, x, b, gy, None)
+
+
+@pytest.mark.parametrize("small_left", [False, True])
+def test_interpreter_tile_several_program_groups(small_left):
+    """The interpreter's own tile (BLOCK 32, GROUP_M 4): 140 rows = 5 row blocks, 2 program groups."""
+    cores, x, b, gy = _ragged_problem(small_left, 140, seed=5)
+    _check_forward_dx(cores, x, b, gy, "gelu")
+
+
+def _config_id(c) -> str:
+    return "M{BLOCK_M}N{BLOCK_N}K{BLOCK_K}G{GROUP_M}".format(**c.kwargs) + f"w{c.num_warps}s{c.num_stages}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(kernel.launch_configs(False))),
+                         ids=[_config_id(c) for c in kernel.launch_configs(False)])
+def test_each_gpu_tile_config_forward_dx(index):
+    """Every tile the autotuner may pick, forced, on a problem ragged in M, N and K with two program
+    groups: inference forward (bias + GELU epilogue) and dx. Orientation alternates over the configs."""
+    config = kernel.launch_configs(False)[index]
+    rows = (config.kwargs["GROUP_M"] + 2) * config.kwargs["BLOCK_M"] + 37
+    cores, x, b, gy = _ragged_problem(index % 2 == 1, rows, seed=index)
+    with kernel.forced_config(config):
+        _check_inference_forward_and_dx(cores, x, b, gy, "gelu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(kernel.launch_configs(True))),
+                         ids=[_config_id(c) for c in kernel.launch_configs(True)])
+def test_each_gpu_tile_config_training_forward(index):
+    """The training forward (pre-activation stored for backward) at every tile it may pick, forced;
+    the backward's GELU derivative reads that stored pre-activation."""
+    config = kernel.launch_configs(True)[index]
+    rows = (config.kwargs["GROUP_M"] + 2) * config.kwargs["BLOCK_M"] + 37
+    cores, x, b, gy = _ragged_problem(index % 2 == 0, rows, seed=10 + index)
+    calls = []
+    real = kernel.mpo_matmul
+
+    def spy(*args, **kwargs):
+        calls.append(args[5] if len(args) > 5 else kwargs.get("store_pre", False))
+        return real(*args, **kwargs)
+
+    with kernel.forced_config(config), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernel, "mpo_matmul", spy)
+        _check_forward_dx(cores, x, b, gy, "gelu_tanh")
+    assert calls == [True, False], "the forward stores pre, dx does not"
+
+
+def test_forced_config_rejects_what_the_autotuner_would_not_pick():
+    big_tile = next(c for c in kernel.launch_configs(False) if c.kwargs["BLOCK_M"] > kernel.STORE_PRE_MAX_BLOCK_M)
+    cores, x, b, _ = _ragged_problem(False, 40, seed=0)
+    with kernel.forced_config(big_tile), pytest.raises(ValueError, match="not a config the autotuner may pick"):
+        mpo_linear(x.requires_grad_(), cores, b, "gelu", backend="triton")
+    with pytest.raises(TypeError, match="config: expected a triton.Config"):
+        with kernel.forced_config({"BLOCK_M": 64}):
+            pass
 
 
 # ----------------------------------------------------------------------------- hypothesis

@@ -41,6 +41,10 @@ in :mod:`mpo_core.ops.mpo_linear`.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 import triton
 import triton.language as tl
@@ -148,7 +152,7 @@ def _mpo_matmul_kernel(
 
 # Every config has BLOCK_K, BLOCK_N >= 32 and BLOCK_K * BLOCK_N >= 16 * 64, which the limits in
 # :func:`padded_small_shape` rely on (tile holds whole padded right modes; rebuild GEMM has >= 16 rows).
-# ptxas (Triton 3.9, bf16, 4x4 end core, D 16; `python -m mpo_core.aot`, tests/test_aot_compile.py):
+# ptxas (Triton 3.9, bf16, 4x4 end core, D 16; `python -m mpo_core.gpu.aot`, tests/test_aot_compile.py):
 # no spills on sm_80/sm_90 without the pre-activation store; with it (training) the 128-row tiles
 # spill 96-152 B/thread in the epilogue, so STORE_PRE launches autotune over the 64-row tiles only.
 # 256-row tiles and BLOCK_K=64 spilled: left out. Every config emits wgmma on sm_90.
@@ -179,6 +183,26 @@ _autotuned_kernel = triton.autotune(configs=_GPU_CONFIGS, key=["M", "N", "K", "D
 def launch_configs(store_pre: bool) -> list[triton.Config]:
     """The tile configs the autotuner may pick for a launch with this ``STORE_PRE`` (its own prune applied)."""
     return _autotuned_kernel.early_config_prune(list(_autotuned_kernel.configs), {}, STORE_PRE=store_pre)
+
+
+_FORCED_CONFIG: contextvars.ContextVar[triton.Config | None] = contextvars.ContextVar("mpo_matmul_forced_config", default=None)
+
+
+@contextlib.contextmanager
+def forced_config(config: triton.Config) -> Iterator[None]:
+    """Launch :func:`mpo_matmul` with this one tile config inside the block, instead of
+    autotuning (on a GPU) or the interpreter's fixed tile (on CPU).
+
+    For tests and the acceptance check, which run every config the autotuner may pick;
+    a launch whose :func:`launch_configs` excludes ``config`` raises ``ValueError``.
+    """
+    if not isinstance(config, triton.Config) or not {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"} <= set(config.kwargs):
+        raise TypeError(f"config: expected a triton.Config with BLOCK_M/BLOCK_N/BLOCK_K/GROUP_M, got {config!r}")
+    token = _FORCED_CONFIG.set(config)
+    try:
+        yield
+    finally:
+        _FORCED_CONFIG.reset(token)
 
 
 #: Whether the kernel runs on Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import).
@@ -279,7 +303,12 @@ def mpo_matmul(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(jb, meta["BLOCK_N"] // jsp),)
 
-    if INTERPRETED:
+    forced = _FORCED_CONFIG.get()
+    if forced is not None:
+        if not any(forced.all_kwargs() == c.all_kwargs() for c in launch_configs(store_pre)):
+            raise ValueError(f"forced_config: {forced} is not a config the autotuner may pick for store_pre={store_pre}")
+        _mpo_matmul_kernel[grid(forced.kwargs)](*args, **flags, **forced.all_kwargs())
+    elif INTERPRETED:
         _mpo_matmul_kernel[grid(_INTERPRETER_META)](*args, **flags, **_INTERPRETER_META)
     else:
         _autotuned_kernel[grid](*args, **flags)
