@@ -51,11 +51,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from benchmarks._common import device_description, format_table, write_json  # noqa: E402
 from mpobert import MPOBertConfig, MPOBertModel  # noqa: E402
+from mpo_core.activation import gelu_approximate  # noqa: E402
 from mpobert.optim import LAMB  # noqa: E402
 
 PRESETS = {"mpobert12": MPOBertConfig.mpobert12, "mpobert24": MPOBertConfig.mpobert24, "tiny": MPOBertConfig.tiny}
 VARIANTS = ("mpobert", "bert", "albert", "naive")
 OPTIMIZERS = ("adamw", "lamb")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 # ---------------------------------------------------------------- the naive MPOBERT
@@ -109,7 +111,7 @@ class NaiveMPOBert(nn.Module):
             self.adapters.append(nn.ModuleDict({
                 m: nn.ParameterList([copy(a.U), copy(a.D)]) for m, a in layer.adapters.items()
             }))
-        self.gelu = nn.GELU(approximate=cfg.gelu_approximate)
+        self.gelu = nn.GELU(approximate=gelu_approximate(cfg.activation))
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.pooler.weight, self.pooler.bias = copy(source.pooler.weight), copy(source.pooler.bias)
 
@@ -229,8 +231,12 @@ class PeakRSS:
         return self.peak - self.base
 
 
-def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, int]:
-    """``(seconds, peak bytes)`` of one call of ``fn`` (same timer for every contender)."""
+def timed(fn: Callable[[], None], device: torch.device, clock: Callable[[], float]) -> tuple[float, int]:
+    """``(seconds, peak bytes)`` of one call of ``fn`` (same timer for every contender).
+
+    ``clock`` is ``time.perf_counter`` (wall) or ``time.process_time`` (CPU time of this process:
+    on a shared, loaded machine, with one thread, it does not count the time other processes hold the cores).
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -242,13 +248,13 @@ def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, int]:
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1e3, torch.cuda.max_memory_allocated(device) - base
     if not os.path.exists("/proc/self/statm"):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        return time.perf_counter() - t0, 0
+        return clock() - t0, 0
     with PeakRSS() as mem:
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        seconds = time.perf_counter() - t0
+        seconds = clock() - t0
     return seconds, mem.growth
 
 
@@ -330,23 +336,39 @@ def profile_step(contender: Contender, rows: int = 15) -> str:
 
 def settings_from(args: argparse.Namespace, device: torch.device) -> list[Setting]:
     precisions = args.precision or (["fp32", "bf16"] if device.type == "cuda" else ["fp32"])
+    pairs = args.pairs or [(k, tokens) for tokens in args.tokens for k in args.k]
     out = []
-    for tokens in args.tokens:
+    for k, tokens in pairs:
         seq = min(args.seq, tokens)
         if tokens % seq:
-            raise SystemExit(f"--tokens {tokens} is not a multiple of --seq {seq}")
+            raise SystemExit(f"{tokens} tokens per micro-batch is not a multiple of --seq {seq}")
         for precision in precisions:
-            for opt in args.optimizers:
-                out.extend(Setting(k, tokens // seq, seq, opt, precision) for k in args.k)
-            if args.inference:
-                out.append(Setting(1, tokens // seq, seq, "none", precision, inference=True))
+            out.extend(Setting(k, tokens // seq, seq, opt, precision) for opt in args.optimizers)
+    if args.inference:
+        for tokens in sorted({t for _, t in pairs}):
+            seq = min(args.seq, tokens)
+            out.extend(Setting(1, tokens // seq, seq, "none", p, inference=True) for p in precisions)
     return out
+
+
+def parse_pair(text: str) -> tuple[int, int]:
+    """``"4x1024"`` -> ``(4, 1024)``: k micro-batches of that many tokens."""
+    try:
+        k, tokens = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KxTOKENS such as 4x1024, got {text!r}") from None
+    if k < 1 or tokens < 1:
+        raise argparse.ArgumentTypeError(f"k and tokens must be >= 1, got {text!r}")
+    return k, tokens
 
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    print(f"device: {device_description(device)}; timings measured, interleaved, median of {args.repeats}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"device: {device_description(device)}; timings measured ({args.clock} clock), interleaved, "
+          f"median of {args.repeats}")
     rows, checks = [], {}
     for preset in args.presets:
         cfg = PRESETS[preset](hidden_dropout=0.0, attention_dropout=0.0)
@@ -373,7 +395,7 @@ def run(args: argparse.Namespace) -> dict:
             mems = {c.name: [] for c in contenders}
             for _ in range(args.repeats):
                 for c in contenders:
-                    seconds, peak = timed(c.step, device)
+                    seconds, peak = timed(c.step, device, CLOCKS[args.clock])
                     times[c.name].append(seconds)
                     mems[c.name].append(peak)
             ref = statistics.median(times["bert"]) if "bert" in times else None
@@ -434,12 +456,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--k", type=int, nargs="+", help="micro-batches per optimizer step")
     ap.add_argument("--tokens", type=int, nargs="+", help="tokens per micro-batch (batch x seq)")
+    ap.add_argument("--pairs", type=parse_pair, nargs="+",
+                    help="explicit KxTOKENS settings (e.g. 4x1024 1x4096) instead of the --k x --tokens grid")
     ap.add_argument("--seq", type=int, default=512, help="sequence length (a micro-batch is tokens/seq sequences)")
     ap.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS)
     ap.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], help="default fp32 (CPU), fp32 and bf16 (CUDA)")
     ap.add_argument("--inference", action="store_true", help="also time one forward under no_grad per token count")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved timed steps per contender (median)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall (perf_counter) or cpu (process_time: use with --threads 1 on a loaded machine)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--profile", choices=VARIANTS, help="print a profile of one step of this variant instead of timing")
     ap.add_argument("--profile-rows", type=int, default=15)
     ap.add_argument("--out", default=os.path.join("results", "train_step.json"))
@@ -454,6 +481,8 @@ def main(argv: list[str] | None = None) -> None:
     args.tokens = args.tokens or ([1024, 4096, 16384] if big else [512])
     args.optimizers = args.optimizers or (list(OPTIMIZERS) if big else ["adamw"])
     args.repeats = args.repeats or (5 if cuda else 2)
+    if args.clock == "cpu" and cuda:
+        raise SystemExit("--clock cpu is for CPU runs (CUDA steps are timed with CUDA events)")
     if min(args.k) < 1 or min(args.tokens) < 1 or args.repeats < 1:
         raise SystemExit("--k, --tokens and --repeats must be >= 1")
     if args.profile and args.profile not in args.variants:
