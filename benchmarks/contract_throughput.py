@@ -14,7 +14,7 @@ product (``tntorch.tt_multiply`` on a ``tntorch.TTMatrix`` holding the same core
 ``W`` and ranks) is timed alongside, with its ratio to ours. A strategy whose modelled time is over ``--skip-factor`` times the
 best candidate's is not run ("skip", the cost model's prediction is in the JSON, labelled model).
 
-Without a GPU it first prints the GPU model table of :func:`mpo_core.roofline.linear_rows`
+Without a GPU it first prints the GPU model table of :func:`mpo_core.gpu.tables.linear_rows`
 (labelled "model", the same table as ``benchmarks/gpu_model.py``: each strategy's FLOPs,
 HBM bytes and roofline time on A100-80GB / H100 SXM at BERT shapes, 16384 tokens, bf16).
 
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mpo_core import roofline as rl  # noqa: E402
+from mpo_core import gpu  # noqa: E402
 from mpo_core.contract import contract, explain  # noqa: E402
 from mpo_core.contract import fused as fused_mod  # noqa: E402
 from mpo_core.nn import MPOLinear  # noqa: E402
@@ -233,10 +233,10 @@ def main(argv=None) -> dict:
 
     model_rows = []
     if not torch.cuda.is_available():
-        model_rows = rl.linear_rows()
-        print(f"# MODEL (not measured; mpo_core.roofline): MPO linear gelu(xW+b) per strategy on GPUs, full rank, "
-              f"{rl.BERT_TOKENS} tokens, bf16 (dense = unfused torch; dense/this > 1: faster than unfused)")
-        print(rl.format_rows(model_rows, rl.LINEAR_COLUMNS) + "\n")
+        model_rows = gpu.linear_rows()
+        print(f"# MODEL (not measured; mpo_core.gpu): MPO linear gelu(xW+b) per strategy on GPUs, full rank, "
+              f"{gpu.BERT_TOKENS} tokens, bf16 (dense = unfused torch; dense/this > 1: faster than unfused)")
+        print(gpu.format_rows(model_rows, gpu.LINEAR_COLUMNS) + "\n")
 
     rows_out = []
     if args.plot:

@@ -5,15 +5,15 @@ BERT shapes (768x3072, 3072x768, 1024x4096, 4096x1024; n=5 modes 768->(4,4,4,4,3
 (``--max-bond``), tokens 4096..65536, forward and forward+backward.
 
 * **model** (always printed, labelled "model", never mixed with measurements): FLOPs
-  and compulsory HBM bytes of both paths from :func:`mpo_core.roofline.linear_cost`
-  (``"fused"``: the op's own :func:`~mpo_core.ops.mpo_linear.mpo_linear_cost`; ``"dense"``:
-  the unfused sequence below), and the roofline time of :mod:`mpo_core.roofline` on
+  and compulsory HBM bytes of both paths from :func:`mpo_core.gpu.linear.linear_cost`
+  (``"fused"``: the op's own :func:`~mpo_core.cost.mpo_linear_cost`; ``"dense"``:
+  the unfused sequence below), and the roofline time of :mod:`mpo_core.gpu.devices` on
   A100-80GB and H100 SXM (forward + backward: the sum of the two). Ratio ``dense/fused``
   > 1 means fused is faster.
 * **measured** (only with a CUDA GPU): both paths timed in the same run with Triton's
   ``do_bench``; ratio ``dense/fused`` per row.
 
-Dense sequence: rebuild ``W`` from the cores (torch einsums), ``y = F.linear(x, W.T)``,
+Dense sequence: rebuild ``W`` from the cores (:func:`mpo_core.rebuild.dense_matrix`), ``y = F.linear(x, W.T)``,
 ``y = y + b``, ``y = F.gelu(y)``; autograd for backward.
 
     python benchmarks/fused_mpo_linear.py --quick
@@ -32,18 +32,18 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import device_description, format_table, write_json  # noqa: E402
 
-from mpo_core import roofline as rl  # noqa: E402
-from mpo_core.ops.mpo_linear import _contract, mpo_linear  # noqa: E402
-
-from mpo_core.kernels.registry import MPO_MODES as MODES  # noqa: E402
+from mpo_core.gpu import A100, H100, linear_cost, sequence_seconds  # noqa: E402
+from mpo_core.gpu.shapes import MPO_MODES as MODES  # noqa: E402
+from mpo_core.ops.mpo_linear import mpo_linear  # noqa: E402
+from mpo_core.rebuild import dense_matrix  # noqa: E402
+from mpo_core.shapes import capped_ranks, full_ranks  # noqa: E402
 
 CASES = [(768, 3072), (3072, 768), (1024, 4096), (4096, 1024)]
-GPUS = (rl.A100, rl.H100)
+GPUS = (A100, H100)
 
 
 def bond_sets(in_shape, out_shape, max_bond: int) -> dict[str, list[int]]:
-    full = rl.full_ranks(in_shape, out_shape)
-    return {"full": full, f"max_bond={max_bond}": [min(d, max_bond) for d in full]}
+    return {"full": full_ranks(in_shape, out_shape), f"max_bond={max_bond}": capped_ranks(in_shape, out_shape, max_bond)}
 
 
 def model_table(tokens_list, max_bond: int, b: int) -> list[dict]:
@@ -52,7 +52,7 @@ def model_table(tokens_list, max_bond: int, b: int) -> list[dict]:
         in_shape, out_shape = MODES[k_dim], MODES[n_dim]
         for label, ranks in bond_sets(in_shape, out_shape, max_bond).items():
             for m in tokens_list:
-                costs = {path: rl.linear_cost(path, m, in_shape, out_shape, ranks, b) for path in ("fused", "dense")}
+                costs = {path: linear_cost(path, m, in_shape, out_shape, ranks, b) for path in ("fused", "dense")}
                 for direction, parts in (("fwd", ("fwd",)), ("fwd+bwd", ("fwd", "bwd"))):
                     seq = {path: [c[p] for p in parts] for path, c in costs.items()}
                     row = {"kind": "model", "shape": f"{k_dim}x{n_dim}", "bonds": label, "tokens": m,
@@ -62,7 +62,7 @@ def model_table(tokens_list, max_bond: int, b: int) -> list[dict]:
                            "MB_fused": sum(c.bytes for c in seq["fused"]) / 1e6,
                            "MB_dense": sum(c.bytes for c in seq["dense"]) / 1e6}
                     for gpu in GPUS:
-                        tf, td = rl.sequence_seconds(seq["fused"], gpu), rl.sequence_seconds(seq["dense"], gpu)
+                        tf, td = sequence_seconds(seq["fused"], gpu), sequence_seconds(seq["dense"], gpu)
                         row[f"us_fused_{gpu.name}"] = tf * 1e6
                         row[f"us_dense_{gpu.name}"] = td * 1e6
                         row[f"dense/fused_{gpu.name}"] = td / tf
@@ -97,7 +97,7 @@ def measured_table(tokens_list, max_bond: int, dtype: torch.dtype) -> list[dict]
                     return mpo_linear(x, cores, bias, "gelu", backend="triton")
 
                 def dense():
-                    w = _contract(cores)[0, :, :, 0]
+                    w = dense_matrix(cores)
                     return F.gelu(F.linear(x, w.t()) + bias)
 
                 with torch.no_grad():

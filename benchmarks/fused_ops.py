@@ -7,7 +7,7 @@ each of ``triton`` / ``cuda`` present), against torch eager (the unfused sequenc
 one run: time, achieved GB/s (our kernel's bytes / time), % of a measured
 device-to-device copy, and the ratio to eager.
 
-Always (first): the model table of :func:`mpo_core.roofline.fused_op_rows`, labelled
+Always (first): the model table of :func:`mpo_core.gpu.tables.fused_op_rows`, labelled
 "model" (the same table as ``benchmarks/gpu_model.py``: bytes our kernels read and write
 vs the unfused torch sequence, roofline time on A100-80GB and H100 SXM); without a GPU,
 when ``mpo_core._C`` is built, a measured CPU comparison of torch eager vs the C++
@@ -30,9 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import device_description, format_table, time_call, write_json  # noqa: E402
 
 from mpo_core import backends, ops  # noqa: E402
-from mpo_core import roofline as rl  # noqa: E402
+from mpo_core import gpu  # noqa: E402
 
-OPS = rl.FUSED_OPS
+OPS = gpu.FUSED_OPS
 DROPOUT_P = 0.1
 
 
@@ -43,8 +43,8 @@ def shapes(quick: bool) -> list[tuple[int, int]]:
 
 
 def fused_bytes(op: str, direction: str, m: int, n: int, s: int) -> float:
-    """HBM bytes of our fused kernels for one op (model, :func:`mpo_core.roofline.fused_op_cost`)."""
-    return rl.fused_op_cost(op, direction, m, n, s).bytes
+    """HBM bytes of our fused kernels for one op (model, :func:`mpo_core.gpu.kernel_model.fused_op_cost`)."""
+    return gpu.fused_op_cost(op, direction, m, n, s).bytes
 
 
 def _inputs(op: str, m: int, n: int, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
@@ -153,10 +153,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     s = torch.tensor([], dtype=dtype).element_size()
     tokens = sorted({m for m, _ in shapes(args.quick)})
-    model = [row for m in tokens for row in rl.fused_op_rows(m, s)]
-    print(f"MODEL (roofline, not measured; mpo_core.roofline): our fused kernels vs the unfused torch sequence, "
+    model = [row for m in tokens for row in gpu.fused_op_rows(m, s)]
+    print(f"MODEL (roofline, not measured; mpo_core.gpu): our fused kernels vs the unfused torch sequence, "
           f"{args.dtype}")
-    print(rl.format_rows(model, ("tokens",) + rl.FUSED_OP_COLUMNS))
+    print(gpu.format_rows(model, ("tokens",) + gpu.FUSED_OP_COLUMNS))
     report["model"] = model
 
     if torch.cuda.is_available():

@@ -1,8 +1,8 @@
 """GPU performance model of every kernel, op and the MPOBERT-12 training step (labelled "model").
 
-Every figure here comes from :mod:`mpo_core.roofline` (formulas in its docstrings) and,
-for the per-kernel table, from the cubins Triton builds for sm_80 / sm_90 on this
-machine (:mod:`mpo_core.aot`: registers, spills, shared memory as reported by
+Every figure here comes from :mod:`mpo_core.gpu` over :mod:`mpo_core.cost` (formulas in their
+docstrings) and, for the per-kernel table, from the cubins Triton builds for sm_80 / sm_90 on this
+machine (:mod:`mpo_core.gpu.aot`: registers, spills, shared memory as reported by
 ``cuobjdump``; occupancy and roofline fraction are models). Tables:
 
 1. fused ops (LayerNorm, residual (+ dropout) + LayerNorm, bias + GELU) at BERT-base/large
@@ -24,6 +24,7 @@ printed in its own table beside the model, with the ratio measured / model.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -33,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from _common import device_description, write_json  # noqa: E402
 
-from mpo_core import roofline as rl  # noqa: E402
+from mpo_core import gpu  # noqa: E402
 
 KERNEL_COLUMNS = ("kernel", "regs_sm80", "regs_sm90", "spill_B", "smem_B_sm90", "occupancy_A100", "occupancy_H100",
                   "roofline_frac_A100", "roofline_frac_H100", "bound_H100")
@@ -42,27 +43,28 @@ STEP_COLUMNS = ("variant", "GB", "GB_read", "GB_written", "TFLOP", "kernels", "m
 
 def kernel_rows(jobs: int | None = None) -> list[dict]:
     """Compile the registry for sm_80 and sm_90; resources (ptxas) with modelled occupancy and roofline fraction."""
-    from mpo_core import aot
-    from mpo_core.kernels.registry import kernel_specs
+    from mpo_core.gpu import aot
+    from mpo_core.gpu.compiled import problems
+    from mpo_core.gpu.registry import kernel_specs
 
     specs = kernel_specs()
     results = {(r.name, r.arch): r for r in aot.compile_all(specs, aot.ARCHS, jobs)}
     rows = []
     for spec in specs:
-        executed, useful, flight = rl.spec_model(spec)
+        executed, useful, flight = gpu.spec_model(spec)
         row = {"kind": "ptxas resources + model", "kernel": spec.name}
-        for arch, device in ((80, rl.A100), (90, rl.H100)):
+        for arch, device in ((80, gpu.A100), (90, gpu.H100)):
             r = results[spec.name, arch]
             if r.error:
                 row[f"regs_sm{arch}"] = "compile error"
                 continue
-            occ = aot.occupancy(r.registers, r.smem, r.num_warps, device)
-            frac = rl.kernel_fraction(executed, useful, flight, occ["blocks_per_sm"], device)
+            occ = gpu.occupancy(r.registers, r.smem, r.num_warps, device)
+            frac = gpu.kernel_fraction(executed, useful, flight, occ["blocks_per_sm"], device)
             short = device.name.split("-")[0]
             row.update({f"regs_sm{arch}": r.registers, f"smem_B_sm{arch}": r.smem,
                         "spill_B": max(row.get("spill_B", 0), r.spills),
                         f"occupancy_{short}": occ["occupancy"], f"roofline_frac_{short}": frac["fraction"],
-                        f"bound_{short}": frac["bound"], f"problems_sm{arch}": "; ".join(aot.problems(r)) or "ok"})
+                        f"bound_{short}": frac["bound"], f"problems_sm{arch}": "; ".join(problems(r)) or "ok"})
         rows.append(row)
     return rows
 
@@ -72,17 +74,17 @@ def step_rows(dropout: bool) -> tuple[list[dict], dict]:
     from mpobert.config import MPOBertConfig
 
     cfg = MPOBertConfig.mpobert12()
-    shape = rl.BertShape(layers=cfg.num_layers, hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
+    shape = gpu.BertShape(layers=cfg.num_layers, hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
                          heads=cfg.num_heads, vocab=cfg.vocab_size, embedding=cfg.embedding_size,
                          adapter_rank=cfg.adapter_rank, adapter_matrices=len(cfg.adapter_matrices),
                          hidden_dropout=dropout)
     rows = []
     for fused in (True, False):
         rows.append({"variant": "fused" if fused else "unfused (torch eager)",
-                     **rl.step_summary(rl.mpobert_step(shape, batch=32, seq=512, dtype_bytes=2, fused=fused))})
-    saved = {"kind": rl.MODEL, "GB_saved_per_step": rows[1]["GB"] - rows[0]["GB"],
+                     **gpu.step_summary(gpu.mpobert_step(shape, batch=32, seq=512, dtype_bytes=2, fused=fused))})
+    saved = {"kind": gpu.MODEL, "GB_saved_per_step": rows[1]["GB"] - rows[0]["GB"],
              "fraction_of_unfused_bytes": 1 - rows[0]["GB"] / rows[1]["GB"],
-             **{f"ms_saved_{d.name}": rows[1][f"ms_{d.name}"] - rows[0][f"ms_{d.name}"] for d in (rl.A100, rl.H100)}}
+             **{f"ms_saved_{d.name}": rows[1][f"ms_{d.name}"] - rows[0][f"ms_{d.name}"] for d in (gpu.A100, gpu.H100)}}
     return rows, saved
 
 
@@ -90,7 +92,7 @@ def measured_fused_ops(model_rows: list[dict], dtype: torch.dtype) -> list[dict]
     """On a GPU: time ours and torch eager for every row of the fused-op model table; ratio to the model."""
     from fused_ops import _eager, _fwd_bwd_times, _inputs, _ours
 
-    device = rl.H100 if "H100" in device_description("cuda") else rl.A100
+    device = gpu.H100 if "H100" in device_description("cuda") else gpu.A100
     rows = []
     for row in model_rows:
         if row["dir"] != "fwd":
@@ -116,28 +118,28 @@ def main(argv: list[str] | None = None) -> dict:
                     "MPOBERT's ALBERT config has none)")
     ap.add_argument("--json", default=os.path.join("results", "gpu_model.json"))
     args = ap.parse_args(argv)
-    report: dict = {"devices": {d.name: vars(d) for d in (rl.A100, rl.H100)}, "tokens": rl.BERT_TOKENS}
+    report: dict = {"devices": {d.name: dataclasses.asdict(d) for d in (gpu.A100, gpu.H100)}, "tokens": gpu.BERT_TOKENS}
 
-    ops = rl.fused_op_rows()
-    print(f"1. MODEL: fused ops vs the unfused torch sequence, {rl.BERT_TOKENS} tokens, bf16 (HBM bytes, roofline us)")
-    print(rl.format_rows(ops, rl.FUSED_OP_COLUMNS))
-    lin = rl.linear_rows()
-    print(f"\n2. MODEL: MPO linear gelu(xW+b) per strategy, full rank, {rl.BERT_TOKENS} tokens, bf16 "
+    ops = gpu.fused_op_rows()
+    print(f"1. MODEL: fused ops vs the unfused torch sequence, {gpu.BERT_TOKENS} tokens, bf16 (HBM bytes, roofline us)")
+    print(gpu.format_rows(ops, gpu.FUSED_OP_COLUMNS))
+    lin = gpu.linear_rows()
+    print(f"\n2. MODEL: MPO linear gelu(xW+b) per strategy, full rank, {gpu.BERT_TOKENS} tokens, bf16 "
           "(dense = unfused torch; dense/this > 1: faster than unfused)")
-    print(rl.format_rows(lin, rl.LINEAR_COLUMNS))
+    print(gpu.format_rows(lin, gpu.LINEAR_COLUMNS))
     report.update(model_fused_ops=ops, model_linear=lin)
 
     if not args.no_compile:
         kernels = kernel_rows(args.jobs)
         print("\n3. per kernel: registers / spills / shared memory from ptxas (cuobjdump); occupancy and "
               "roofline fraction are MODEL")
-        print(rl.format_rows(kernels, KERNEL_COLUMNS))
+        print(gpu.format_rows(kernels, KERNEL_COLUMNS))
         report["kernels"] = kernels
 
     steps, saved = step_rows(args.dropout)
     print(f"\n4. MODEL: one MPOBERT-12 training step, batch 32 x 512, bf16, hidden dropout "
           f"{'on' if args.dropout else 'off'} (forward + backward + LAMB)")
-    print(rl.format_rows(steps, STEP_COLUMNS))
+    print(gpu.format_rows(steps, STEP_COLUMNS))
     print(f"   fusion saves {saved['GB_saved_per_step']:.2f} GB of HBM traffic per step "
           f"({100 * saved['fraction_of_unfused_bytes']:.1f}%), model: "
           f"{saved['ms_saved_A100-80GB']:.2f} ms on A100-80GB, {saved['ms_saved_H100-SXM']:.2f} ms on H100 SXM")
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nMEASURED on {device_description('cuda')} beside the model (ratio measured/model)")
         cols = ["op", "dir", "hidden", "impl", "measured_us", next(k for k in measured[0] if k.startswith("model_us")),
                 "measured/model"]
-        print(rl.format_rows(measured, cols))
+        print(gpu.format_rows(measured, cols))
         report.update(device=device_description("cuda"), measured_fused_ops=measured)
     write_json(args.json, report)
     print(f"\nwrote {args.json}")

@@ -1,9 +1,9 @@
 """Every registered Triton kernel compiled to real GPU code for sm_80 and sm_90, without a GPU.
 
 The interpreter proves the arithmetic; this proves the GPU code: each
-:class:`~mpo_core.kernels.registry.KernelSpec` (every config ``ops`` launches, matmul
+:class:`~mpo_core.gpu.registry.KernelSpec` (every config ``ops`` launches, matmul
 autotune configs included) is compiled by Triton to PTX and cubin for both targets
-(``mpo_core.aot``, worker processes without ``TRITON_INTERPRET``) and must have no
+(``mpo_core.gpu.aot``, worker processes without ``TRITON_INTERPRET``) and must have no
 compile error, no spills, shared memory within the device limit, tensor-core ``mma`` on
 sm_80 for ``tl.dot`` kernels and ``wgmma`` on sm_90 for the configs meant for Hopper.
 Deliberately bad specs (an oversized row that spills, a block that does not compile, a
@@ -19,9 +19,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpo_core import aot
-from mpo_core.kernels import registry
-from mpo_core.roofline import A100, DEVICES, H100
+from mpo_core.gpu import aot, registry
+from mpo_core.gpu.compiled import COLUMNS, CompiledKernel, problems, report_rows
+from mpo_core.gpu.devices import A100, DEVICES, H100, occupancy
+from mpo_core.gpu.shapes import FFN
+from mpo_core.gpu.tables import format_rows
 
 SPECS = registry.kernel_specs()
 
@@ -41,7 +43,7 @@ BAD = (SPILLING, NOT_COMPILING, NO_DOT)
 
 
 @pytest.fixture(scope="module")
-def compiled() -> dict[tuple[str, int], aot.CompileResult]:
+def compiled() -> dict[tuple[str, int], CompiledKernel]:
     results = aot.compile_all([*SPECS, *BAD], aot.ARCHS)
     return {(r.name, r.arch): r for r in results}
 
@@ -67,7 +69,7 @@ def test_registry_uses_the_launchers_configs():
     ln = [s for s in SPECS if s.family == "layer_norm_fwd"]
     assert [(s.constexprs["BLOCK_N"], s.num_warps) for s in ln] == [layer_norm.block_and_warps(768, 2)]
     gelu = {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.num_warps) for s in SPECS if s.family == "bias_gelu_fwd"}
-    assert gelu == {(*bias_gelu.blocks(n), bias_gelu.WARPS) for n in registry.FFN}
+    assert gelu == {(*bias_gelu.blocks(n), bias_gelu.WARPS) for n in FFN}
     tiles = lambda cfgs: {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in cfgs}  # noqa: E731
     mm = [s for s in SPECS if s.family == "mpo_matmul"]
     for store_pre in (False, True):
@@ -84,42 +86,42 @@ def test_every_registered_kernel_compiles_cleanly_for_sm80_and_sm90(compiled, ca
     results = [compiled[s.name, a] for s in SPECS for a in aot.ARCHS]
     with capsys.disabled():
         print(f"\n{len(SPECS)} registered kernel configs x sm_80, sm_90 (Triton AOT; occupancy is a model)")
-        print(aot.format_rows(aot.report_rows(results), aot.COLUMNS))
-    bad = {(r.name, r.arch): aot.problems(r) for r in results if aot.problems(r)}
+        print(format_rows(report_rows(results), COLUMNS))
+    bad = {(r.name, r.arch): problems(r) for r in results if problems(r)}
     assert not bad, bad
     for r in results:
         assert 0 < r.registers <= 255 and r.spills == 0
         if r.uses_dot:
             assert r.mma and (r.wgmma or r.arch == 80), r.name
-    assert {r.family for r in results} == {s.family for s in SPECS}
+    assert {r.source for r in results} == {s.family for s in SPECS}
 
 
 def test_spilling_config_fails_the_spill_check(compiled):
     for arch in aot.ARCHS:
         r = compiled[SPILLING.name, arch]
         assert not r.error and r.spills > 0
-        assert any(p.startswith("spills:") for p in aot.problems(r)), aot.problems(r)
+        assert any(p.startswith("spills:") for p in problems(r)), problems(r)
 
 
 def test_compile_error_is_reported_not_raised(compiled):
     r = compiled[NOT_COMPILING.name, 80]
     assert r.error and r.registers == 0
-    assert aot.problems(r)[0].startswith("compile error")
+    assert problems(r)[0].startswith("compile error")
 
 
 def test_kernel_without_dot_fails_the_tensor_core_checks(compiled):
-    assert "tl.dot kernel without mma in its sm_80 PTX" in aot.problems(compiled[NO_DOT.name, 80])
-    assert "config meant for Hopper without wgmma in its sm_90 PTX" in aot.problems(compiled[NO_DOT.name, 90])
+    assert "tl.dot kernel without mma in its sm_80 PTX" in problems(compiled[NO_DOT.name, 80])
+    assert "config meant for Hopper without wgmma in its sm_90 PTX" in problems(compiled[NO_DOT.name, 90])
 
 
 def test_shared_memory_over_the_device_limit_is_a_problem():
-    ok = aot.CompileResult("k", "f", 90, 4, False, False, registers=32, dynamic_smem=H100.smem_per_block)
-    assert aot.problems(ok) == []
+    ok = CompiledKernel("k", 90, "f", num_warps=4, registers=32, dynamic_smem=H100.smem_per_block)
+    assert problems(ok) == []
     over = dataclasses.replace(ok, static_smem=1)
-    assert aot.problems(over) == [f"shared memory {H100.smem_per_block + 1} B over the H100-SXM per-block limit "
+    assert problems(over) == [f"shared memory {H100.smem_per_block + 1} B over the H100-SXM per-block limit "
                                   f"{H100.smem_per_block} B"]
     # the A100 limit is lower: the same kernel fits sm_90 but not sm_80
-    assert aot.problems(dataclasses.replace(ok, arch=80))
+    assert problems(dataclasses.replace(ok, arch=80))
 
 
 def test_parse_resource_usage():
@@ -170,16 +172,16 @@ def test_bad_arguments_are_rejected_early():
     with pytest.raises(TypeError, match="dtypes"):
         registry.kernel_specs(torch.bfloat16)
     with pytest.raises(ValueError, match="registers"):
-        aot.occupancy(0, 0, 4, H100)
+        occupancy(0, 0, 4, H100)
 
 
 def test_occupancy_hand_computed():
-    assert aot.occupancy(32, 16, 4, H100) == dict(blocks_per_sm=16, warps_per_sm=64, occupancy=1.0, limiter="warps")
+    assert occupancy(32, 16, 4, H100) == dict(blocks_per_sm=16, warps_per_sm=64, occupancy=1.0, limiter="warps")
     # 255 registers -> 8192 per warp -> 8 warps per SM -> one 8-warp block
-    assert aot.occupancy(255, 33280, 8, A100)["blocks_per_sm"] == 1
-    assert aot.occupancy(64, 100 * 1024, 4, A100) == dict(blocks_per_sm=1, warps_per_sm=4, occupancy=4 / 64,
+    assert occupancy(255, 33280, 8, A100)["blocks_per_sm"] == 1
+    assert occupancy(64, 100 * 1024, 4, A100) == dict(blocks_per_sm=1, warps_per_sm=4, occupancy=4 / 64,
                                                           limiter="smem")
-    assert aot.occupancy(32, 164 * 1024, 4, A100)["blocks_per_sm"] == 0  # over the per-block limit
+    assert occupancy(32, 164 * 1024, 4, A100)["blocks_per_sm"] == 0  # over the per-block limit
 
 
 @settings(max_examples=200)
@@ -187,7 +189,7 @@ def test_occupancy_hand_computed():
        device=st.sampled_from(sorted(DEVICES)))
 def test_property_occupancy_is_the_largest_fitting_block_count(regs, smem, warps, device):
     dev = DEVICES[device]
-    occ = aot.occupancy(regs, smem, warps, dev)
+    occ = occupancy(regs, smem, warps, dev)
     per_warp = -(-32 * regs // 256) * 256
 
     def fits(blocks):

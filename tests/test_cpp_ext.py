@@ -12,7 +12,6 @@ import ctypes
 import os
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from hypothesis import strategies as st
 
 import mpo_core
 from mpo_core._backends import extension
+from mpo_core.gpu import nvcc as nvcc_tools
 
 AFFINE = ["both", "weight", "bias", "none"]
 # Relative accuracy per dtype: tight for float64/float32 (the statistics and sums run in that
@@ -305,8 +305,6 @@ def test_numpy_philox_reference_matches_random123_known_answers():
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 LOWP = [torch.float32, torch.bfloat16, torch.float16]
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import nvcc_check  # noqa: E402
 
 # Stands in for the CUDA runtime calls the launchers make: device 0 with 2 SMs, so that the
 # persistent grids of the backward kernels walk several rows per block even for small inputs.
@@ -360,14 +358,14 @@ int emu_gelu_bwd(int dt, const void* dy, const void* x, const float* b, void* dx
 
 def _build_emulation(out_dir: Path) -> Path:
     """Compile csrc/cuda/*.cu for host emulation plus the harness into one shared library."""
-    nvcc = nvcc_check.find_nvcc()
+    nvcc = nvcc_tools.find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc (and with it the CUDA headers) not found")
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     assert cxx, "a host C++ compiler is needed (the extension build needs one too)"
     cuda_dir = ROOT / "csrc" / "cuda"
     flags = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-DMPO_CUDA_HOST_EMULATION",
-             *nvcc_check.TORCH_NVCC_FLAGS[:-1], f"-I{cuda_dir}", *(f"-I{d}" for d in nvcc_check.cuda_include_dirs(nvcc))]
+             *nvcc_tools.TORCH_NVCC_FLAGS[:-1], f"-I{cuda_dir}", *(f"-I{d}" for d in nvcc_tools.cuda_include_dirs(nvcc))]
     (out_dir / "harness.cpp").write_text(_EMU_HARNESS)
     jobs = [[cxx, *flags, "-x", "c++", "-include", "host_emulation.h", "-c", str(src), "-o", str(out_dir / f"{src.stem}.o")]
             for src in sorted(cuda_dir.glob("*.cu"))]

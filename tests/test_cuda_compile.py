@@ -1,7 +1,8 @@
 """Compile checks of the CUDA sources, for machines (and CI) without a GPU.
 
-* ``scripts/nvcc_check.py`` compiles every ``csrc/cuda/*.cu`` for sm_75, sm_80 and sm_90:
-  every file must compile, every kernel instantiation must be there, and nothing may spill.
+* ``scripts/nvcc_check.py`` (:mod:`mpo_core.gpu.nvcc`) compiles every ``csrc/cuda/*.cu`` for
+  sm_75, sm_80 and sm_90: every file must compile, every kernel instantiation must be there,
+  and nothing may spill (the verdict of :func:`mpo_core.gpu.compiled.problems`).
 * The checker itself fails on a compile error and on a spill (forced with -maxrregcount).
 * ``csrc/cuda/philox.cuh`` compiled as host C++ reproduces the Random123 known answers, so
   the dropout masks of the kernels have a bit-exact reference.
@@ -23,12 +24,12 @@ from pathlib import Path
 
 import pytest
 
+from mpo_core.gpu import nvcc
+from mpo_core.gpu.compiled import problems
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "nvcc_check.py"
-sys.path.insert(0, str(SCRIPT.parent))
-import nvcc_check  # noqa: E402
-
-NVCC = nvcc_check.find_nvcc()
+NVCC = nvcc.find_nvcc()
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set $NVCC or $CUDA_HOME)")
 ARCHS = ["sm_75", "sm_80", "sm_90"]
 DTYPES = ["float", "__half", "__nv_bfloat16"]
@@ -57,22 +58,22 @@ def report(tmp_path_factory):
 def test_all_sources_compile_for_every_arch_without_spills(report):
     proc, rep = report
     assert proc.returncode == 0, f"nvcc_check failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert rep["ok"] and rep["errors"] == 0 and rep["spills"] == 0
+    assert rep["ok"] and rep["problems"] == 0
     assert sorted(rep["archs"]) == ARCHS
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
-    compiled = sorted({(c["file"], c["arch"]) for c in rep["compiles"] if c["ok"]})
+    assert not [k for k in rep["kernels"] if k["error"]]
+    compiled = sorted({(k["source"], f"sm_{k['arch']}") for k in rep["kernels"]})
     assert compiled == sorted((s, a) for s in sources for a in ARCHS)
-    for c in rep["compiles"]:
-        for k in c["kernels"]:
-            assert k["spill_stores"] == 0 and k["spill_loads"] == 0, (c["file"], c["arch"], k["name"])
-            if k["entry"]:
-                assert 0 < k["registers"] <= 255, k
+    for k in rep["kernels"]:
+        assert k["spill_stores"] == 0 and k["spill_loads"] == 0 and k["stack"] == 0, (k["source"], k["arch"], k["name"])
+        if k["entry"]:
+            assert 0 < k["registers"] <= 255, k
 
 
 def test_every_kernel_instantiation_is_built_for_every_arch(report):
     _, rep = report
     for arch in ARCHS:
-        names = {k["name"] for c in rep["compiles"] if c["arch"] == arch for k in c["kernels"] if k["entry"]}
+        names = {k["name"] for k in rep["kernels"] if f"sm_{k['arch']}" == arch and k["entry"]}
         for kernel, widths in EXPECTED.items():
             for dtype, vecs in widths.items():
                 for vec in vecs:
@@ -84,8 +85,9 @@ def test_checker_fails_on_compile_error_and_on_spills(tmp_path):
     bad = tmp_path / "bad.cu"
     bad.write_text("__global__ void k(float* x) { x[0] = undefined_symbol; }\n")
     proc, rep = _run_check(tmp_path, str(bad), "--arch", "80")
-    assert proc.returncode == 1 and rep["errors"] == 1 and not rep["ok"]
-    assert "COMPILE ERROR" in proc.stdout and "undefined_symbol" in proc.stderr
+    assert proc.returncode == 1 and rep["problems"] == 1 and not rep["ok"]
+    assert "compile error" in proc.stdout and "undefined_symbol" in proc.stderr
+    assert "undefined_symbol" in rep["kernels"][0]["error"]
 
     # 64 live values in 16 registers: ptxas must spill, and the checker must say so.
     heavy = tmp_path / "heavy.cu"
@@ -100,8 +102,10 @@ def test_checker_fails_on_compile_error_and_on_spills(tmp_path):
 }
 """)
     proc, rep = _run_check(tmp_path, str(heavy), "--arch", "80", "--extra=-maxrregcount=16")
-    assert proc.returncode == 1 and rep["spills"] == 1 and rep["errors"] == 0 and not rep["ok"]
-    assert "spill: " in proc.stderr and "heavy" in proc.stderr
+    assert proc.returncode == 1 and rep["problems"] == 1 and not rep["ok"]
+    heavy_kernel, = rep["kernels"]
+    assert not heavy_kernel["error"] and heavy_kernel["spill_stores"] > 0 and heavy_kernel["name"].startswith("heavy")
+    assert "spills: " in proc.stdout and "heavy" in proc.stdout
 
 
 def test_parse_ptxas_reads_registers_spills_and_smem():
@@ -115,11 +119,13 @@ ptxas info    : Function properties for _Z3barv
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 8 registers, used 0 barriers, 356 bytes cmem[0]
 """
-    foo, bar = nvcc_check.parse_ptxas(text)
-    assert (foo.mangled, foo.entry, foo.registers, foo.spill_stores, foo.spill_loads, foo.stack, foo.smem,
-            foo.barriers) == ("_Z3fooPf", True, 40, 12, 16, 8, 2112, 1)
-    assert (bar.registers, bar.spill_stores, bar.spill_loads, bar.smem) == (8, 0, 0, 0)
-    assert nvcc_check.short_names(["_Z3fooPf"])["_Z3fooPf"] in ("foo", "_Z3fooPf")
+    foo, bar = nvcc.parse_ptxas(text, 80, "x.cu")
+    assert (foo.symbol, foo.entry, foo.registers, foo.spill_stores, foo.spill_loads, foo.stack, foo.smem,
+            foo.barriers, foo.arch, foo.source) == ("_Z3fooPf", True, 40, 12, 16, 8, 2112, 1, 80, "x.cu")
+    assert (bar.registers, bar.spill_stores, bar.spill_loads, bar.smem, bar.spills) == (8, 0, 0, 0, 0)
+    assert problems(foo) == ["spills: 8 B stack, 0 B local, 12 B spill stores, 16 B spill loads per thread"]
+    assert problems(bar) == []
+    assert nvcc.short_names(["_Z3fooPf"])["_Z3fooPf"] in ("foo", "_Z3fooPf")
 
 
 # Random123 tests/kat_vectors, "philox4x32 10" lines: counter words, key words, output words.
@@ -171,7 +177,7 @@ int main() {{
 def _syntax_check(src: Path, tmp: Path) -> subprocess.CompletedProcess:
     import torch.utils.cpp_extension as ce
 
-    includes = [*ce.include_paths(), sysconfig.get_paths()["include"], *nvcc_check.cuda_include_dirs(NVCC)]
+    includes = [*ce.include_paths(), sysconfig.get_paths()["include"], *nvcc.cuda_include_dirs(NVCC)]
     # A CPU wheel ships c10/cuda headers but not the CMake-generated one they include.
     if not any((Path(p) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists() for p in includes):
         stub = tmp / "stub" / "c10" / "cuda" / "impl"
@@ -184,7 +190,7 @@ def _syntax_check(src: Path, tmp: Path) -> subprocess.CompletedProcess:
 
 
 def test_cuda_glue_and_bindings_compile_with_cuda_enabled(tmp_path):
-    assert any((Path(d) / "cuda_runtime_api.h").exists() for d in nvcc_check.cuda_include_dirs(NVCC)), (
+    assert any((Path(d) / "cuda_runtime_api.h").exists() for d in nvcc.cuda_include_dirs(NVCC)), (
         f"{NVCC} reports no include directory with cuda_runtime_api.h"
     )
     sources = [ROOT / "csrc" / "cuda" / "glue.cpp", ROOT / "csrc" / "bindings.cpp"]

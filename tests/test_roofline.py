@@ -1,4 +1,4 @@
-"""The traffic / FLOP model (mpo_core.roofline) against hand counts and against torch itself.
+"""The GPU traffic / FLOP model (mpo_core.gpu over mpo_core.cost) against hand counts and against torch itself.
 
 The torch eager rows are checked against an independent count: the unfused sequence is
 run under a ``TorchDispatchMode`` that adds up the bytes of every aten op's tensor inputs
@@ -16,8 +16,11 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from mpo_core import roofline as rl
-from mpo_core.kernels import registry
+from mpo_core.cost import Cost, dense_linear_cost, mpo_linear_cost
+from mpo_core import gpu as rl
+from mpo_core.gpu import registry
+from mpo_core.gpu.shapes import MPO_MODES
+from mpo_core.shapes import capped_ranks, full_ranks
 
 _VIEWS = {"view", "_unsafe_view", "t", "transpose", "expand", "detach", "reshape", "alias", "unsqueeze", "squeeze"}
 
@@ -104,18 +107,16 @@ def test_property_fusion_never_moves_more_bytes(m, n, op, s):
 
 
 def test_roofline_seconds():
-    assert rl.roofline_seconds(rl.Cost(bytes_read=3.35e9), rl.H100) == pytest.approx(1e-3)
-    assert rl.roofline_seconds(rl.Cost(flops_tensor=989e12, bytes_read=1), rl.H100) == pytest.approx(1.0)
-    c = rl.Cost(flops_tensor=312e9, flops_fma=19.5e9, bytes_read=1e9, bytes_written=1e9)
+    assert rl.roofline_seconds(Cost(bytes_read=3.35e9), rl.H100) == pytest.approx(1e-3)
+    assert rl.roofline_seconds(Cost(flops_tensor=989e12, bytes_read=1), rl.H100) == pytest.approx(1.0)
+    c = Cost(flops_tensor=312e9, flops_fma=19.5e9, bytes_read=1e9, bytes_written=1e9)
     assert rl.roofline_seconds(c, rl.A100) == pytest.approx(2e-3)  # 1 ms + 1 ms compute > 1 ms memory
     assert rl.sequence_seconds([c, c], rl.A100) == pytest.approx(4e-3)
 
 
 def test_linear_cost_fused_is_the_ops_cost_model():
-    from mpo_core.ops.mpo_linear import mpo_linear_cost
-
-    shape = registry.MPO_MODES[768], registry.MPO_MODES[3072]
-    ranks = rl.full_ranks(*shape)
+    shape = MPO_MODES[768], MPO_MODES[3072]
+    ranks = full_ranks(*shape)
     c = rl.linear_cost("fused", 4096, *shape, ranks, 2, training=False)
     ref = mpo_linear_cost(4096, *shape, ranks, 2, bias=True, activation="gelu")
     assert c["fwd"].bytes == ref["bytes"] and c["fwd"].flops == ref["flops_tensor"] + ref["flops_fma"]
@@ -126,9 +127,9 @@ def test_linear_cost_fused_is_the_ops_cost_model():
 
 def test_dense_linear_cost_counts():
     m, shape = 1000, ((2, 3), (4, 5))
-    ranks = rl.full_ranks(*shape)
+    ranks = full_ranks(*shape)
     assert ranks == [1, 8, 1]
-    c = rl.dense_linear_cost(m, *shape, ranks, 2, bias=True, activation=True)
+    c = dense_linear_cost(m, *shape, ranks, 2, bias=True, activation=True)
     k, n = 6, 20
     # rebuild: 2 * (2*4 rows) * 8 * 3*5 * 1 FLOPs; GEMM 2 m k n
     assert c["fwd"].flops_tensor == 2 * 8 * 8 * 15 + 2 * m * k * n
@@ -141,8 +142,8 @@ def test_dense_linear_cost_counts():
 def test_sequential_strategy_is_the_contract_planner():
     from mpo_core.contract.plan import make_plan
 
-    shape = registry.MPO_MODES[768], registry.MPO_MODES[768]
-    ranks = [min(r, 16) for r in rl.full_ranks(*shape)]
+    shape = MPO_MODES[768], MPO_MODES[768]
+    ranks = capped_ranks(*shape, 16)
     c = rl.linear_cost("sequential", 512, *shape, ranks, 2, bias=False, activation=False)
     plan = make_plan(*shape, tuple(ranks), 512, "cuda", torch.bfloat16, "sequential", None, False, None, False)
     assert c["fwd"].flops == plan.chosen.flops and c["fwd"].bytes == plan.chosen.bytes
@@ -151,14 +152,14 @@ def test_sequential_strategy_is_the_contract_planner():
 
 def test_kernel_fraction_little_law():
     dev = rl.H100
-    needed = dev.hbm_bw * dev.hbm_latency_s
-    cost = rl.Cost(bytes_read=1e9)
+    needed = dev.model.bandwidth * dev.hbm_latency_s
+    cost = Cost(bytes_read=1e9)
     full = rl.kernel_fraction(cost, cost, needed / dev.sm_count, 1, dev)
     assert full["fraction"] == pytest.approx(1.0) and full["bound"] == "memory"
     half = rl.kernel_fraction(cost, cost, needed / dev.sm_count / 2, 1, dev)
     assert half["fraction"] == pytest.approx(0.5) and half["bw_fraction"] == pytest.approx(0.5)
     # compute-bound with padding: executed 4/3 of the useful FLOPs -> 3/4 of the roofline
-    padded = rl.kernel_fraction(rl.Cost(flops_tensor=4e12), rl.Cost(flops_tensor=3e12), 1e6, 1, dev)
+    padded = rl.kernel_fraction(Cost(flops_tensor=4e12), Cost(flops_tensor=3e12), 1e6, 1, dev)
     assert padded["fraction"] == pytest.approx(0.75) and padded["bound"] == "compute"
     assert rl.kernel_fraction(cost, cost, 1e3, 0, dev)["fraction"] == 0.0
 
@@ -186,7 +187,7 @@ def test_mpobert_step_fused_saves_exactly_the_fused_ops_and_linears():
     per_layer = sum(rl.fused_op_cost(op, d, m, n, 2, "torch").bytes - rl.fused_op_cost(op, d, m, n, 2).bytes
                     for op, n in (("residual_layer_norm", h), ("residual_layer_norm", h), ("bias_gelu", 3072))
                     for d in ("fwd", "bwd"))
-    linear = sum(rl.linear_cost(st_, m, registry.MPO_MODES[k], registry.MPO_MODES[n], None, 2, bias=False,
+    linear = sum(rl.linear_cost(st_, m, MPO_MODES[k], MPO_MODES[n], None, 2, bias=False,
                                 activation=False)[d].bytes * sign
                  for st_, sign in (("dense", 1), ("fused", -1))
                  for k, n in ((h, h), (h, h), (h, h), (h, h), (h, 3072), (3072, h)) for d in ("fwd", "bwd"))
@@ -200,7 +201,7 @@ def test_mpobert_step_fused_saves_exactly_the_fused_ops_and_linears():
 def test_bad_input_is_rejected():
     with pytest.raises(ValueError, match="kernel must be one of"):
         rl.kernel_cost("softmax", 2, 3)
-    with pytest.raises(ValueError, match="tokens must be an int >= 1"):
+    with pytest.raises(ValueError, match="tokens must be >= 1"):
         rl.kernel_cost("layer_norm_fwd", 0, 3)
     with pytest.raises(ValueError, match="op must be one of"):
         rl.fused_op_cost("rms_norm", "fwd", 2, 3)
@@ -212,5 +213,7 @@ def test_bad_input_is_rejected():
         rl.linear_cost("cached", 2, (4, 4), (4, 4))
     with pytest.raises(TypeError, match="cost must be a Cost"):
         rl.roofline_seconds(1.0, rl.H100)
+    with pytest.raises(TypeError, match="device must be a Gpu"):
+        rl.roofline_seconds(Cost(), rl.H100.model)
     with pytest.raises(ValueError, match="blocks_per_sm"):
-        rl.kernel_fraction(rl.Cost(), rl.Cost(), 1.0, -1, rl.H100)
+        rl.kernel_fraction(Cost(), Cost(), 1.0, -1, rl.H100)

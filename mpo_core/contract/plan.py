@@ -12,10 +12,9 @@ from typing import Optional, Union
 
 import torch
 
-from mpo_core.contract.costmodel import device_model, op_seconds
-from mpo_core.contract.fused import fused_cost
-from mpo_core.contract.dense import MergeTree, gemm_cost, plan_merge
 from mpo_core.contract.sequential import SeqStep, all_orders, named_orders, plan_sequential
+from mpo_core.cost import device_model, gemm_cost, mpo_linear_cost
+from mpo_core.rebuild import MergeTree, plan_merge
 
 __all__ = ["Candidate", "Plan", "STRATEGIES", "make_plan", "token_bucket"]
 
@@ -127,15 +126,16 @@ def make_plan(
     itemsize = dtype.itemsize
     rows, cols = math.prod(in_shape), math.prod(out_shape)
     epi_bytes = 2 * itemsize * tokens * cols
-    epi_seconds = epilogue * op_seconds(tokens * cols, epi_bytes, model, dtype)
+    epi_seconds = epilogue * model.op_seconds(tokens * cols, epi_bytes, dtype)
     cands: list[Candidate] = []
     if requested in ("auto", "dense"):
         tree, flops, nbytes, seconds = plan_merge(in_shape, out_shape, ranks, itemsize, model, dtype)
-        g_flops, g_bytes = gemm_cost(tokens, rows, cols, itemsize)
+        gemm = gemm_cost(tokens, rows, cols, itemsize)
+        g_flops, g_bytes = gemm.flops_tensor, gemm.bytes
         dense_epi = max(epilogue - 1, 0)  # addmm folds the bias into the GEMM
         cands.append(Candidate(
             "dense", tree, flops + g_flops + dense_epi * tokens * cols, nbytes + g_bytes + dense_epi * epi_bytes,
-            seconds + op_seconds(g_flops, g_bytes, model, dtype) + dense_epi * op_seconds(tokens * cols, epi_bytes, model, dtype),
+            seconds + model.op_seconds(g_flops, g_bytes, dtype) + dense_epi * model.op_seconds(tokens * cols, epi_bytes, dtype),
         ))
     if requested in ("auto", "sequential"):
         for o in [order] if order is not None else all_orders(len(in_shape)):
@@ -143,7 +143,8 @@ def make_plan(
             cands.append(Candidate("sequential", o, flops + epilogue * tokens * cols, nbytes + epilogue * epi_bytes,
                                    seconds + epi_seconds, steps))
     if requested == "fused" or (requested == "auto" and fused_ok):
-        flops, nbytes = fused_cost(tokens, in_shape, out_shape, ranks, itemsize, has_bias, activation)
-        cands.append(Candidate("fused", (), flops, nbytes, op_seconds(flops, nbytes, model, dtype)))
+        fused = mpo_linear_cost(tokens, in_shape, out_shape, ranks, itemsize, bias=has_bias, activation=activation)
+        flops, nbytes = fused["flops"], fused["bytes"]
+        cands.append(Candidate("fused", (), flops, nbytes, model.op_seconds(flops, nbytes, dtype)))
     cands.sort(key=lambda c: c.seconds)
     return Plan(in_shape, out_shape, ranks, tokens, device_type, dtype, requested, tuple(cands), cands[0])

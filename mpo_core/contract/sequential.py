@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from mpo_core.contract.costmodel import DeviceModel, op_seconds
+from mpo_core.cost import DeviceModel
 
 __all__ = ["SeqStep", "named_orders", "all_orders", "check_order", "plan_sequential", "run_sequential"]
 
@@ -134,7 +134,7 @@ def plan_sequential(
             b += 2 * itemsize * (rows * kk * m + rows * p * m)
         steps.append(SeqStep(k, core_perm, batch, kk, m, p, method))
         flops, nbytes = flops + f, nbytes + b
-        seconds += op_seconds(f, b, model, dtype)
+        seconds += model.op_seconds(f, b, dtype)
         state = before + new + after
     return tuple(steps), flops, nbytes, seconds
 

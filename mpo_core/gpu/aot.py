@@ -1,29 +1,22 @@
 """Ahead-of-time compile of every registered Triton kernel for sm_80 / sm_90, without a GPU.
 
-For each :class:`~mpo_core.kernels.registry.KernelSpec` and target, Triton builds PTX
+For each :class:`~mpo_core.gpu.registry.KernelSpec` and target, Triton builds PTX
 and a cubin (``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``);
 ``cuobjdump --dump-resource-usage`` from Triton's wheel reads the cubin's registers,
 stack / local memory (spills) and static shared memory; the PTX is searched for
-tensor-core instructions (``mma.sync`` on sm_80, ``wgmma.mma_async`` on sm_90). A
-result is a problem (:func:`problems`) on a compile error, any spill, shared memory over
-the device's per-block limit, a ``tl.dot`` kernel without ``mma`` on sm_80, or a config
-meant for Hopper without ``wgmma`` on sm_90.
-
-The occupancy estimate (:func:`occupancy`) is the CUDA occupancy calculation from
-registers, shared memory and warps per block against the SM limits of the A100 / H100
-in :data:`mpo_core.roofline.DEVICES` (a model, not a measurement).
+tensor-core instructions (``mma.sync`` on sm_80, ``wgmma.mma_async`` on sm_90). Each
+result is a :class:`~mpo_core.gpu.compiled.CompiledKernel`, judged by
+:func:`~mpo_core.gpu.compiled.problems` (as the nvcc compile of the CUDA sources is).
 
 Compiles run in ``spawn`` worker processes with ``TRITON_INTERPRET`` removed (the
 kernels must be imported as real ``JITFunction``\\ s, whatever the calling process set).
 
-    python -m mpo_core.aot                       # table of every kernel, sm_80 and sm_90
-    python -m mpo_core.aot --json results/aot.json --jobs 2
+    python -m mpo_core.gpu.aot                       # table of every kernel, sm_80 and sm_90
+    python -m mpo_core.gpu.aot --json results/aot.json --jobs 2
 """
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import multiprocessing
 import os
 import re
@@ -32,50 +25,16 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
-from mpo_core.kernels.registry import KernelSpec, Ptr
-from mpo_core.roofline import DEVICES, Device, format_rows
+from mpo_core.gpu.compiled import COLUMNS, CompiledKernel, report
+from mpo_core.gpu.registry import KernelSpec, Ptr
 
 ARCHS = (80, 90)
 """Compute capabilities compiled for: A100 (sm_80) and H100 (sm_90)."""
-ARCH_DEVICE = {80: "A100-80GB", 90: "H100-SXM"}
-"""The device of :data:`mpo_core.roofline.DEVICES` whose limits apply to each target."""
 
 _FUNCTION = re.compile(r"^\s*Function (\S+):\s*$")
 _FIELD = re.compile(r"([A-Z_]+(?:\[\d+\])?):(\d+)")
-
-
-@dataclass
-class CompileResult:
-    """What one compile of one spec for one target gave (resources from the cubin, flags from the PTX)."""
-
-    name: str
-    family: str
-    arch: int
-    num_warps: int
-    uses_dot: bool
-    hopper: bool
-    error: str = ""
-    registers: int = 0
-    stack: int = 0
-    local: int = 0
-    static_smem: int = 0
-    dynamic_smem: int = 0
-    mma: bool = False
-    wgmma: bool = False
-    seconds: float = 0.0
-
-    @property
-    def smem(self) -> int:
-        """Shared memory per block in bytes: static (cubin) + dynamic (Triton's request)."""
-        return self.static_smem + self.dynamic_smem
-
-    @property
-    def spills(self) -> int:
-        """Bytes of stack + local memory per thread (ptxas spills and stack frames)."""
-        return self.stack + self.local
 
 
 def triton_bin(tool: str) -> str:
@@ -155,7 +114,7 @@ def _worker_init() -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
-def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
+def compile_spec(spec: KernelSpec, arch: int) -> CompiledKernel:
     """Compile ``spec`` for ``sm_<arch>`` in this process and read its resources.
 
     Parameters
@@ -167,7 +126,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
 
     Returns
     -------
-    CompileResult
+    CompiledKernel
         With ``error`` set (and no resources) when Triton or ptxas fails.
 
     Raises
@@ -182,11 +141,12 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    result = CompileResult(spec.name, spec.family, arch, spec.num_warps, spec.uses_dot, spec.hopper)
+    result = CompiledKernel(spec.name, arch, spec.family, num_warps=spec.num_warps, uses_dot=spec.uses_dot,
+                            hopper=spec.hopper)
     fn = spec.kernel()
     if not isinstance(fn, JITFunction):
         raise RuntimeError(f"{spec.module}.{spec.function} is a {type(fn).__name__}: it was imported under "
-                           "TRITON_INTERPRET=1; compile through mpo_core.aot.compile_all (worker processes)")
+                           "TRITON_INTERPRET=1; compile through mpo_core.gpu.aot.compile_all (worker processes)")
     signature, constexprs, attrs = _signature(fn, spec)
     start = time.perf_counter()
     try:
@@ -208,6 +168,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
     if kernel.metadata.name not in usage:
         raise RuntimeError(f"cuobjdump reported no function {kernel.metadata.name!r}: {dump}")
     res = usage[kernel.metadata.name]
+    result.symbol = kernel.metadata.name
     result.registers, result.stack, result.local = res["REG"], res["STACK"], res["LOCAL"]
     result.static_smem, result.dynamic_smem = res["SHARED"], int(kernel.metadata.shared)
     ptx = kernel.asm["ptx"]
@@ -217,13 +178,13 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
 
 
 def compile_all(specs: Sequence[KernelSpec], archs: Iterable[int] = ARCHS, jobs: int | None = None
-                ) -> list[CompileResult]:
+                ) -> list[CompiledKernel]:
     """Compile every ``spec`` for every arch in ``spawn`` worker processes (no ``TRITON_INTERPRET``).
 
     Parameters
     ----------
     specs : sequence of KernelSpec
-        What to compile (:func:`mpo_core.kernels.registry.kernel_specs`).
+        What to compile (:func:`mpo_core.gpu.registry.kernel_specs`).
     archs : iterable of int
         Compute capabilities (subset of :data:`ARCHS`).
     jobs : int, optional
@@ -231,7 +192,7 @@ def compile_all(specs: Sequence[KernelSpec], archs: Iterable[int] = ARCHS, jobs:
 
     Returns
     -------
-    list of CompileResult
+    list of CompiledKernel
         In the order spec-major, arch-minor.
     """
     archs = tuple(archs)
@@ -242,7 +203,7 @@ def compile_all(specs: Sequence[KernelSpec], archs: Iterable[int] = ARCHS, jobs:
     work = [(spec, arch) for spec in specs for arch in archs]
     # heavy (tl.dot) compiles first, so the pool does not end on a long tail
     order = sorted(range(len(work)), key=lambda i: not work[i][0].uses_dot)
-    results: list[CompileResult | None] = [None] * len(work)
+    results: list[CompiledKernel | None] = [None] * len(work)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1, mp_context=ctx,
                              initializer=_worker_init) as pool:
@@ -252,94 +213,11 @@ def compile_all(specs: Sequence[KernelSpec], archs: Iterable[int] = ARCHS, jobs:
     return results  # type: ignore[return-value]
 
 
-def occupancy(registers: int, smem: int, num_warps: int, device: Device) -> dict:
-    """Resident blocks and warps per SM (the CUDA occupancy calculation; a model).
-
-    Registers are allocated per warp in units of ``device.reg_alloc_unit`` (256):
-    ``ceil(32 * registers / 256) * 256`` per warp; every block also holds
-    ``device.smem_reserved_per_block`` bytes of shared memory. Blocks per SM is the
-    minimum of the register, shared-memory, warp and block limits.
-
-    Parameters
-    ----------
-    registers : int
-        Registers per thread (from the cubin).
-    smem : int
-        Shared memory per block in bytes.
-    num_warps : int
-        Warps per block.
-    device : Device
-        SM limits (:data:`mpo_core.roofline.DEVICES`).
-
-    Returns
-    -------
-    dict
-        ``blocks_per_sm``, ``warps_per_sm``, ``occupancy`` (resident / maximum warps) and
-        ``limiter`` (``"registers"``, ``"smem"``, ``"warps"`` or ``"blocks"``); zero blocks
-        when one block does not fit.
-    """
-    if registers < 1 or smem < 0 or num_warps < 1:
-        raise ValueError(f"need registers >= 1, smem >= 0, num_warps >= 1; got {registers}, {smem}, {num_warps}")
-    per_warp = math.ceil(32 * registers / device.reg_alloc_unit) * device.reg_alloc_unit
-    limits = {  # on a tie the first one is named
-        "warps": device.max_warps_per_sm // num_warps,
-        "blocks": device.max_blocks_per_sm,
-        "registers": (device.regs_per_sm // per_warp) // num_warps if registers <= device.max_regs_per_thread else 0,
-        "smem": device.smem_per_sm // (smem + device.smem_reserved_per_block) if smem <= device.smem_per_block else 0,
-    }
-    limiter = min(limits, key=limits.get)
-    blocks = limits[limiter]
-    return dict(blocks_per_sm=blocks, warps_per_sm=blocks * num_warps,
-                occupancy=blocks * num_warps / device.max_warps_per_sm, limiter=limiter)
-
-
-def problems(result: CompileResult) -> list[str]:
-    """Why ``result`` fails the checks (empty when it passes).
-
-    Fails on: a compile error; any stack or local memory (spills); shared memory over the
-    per-block limit of the target's device; a ``tl.dot`` kernel without tensor-core
-    ``mma`` on sm_80; a config meant for Hopper without ``wgmma`` on sm_90.
-    """
-    if result.error:
-        return [f"compile error: {result.error.splitlines()[0]}"]
-    out = []
-    if result.spills:
-        out.append(f"spills: {result.stack} B stack, {result.local} B local memory per thread")
-    device = DEVICES[ARCH_DEVICE[result.arch]]
-    if result.smem > device.smem_per_block:
-        out.append(f"shared memory {result.smem} B over the {device.name} per-block limit {device.smem_per_block} B")
-    if result.uses_dot and result.arch == 80 and not result.mma:
-        out.append("tl.dot kernel without mma in its sm_80 PTX")
-    if result.hopper and result.arch == 90 and not result.wgmma:
-        out.append("config meant for Hopper without wgmma in its sm_90 PTX")
-    return out
-
-
-def report_rows(results: Sequence[CompileResult]) -> list[dict]:
-    """One row per result: resources, tensor-core flags, modelled occupancy and problems."""
-    rows = []
-    for r in results:
-        row = {"kernel": r.name, "arch": f"sm_{r.arch}", "warps": r.num_warps, "regs": r.registers,
-               "spill_B": r.spills, "smem_B": r.smem, "mma": r.mma, "wgmma": r.wgmma,
-               "compile_s": round(r.seconds, 2)}
-        if not r.error:
-            occ = occupancy(r.registers, r.smem, r.num_warps, DEVICES[ARCH_DEVICE[r.arch]])
-            row.update({"model_blocks/SM": occ["blocks_per_sm"], "model_occupancy": occ["occupancy"],
-                        "model_limiter": occ["limiter"]})
-        row["problems"] = "; ".join(problems(r)) or "ok"
-        rows.append(row)
-    return rows
-
-
-COLUMNS = ("kernel", "arch", "warps", "regs", "spill_B", "smem_B", "mma", "wgmma", "model_blocks/SM",
-           "model_occupancy", "model_limiter", "compile_s", "problems")
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI: compile the registry, print the resource table, write JSON; exit 1 on any problem."""
     import torch
 
-    from mpo_core.kernels.registry import kernel_specs
+    from mpo_core.gpu.registry import kernel_specs
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
@@ -350,17 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     specs = kernel_specs(tuple(getattr(torch, d) for d in args.dtype))
     start = time.perf_counter()
     results = compile_all(specs, args.arch, args.jobs)
-    rows = report_rows(results)
-    print(f"# Triton {__import__('triton').__version__}: {len(specs)} kernel configs x {len(args.arch)} targets "
+    triton_version = __import__("triton").__version__
+    print(f"# Triton {triton_version}: {len(specs)} kernel configs x {len(args.arch)} targets "
           f"compiled in {time.perf_counter() - start:.0f} s (occupancy: model, from the cubin's registers/smem)")
-    print(format_rows(rows, COLUMNS))
-    bad = [r for r in rows if r["problems"] != "ok"]
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as fh:
-        json.dump({"kind": "compiled resources (measured by ptxas) + occupancy (model)", "rows": rows,
-                   "results": [asdict(r) for r in results]}, fh, indent=1)
-    print(f"# {len(bad)} problem(s); wrote {args.json}")
-    return 1 if bad else 0
+    return report(results, COLUMNS, args.json, kind="compiled resources (measured by ptxas) + occupancy (model)",
+                  compiler=f"triton {triton_version}")
 
 
 if __name__ == "__main__":

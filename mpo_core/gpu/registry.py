@@ -9,16 +9,16 @@ from the same helpers the launch helpers call (:func:`~mpo_core.kernels.layer_no
 :func:`~mpo_core.kernels.mpo_matmul.launch_constexprs`), and the matmul's tile configs are
 read from its autotuner (every config it may pick, pruned exactly as at launch).
 
-Shapes are those of MPOBERT / BERT training and inference: ``TOKENS`` rows (batch 32 x 512),
-hidden sizes :data:`HIDDEN` for the normalizations, feed-forward sizes :data:`FFN` for
-bias + GELU, and every BERT-base/large weight matrix (:data:`LINEAR_SHAPES`, ``n = 5``
-MPOBERT factorizations, full rank) for the fused MPO matmul, with the end core that
-:func:`~mpo_core.ops.mpo_linear.choose_split` picks. Every op is registered in each of
+Shapes are those of MPOBERT / BERT training and inference (:mod:`mpo_core.gpu.shapes`):
+``BERT_TOKENS`` rows (batch 32 x 512), hidden sizes ``HIDDEN`` for the normalizations,
+feed-forward sizes ``FFN`` for bias + GELU, and every BERT-base/large weight matrix
+(``LINEAR_SHAPES``, ``n = 5`` MPOBERT factorizations, full rank) for the fused MPO matmul, with the end core that
+:func:`~mpo_core.cost.choose_split` picks. Every op is registered in each of
 its launch variants that changes the generated code (dropout or not, erf or tanh GELU,
 forward / training forward / ``dx``), in bf16 by default (the training dtype).
 
 Importing this module imports the kernel modules: import it after ``TRITON_INTERPRET`` is
-set or cleared as wanted (:mod:`mpo_core.aot` compiles in worker processes without it).
+set or cleared as wanted (:mod:`mpo_core.gpu.aot` compiles in worker processes without it).
 """
 from __future__ import annotations
 
@@ -28,18 +28,11 @@ from typing import Any
 
 import torch
 
-TOKENS = 32 * 512
-"""Rows of every registered launch: MPOBERT pre-training batch 32 x sequence 512."""
-HIDDEN = (768, 1024)
-"""Hidden sizes of BERT-base / BERT-large (LayerNorm rows)."""
-FFN = (3072, 4096)
-"""Feed-forward sizes of BERT-base / BERT-large (bias + GELU rows)."""
-MPO_MODES = {768: (4, 4, 4, 4, 3), 1024: (4, 4, 4, 4, 4), 3072: (4, 4, 8, 6, 4), 4096: (4, 4, 8, 8, 4)}
-"""MPOBERT's ``n = 5`` factorization of each dimension (rows: input modes, C order)."""
-LINEAR_SHAPES = ((768, 768), (768, 3072), (3072, 768), (1024, 1024), (1024, 4096), (4096, 1024))
-"""``(in, out)`` of every BERT-base/large weight matrix."""
-SM_COUNT = 132
-"""SMs of the H100 SXM, for the backward kernels' partial-row count (A100: 108, same code)."""
+from mpo_core.cost import choose_split
+from mpo_core.gpu.devices import H100
+from mpo_core.gpu.shapes import BERT_TOKENS, FFN, HIDDEN, LINEAR_SHAPES, MPO_MODES
+from mpo_core.shapes import full_ranks
+
 SEED = 1234567
 """An example dropout seed (not divisible by 16, as 15 in 16 seeds are)."""
 
@@ -112,14 +105,14 @@ def _norm_specs(dtype: torch.dtype) -> list[KernelSpec]:
     t, f = Ptr(_dtype_name(dtype)), Ptr("fp32")
     size = torch.empty((), dtype=dtype).element_size()
     specs: dict[tuple, KernelSpec] = {}
-    g = red.gpu_partials(TOKENS, SM_COUNT)
+    g = red.gpu_partials(BERT_TOKENS, H100.sm_count)
     for n in HIDDEN:
         block, warps = ln.block_and_warps(n, size)
         affine = {"HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_N": block}
         tag = f"BLOCK_N={block},{t.dtype}"
         specs["lnf", block] = KernelSpec(
             f"layer_norm_fwd[{tag}]", "layer_norm_fwd", ln.__name__, "_layer_norm_fwd_kernel",
-            dict(X=t, Y=t, W=t, B=t, Mean=f, Rstd=f, N=n, eps=1e-12), affine, warps, problem=(TOKENS, n))
+            dict(X=t, Y=t, W=t, B=t, Mean=f, Rstd=f, N=n, eps=1e-12), affine, warps, problem=(BERT_TOKENS, n))
         for dropout in (False, True):
             drop = ",dropout" if dropout else ""
             specs["rlnf", block, dropout] = KernelSpec(
@@ -127,16 +120,16 @@ def _norm_specs(dtype: torch.dtype) -> list[KernelSpec]:
                 "mpo_core.kernels.residual_layer_norm", "_residual_layer_norm_fwd_kernel",
                 dict(X=t, R=t, Y=t, H=t, W=t, B=t, Mean=f, Rstd=f, N=n, eps=1e-12, p=0.1 if dropout else 0.0,
                      scale=ln.dropout_scale(0.1 if dropout else 0.0), seed=SEED, offset=0),
-                {**affine, "HAS_DROPOUT": dropout}, warps, problem=(TOKENS, n))
+                {**affine, "HAS_DROPOUT": dropout}, warps, problem=(BERT_TOKENS, n))
             bwd_block, bwd_warps = ln.block_and_warps(n, size, backward=True)
             specs["lnb", bwd_block, dropout] = KernelSpec(
                 f"layer_norm_bwd[BLOCK_N={bwd_block},{t.dtype}{drop}]", "layer_norm_bwd", ln.__name__,
                 "_layer_norm_bwd_kernel",
-                dict(DY=t, H=t, W=t, Mean=f, Rstd=f, DH=t, DR=t if dropout else None, DW=f, DB=f, M=TOKENS, N=n,
-                     rows_per_program=math.ceil(TOKENS / g), p=0.1 if dropout else 0.0,
+                dict(DY=t, H=t, W=t, Mean=f, Rstd=f, DH=t, DR=t if dropout else None, DW=f, DB=f, M=BERT_TOKENS, N=n,
+                     rows_per_program=math.ceil(BERT_TOKENS / g), p=0.1 if dropout else 0.0,
                      scale=ln.dropout_scale(0.1 if dropout else 0.0), seed=SEED, offset=0),
                 {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_DROPOUT": dropout, "BLOCK_N": bwd_block}, bwd_warps,
-                problem=(TOKENS, n))
+                problem=(BERT_TOKENS, n))
         block_g, block_n = red.column_sum_blocks(g, n)
         specs["colsum", block_g, block_n] = KernelSpec(
             f"column_sum[BLOCK_G={block_g},BLOCK_N={block_n},{t.dtype}]", "column_sum", red.__name__,
@@ -158,13 +151,13 @@ def _gelu_specs(dtype: torch.dtype) -> list[KernelSpec]:
             tag = f"{block_m}x{block_n},{'tanh' if tanh else 'erf'},{t.dtype}"
             specs["f", block_m, block_n, tanh] = KernelSpec(
                 f"bias_gelu_fwd[{tag}]", "bias_gelu_fwd", bg.__name__, "_bias_gelu_fwd_kernel",
-                dict(X=t, B=t, Y=t, M=TOKENS, N=n), const, bg.WARPS, problem=(TOKENS, n))
-            g = red.gpu_partials(math.ceil(TOKENS / block_m), SM_COUNT)
+                dict(X=t, B=t, Y=t, M=BERT_TOKENS, N=n), const, bg.WARPS, problem=(BERT_TOKENS, n))
+            g = red.gpu_partials(math.ceil(BERT_TOKENS / block_m), H100.sm_count)
             specs["b", block_m, block_n, tanh] = KernelSpec(
                 f"bias_gelu_bwd[{tag}]", "bias_gelu_bwd", bg.__name__, "_bias_gelu_bwd_kernel",
-                dict(DY=t, X=t, B=t, DX=t, DB=f, M=TOKENS, N=n,
-                     rows_per_program=bg.bwd_rows_per_program(TOKENS, g, block_m)), const, bg.WARPS,
-                problem=(TOKENS, n))
+                dict(DY=t, X=t, B=t, DX=t, DB=f, M=BERT_TOKENS, N=n,
+                     rows_per_program=bg.bwd_rows_per_program(BERT_TOKENS, g, block_m)), const, bg.WARPS,
+                problem=(BERT_TOKENS, n))
     return list(specs.values())
 
 
@@ -179,14 +172,12 @@ def hopper_config(config) -> bool:
 
 def _matmul_specs(dtype: torch.dtype) -> list[KernelSpec]:
     from mpo_core.kernels import mpo_matmul as mm
-    from mpo_core.ops.mpo_linear import choose_split
 
     t = Ptr(_dtype_name(dtype))
     specs: dict[tuple, KernelSpec] = {}
     for k_dim, n_dim in LINEAR_SHAPES:
         in_shape, out_shape = MPO_MODES[k_dim], MPO_MODES[n_dim]
-        sizes = [i * j for i, j in zip(in_shape, out_shape)]
-        ranks = [1] + [min(math.prod(sizes[:q]), math.prod(sizes[q:])) for q in range(1, len(sizes))] + [1]
+        ranks = full_ranks(in_shape, out_shape)
         small_left = choose_split(in_shape, out_shape, ranks)
         end = 0 if small_left else len(in_shape) - 1
         d = ranks[1] if small_left else ranks[-2]
@@ -199,7 +190,7 @@ def _matmul_specs(dtype: torch.dtype) -> list[KernelSpec]:
         for kind, i, j, kk, nn, has_bias, act, store_pre in launches:
             padded = mm.padded_small_shape(d, i, j)
             flags = mm.launch_constexprs(dtype, has_bias, act, store_pre, small_left, padded)
-            args = dict(x_ptr=t, big_ptr=t, small_ptr=t, bias_ptr=t, y_ptr=t, pre_ptr=t, M=TOKENS, N=nn, K=kk,
+            args = dict(x_ptr=t, big_ptr=t, small_ptr=t, bias_ptr=t, y_ptr=t, pre_ptr=t, M=BERT_TOKENS, N=nn, K=kk,
                         IB=kk // i, JB=nn // j, IS=i, JS=j, D=d, stride_xm=kk, stride_xk=1)
             for config in mm.launch_configs(store_pre):
                 divisible = tuple(v % 16 == 0 for v in args.values() if isinstance(v, int))  # Triton specializes on it
@@ -213,7 +204,7 @@ def _matmul_specs(dtype: torch.dtype) -> list[KernelSpec]:
                     f"w{config.num_warps}s{config.num_stages},{t.dtype}]",
                     "mpo_matmul", mm.__name__, "_mpo_matmul_kernel", args, {**flags, **config.kwargs},
                     config.num_warps, config.num_stages, uses_dot=True, hopper=hopper_config(config),
-                    problem=(TOKENS, kk, nn))
+                    problem=(BERT_TOKENS, kk, nn))
     return list(specs.values())
 
 
