@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import device_description, format_table, write_json  # noqa: E402
 
-from mpo_core._backends import extension  # noqa: E402
+from mpo_core import extension  # noqa: E402
 
 EPS = 1e-12  # BERT's LayerNorm eps
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}

@@ -9,10 +9,10 @@ Public API (re-exports only; see the submodules for the implementations):
   ``mpo_linear``) dispatched to CUDA, Triton or torch;
 - :func:`compress` (MPOP), :class:`OverParameterization` / :func:`expand_linear` (OPF),
   :class:`MPOEFeedForward` (MPOE): the MPO method family;
-- :func:`backends`: what this installation can use.
+- :func:`backends`, :func:`extension`: what this installation can use, and the compiled ``mpo_core._C``.
 """
 from mpo_core import ops
-from mpo_core._backends import backends
+from mpo_core._backends import backends, extension
 from mpo_core.compress import compress
 from mpo_core.contract import contract, explain
 from mpo_core.decompose import decompose
@@ -33,6 +33,7 @@ __all__ = [
     "decompose",
     "expand_linear",
     "explain",
+    "extension",
     "factorize",
     "mpo_ify",
     "ops",

@@ -29,7 +29,8 @@ def extension() -> ModuleType | None:
 _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 
 
-def _triton_importable() -> bool:
+def triton_importable() -> bool:
+    """Whether the ``triton`` package is installed (looked up once, at import)."""
     return _TRITON_IMPORTABLE
 
 
@@ -50,5 +51,5 @@ def backends() -> dict[str, bool]:
     return {
         "cpp": ext is not None,
         "cuda": ext is not None and bool(getattr(ext, "WITH_CUDA", False)) and has_gpu,
-        "triton": _triton_importable() and (has_gpu or os.environ.get("TRITON_INTERPRET") == "1"),
+        "triton": triton_importable() and (has_gpu or os.environ.get("TRITON_INTERPRET") == "1"),
     }

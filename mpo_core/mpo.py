@@ -21,7 +21,7 @@ from mpo_core.rebuild import dense_matrix
 from mpo_core.shapes import BondSpec, bond_limits
 from mpo_core.truncation import split_threshold, truncated_svd_split
 
-__all__ = ["MPO", "validate_cores"]
+__all__ = ["MPO", "validate_cores", "validate_linear_inputs"]
 
 _FORMAT = "mpo_core.MPO"
 _VERSION = 1
@@ -338,4 +338,38 @@ def validate_cores(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         raise ValueError(
             f"boundary bonds must be 1, got d_0={cores[0].shape[0]} and d_n={cores[-1].shape[3]}"
         )
+    return cores
+
+
+def validate_linear_inputs(
+    x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None = None, *, mixed_dtypes: bool = False
+) -> list[torch.Tensor]:
+    """Check the arguments of ``x @ W + bias`` for ``W`` given as MPO cores; return the cores as a list.
+
+    The one set of checks (and messages) of :func:`mpo_core.contract.contract` and
+    :func:`mpo_core.ops.mpo_linear.mpo_linear`: the cores as :func:`validate_cores`; ``x`` a floating
+    tensor ``(..., prod(in_shape))`` and ``bias`` ``None`` or ``(prod(out_shape),)``, both on the
+    cores' device and (unless ``mixed_dtypes``, e.g. under autocast) of their dtype.
+    """
+    cores = validate_cores(cores)
+    in_shape = tuple(c.shape[1] for c in cores)
+    rows, cols = math.prod(in_shape), math.prod(c.shape[2] for c in cores)
+    device, dtype = cores[0].device, cores[0].dtype
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must have a floating dtype, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != rows:
+        raise ValueError(f"x must have shape (..., {rows}) (prod(in_shape) for in_shape={in_shape}), got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"x is on {x.device} but the cores are on {device}")
+    if x.dtype != dtype and not mixed_dtypes:
+        raise TypeError(f"x is {x.dtype} but the cores are {dtype} (cast one, or use torch.autocast)")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (cols,):
+            raise ValueError(f"bias must be a tensor of shape ({cols},), got {getattr(bias, 'shape', type(bias).__name__)}")
+        if bias.device != device:
+            raise ValueError(f"bias is on {bias.device} but the cores are on {device}")
+        if bias.dtype != dtype and not mixed_dtypes:
+            raise TypeError(f"bias is {bias.dtype} but the cores are {dtype}")
     return cores

@@ -21,7 +21,7 @@ import torch
 
 from mpo_core.cost import DeviceModel, device_model
 
-__all__ = ["MergeTree", "plan_merge", "rebuild", "dense_matrix"]
+__all__ = ["MergeTree", "dense_matrix", "left_to_right", "plan_merge", "rebuild"]
 
 MergeTree = Union[int, tuple]
 """A core index, or ``(left subtree, right subtree)``."""
@@ -81,6 +81,14 @@ def plan_merge(
         nbytes += permute_bytes
         seconds += model.op_seconds(0, permute_bytes, dtype)
     return tree, flops, nbytes, seconds
+
+
+def left_to_right(n: int) -> MergeTree:
+    """The left-to-right merge tree of ``n`` cores: ``(((0, 1), 2), ...)``."""
+    tree: MergeTree = 0
+    for k in range(1, n):
+        tree = (tree, k)
+    return tree
 
 
 @lru_cache(maxsize=1024)

@@ -13,6 +13,7 @@ from mpo_core.contract import clear_plan_cache, contract, dense_weight, explain
 from mpo_core.contract import fused as fused_mod
 from mpo_core.contract.plan import make_plan, token_bucket
 from mpo_core.contract.sequential import all_orders, check_order, named_orders
+from mpo_core.ops import BackendUnavailableError
 
 
 def random_cores(in_shape, out_shape, inner_ranks, dtype=torch.float64, seed=0):
@@ -140,14 +141,14 @@ def test_fused_forced_matches_reference_with_gradients():
 def test_fused_offered_only_where_available(monkeypatch):
     cores = random_cores((4, 4, 4), (4, 4, 4), (8, 8), dtype=torch.float32)
     assert "fused" not in {c.strategy for c in explain(64, cores).candidates}  # CPU: not available
-    monkeypatch.setattr(fused_mod, "fused_available", lambda device: True)
+    monkeypatch.setattr(fused_mod, "fused_available", lambda device, dtype: True)
     plan = explain(64, cores)
     assert "fused" in {c.strategy for c in plan.candidates}
     assert plan.chosen.seconds == min(c.seconds for c in plan.candidates)
 
 
 def test_fused_available_is_false_on_cpu():
-    assert fused_mod.fused_available(torch.device("cpu")) is False
+    assert fused_mod.fused_available(torch.device("cpu"), torch.float32) is False
 
 
 def test_plan_cache_hit():
@@ -268,7 +269,7 @@ def test_sequential_steps_cover_every_gemm_form_and_never_permute_activation():
 def test_accepts_the_parameter_list_of_an_mpo_linear():
     from mpo_core import MPOLinear
 
-    layer = MPOLinear(12, 6, in_shape=(3, 4), out_shape=(2, 3), ranks=2)
+    layer = MPOLinear(12, 6, in_shape=(3, 4), out_shape=(2, 3), max_bond=2)
     x = torch.randn(5, 12)
     plan = explain(x, layer.cores)
     assert plan.strategy in ("dense", "sequential")
@@ -361,7 +362,7 @@ def test_every_route_on_non_contiguous_inputs_float64(problem):
 
 
 def test_fused_rejects_float64():
-    with pytest.raises(TypeError, match="float64"):
+    with pytest.raises(BackendUnavailableError, match="float64"):
         contract(torch.randn(3, 12, dtype=torch.float64), random_cores((2, 3, 2), (3, 2, 2), (3, 4)), strategy="fused")
 
 

@@ -17,9 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
+from mpo_core.cost import choose_split, mpo_linear_cost
 from mpo_core.kernels import mpo_matmul as kernel
 from mpo_core.ops import mpo_linear as ops
-from mpo_core.ops.mpo_linear import choose_split, mpo_linear, mpo_linear_cost, mpo_linear_reference
+from mpo_core.ops import BackendUnavailableError
+from mpo_core.ops.mpo_linear import mpo_linear, mpo_linear_reference
 
 # The interpreter's numpy exp overflows (harmlessly: sigmoid -> 0) for very negative inputs.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -355,7 +357,7 @@ def test_dispatch_capable_gpu_uses_triton(monkeypatch):
         calls.append(a[4])
         return real(*a)
 
-    monkeypatch.setattr(ops, "_cuda_triton_ok", lambda x: True)
+    monkeypatch.setattr(ops, "resolve_backend", lambda op, x, backend: backend or "triton")
     monkeypatch.setattr(ops, "_kron_linear_op", spy)
     cores = make_cores(*CASES[2])
     x = torch.randn(5, 30)
@@ -369,7 +371,7 @@ def test_forced_triton_unavailable_raises(monkeypatch):
 
     monkeypatch.setattr(kernel_module, "INTERPRETED", False)
     cores = make_cores(*CASES[0])
-    with pytest.raises(RuntimeError, match="backend='triton' requested but unavailable.*TRITON_INTERPRET"):
+    with pytest.raises(BackendUnavailableError, match="backend 'triton' cannot run mpo_linear here.*TRITON_INTERPRET"):
         mpo_linear(torch.randn(2, 15), cores, backend="triton")
 
 
@@ -394,19 +396,19 @@ def test_bad_input(fn):
     x, cores, b = _good()
     with pytest.raises(ValueError, match="cores do not chain"):
         fn(x, [cores[0], cores[1][:, :, :, :2], cores[2]], b)
-    with pytest.raises(ValueError, match=r"x: last dim must equal prod\(in_shape\)=30"):
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 30\)"):
         fn(torch.randn(4, 29), cores, b)
     with pytest.raises(TypeError, match=r"cores\[1\] is torch.float64, but cores\[0\] is torch.float32"):
         fn(x, [cores[0], cores[1].double(), cores[2]], b)
-    with pytest.raises(TypeError, match="bias: dtype torch.float16"):
+    with pytest.raises(TypeError, match="bias is torch.float16 but the cores are torch.float32"):
         fn(x, cores, b.half())
-    with pytest.raises(TypeError, match="x: expected dtype"):
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
         fn(x.long(), cores, b)
-    with pytest.raises(TypeError, match="x: expected dtype"):
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
         fn(x.to(torch.complex64), cores, b)
-    with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         fn(x.tolist(), cores, b)
-    with pytest.raises(ValueError, match=r"bias: expected shape \(24,\)"):
+    with pytest.raises(ValueError, match=r"bias must be a tensor of shape \(24,\)"):
         fn(x, cores, torch.randn(23))
     with pytest.raises(ValueError, match="boundary bonds must be 1"):
         fn(x, [torch.randn(2, 3, 2, 3), *cores[1:]], b)
@@ -416,15 +418,15 @@ def test_bad_input(fn):
         fn(x, [cores[0][0], *cores[1:]], b)
     with pytest.raises(TypeError, match="cores must be a list of 4-D tensors"):
         fn(x, torch.randn(1, 30, 24, 1), b)
-    with pytest.raises(ValueError, match="activation: expected one of"):
+    with pytest.raises(ValueError, match="activation must be one of"):
         fn(x, cores, b, "relu")
 
 
 def test_bad_backend():
     x, cores, b = _good()
-    with pytest.raises(ValueError, match="backend: expected one of"):
+    with pytest.raises(ValueError, match="backend must be None or one of"):
         mpo_linear(x, cores, b, backend="cuda")
-    with pytest.raises(TypeError, match="backend='triton' takes float32"):
+    with pytest.raises(BackendUnavailableError, match="Triton kernels take float32/float16/bfloat16, got torch.float64"):
         mpo_linear(x.double(), [c.double() for c in cores], b.double(), backend="triton")
     # float64 with backend=None is the reference (also where a GPU would pick the kernel).
     y = mpo_linear(x.double(), [c.double() for c in cores], b.double())
@@ -471,9 +473,9 @@ def test_unsupported_last_core_falls_back_or_raises(monkeypatch):
     """End cores too large for the kernel: backend=None uses the reference, 'triton' raises."""
     cores = make_cores((16, 16), (16, 16), [1, 2, 1])
     x = torch.randn(5, 256)
-    monkeypatch.setattr(ops, "_cuda_triton_ok", lambda x: True)
+    monkeypatch.setattr(ops, "resolve_backend", lambda op, x, backend: backend or "triton")
     assert rel_err(mpo_linear(x, cores), mpo_linear_reference(x, cores)) == 0.0
-    with pytest.raises(ValueError, match="whose padded size fits the kernel"):
+    with pytest.raises(BackendUnavailableError, match="whose padded size fits the kernel"):
         mpo_linear(x, cores, backend="triton")
 
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import mpo_core
 from mpo_core import ops
 from mpo_core._backends import extension
-from mpo_core.ops import _dispatch, gelu, norm, reference
-from mpo_core.ops._dispatch import BackendUnavailableError, resolve_backend
+from mpo_core.ops import dispatch, gelu, norm, reference
+from mpo_core.ops.dispatch import BackendUnavailableError, resolve_backend
 
 
 def _fake_extension(with_cuda: bool = False) -> types.SimpleNamespace:
@@ -38,7 +38,7 @@ def _fake_extension(with_cuda: bool = False) -> types.SimpleNamespace:
 @pytest.fixture
 def fake_ext(monkeypatch):
     ext = _fake_extension()
-    for module in (_dispatch, norm, gelu):
+    for module in (dispatch, norm, gelu):
         monkeypatch.setattr(module, "extension", lambda: ext)
     return ext
 
@@ -54,7 +54,7 @@ def test_cpu_default_is_cpp_where_it_has_the_op_and_triton_is_only_forced(op, mo
     x = torch.randn(2, 4)
     has_cpp = op in ("layer_norm", "residual_layer_norm") and mpo_core.backends()["cpp"]
     assert resolve_backend(op, x, None) == ("cpp" if has_cpp else "torch")
-    monkeypatch.setattr(_dispatch, "extension", lambda: None)  # no extension: torch
+    monkeypatch.setattr(dispatch, "extension", lambda: None)  # no extension: torch
     assert resolve_backend(op, x, None) == "torch"
     monkeypatch.undo()
     assert resolve_backend(op, x, "torch") == "torch"
@@ -83,7 +83,7 @@ def test_triton_rejects_float64():
 
 
 def test_extension_backends_unavailable_without_extension(monkeypatch):
-    for module in (_dispatch, norm, gelu):
+    for module in (dispatch, norm, gelu):
         monkeypatch.setattr(module, "extension", lambda: None)
     x = torch.randn(2, 4)
     for backend in ("cpp", "cuda"):
@@ -113,14 +113,14 @@ def test_cpp_backend_limits(fake_ext):
 @pytest.mark.parametrize("capability, expected", [((9, 0), "triton"), ((8, 0), "triton"), ((7, 5), "triton"),
                                                   ((7, 0), "triton"), ((6, 1), "torch")])
 def test_cuda_default_by_mocked_capability(monkeypatch, capability, expected):
-    monkeypatch.setattr(_dispatch, "device_capability", lambda device: capability)
-    monkeypatch.setattr(_dispatch, "extension", lambda: None)
+    monkeypatch.setattr(dispatch, "device_capability", lambda device: capability)
+    monkeypatch.setattr(dispatch, "extension", lambda: None)
     x = _cuda_like()
     for op in ("layer_norm", "residual_dropout_layer_norm", "bias_gelu"):
         assert resolve_backend(op, x, None) == expected
     # matmul (tl.dot) kernels need compute capability 8.0; norm/elementwise ones do not
-    assert _dispatch.triton_supported(x.device, uses_dot=True) == (capability >= (8, 0))
-    assert _dispatch.triton_supported(x.device) == (capability >= (7, 0))
+    assert dispatch.triton_supported(x.device, uses_dot=True) == (capability >= (8, 0))
+    assert dispatch.triton_supported(x.device) == (capability >= (7, 0))
     assert resolve_backend("layer_norm", _cuda_like(torch.float64), None) == "torch"
     if expected == "torch":
         with pytest.raises(BackendUnavailableError, match="compute capability"):
@@ -130,8 +130,8 @@ def test_cuda_default_by_mocked_capability(monkeypatch, capability, expected):
 def test_cuda_default_prefers_the_cuda_extension(monkeypatch):
     ext = _fake_extension(with_cuda=True)
     ext.bias_gelu_forward = ext.bias_gelu_backward = lambda *a: None
-    monkeypatch.setattr(_dispatch, "extension", lambda: ext)
-    monkeypatch.setattr(_dispatch, "device_capability", lambda device: (8, 0))
+    monkeypatch.setattr(dispatch, "extension", lambda: ext)
+    monkeypatch.setattr(dispatch, "device_capability", lambda device: (8, 0))
     x = _cuda_like()
     assert resolve_backend("layer_norm", x, None) == "cuda"
     assert resolve_backend("bias_gelu", x, None) == "cuda"

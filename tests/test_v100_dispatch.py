@@ -4,7 +4,7 @@ Triton's ``tl.dot`` compiles for sm_70 without tensor cores, so below 8.0 the MP
 layer must take cuBLAS through torch (the reference path for ``mpo_linear``, dense or
 sequential for ``contract``), while LayerNorm, residual + dropout + LayerNorm and
 bias + GELU may still run their Triton (or CUDA-extension) kernels. Every capability
-decision goes through :func:`mpo_core.ops._dispatch.device_capability`: mocking that one
+decision goes through :func:`mpo_core.ops.dispatch.device_capability`: mocking that one
 function moves all of them, and torch's own query is never called directly.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from mpo_core.contract import fused as fused_mod
-from mpo_core.ops import _dispatch
+from mpo_core.ops import dispatch
 from mpo_core.ops import mpo_linear as mpo_linear_mod
-from mpo_core.ops._dispatch import resolve_backend
+from mpo_core.ops.dispatch import BackendUnavailableError, resolve_backend
 
 CAPABILITIES = [(6, 1), (7, 0), (7, 5), (8, 0), (8, 6), (9, 0)]
 CUDA0 = torch.device("cuda", 0)
@@ -32,13 +32,13 @@ def _cuda_like(dtype: torch.dtype = torch.bfloat16) -> types.SimpleNamespace:
 def capability(monkeypatch):
     """Set the mocked compute capability; torch's own query must never be reached."""
     def forbidden(*args, **kwargs):
-        raise AssertionError("torch.cuda.get_device_capability called around _dispatch.device_capability")
+        raise AssertionError("torch.cuda.get_device_capability called around dispatch.device_capability")
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", forbidden)
-    monkeypatch.setattr(_dispatch, "extension", lambda: None)
+    monkeypatch.setattr(dispatch, "extension", lambda: None)
 
     def set_capability(cap: tuple[int, int]) -> None:
-        monkeypatch.setattr(_dispatch, "device_capability", lambda device: cap)
+        monkeypatch.setattr(dispatch, "device_capability", lambda device: cap)
 
     return set_capability
 
@@ -47,9 +47,10 @@ def capability(monkeypatch):
 def test_matmul_kernels_only_from_ampere(capability, cap):
     capability(cap)
     ampere = cap >= (8, 0)
-    assert _dispatch.triton_supported(CUDA0, uses_dot=True) is ampere
-    assert mpo_linear_mod._cuda_triton_ok(_cuda_like()) is ampere
-    assert fused_mod.fused_available(CUDA0) is ampere
+    assert dispatch.triton_supported(CUDA0, uses_dot=True) is ampere
+    assert (resolve_backend("mpo_linear", _cuda_like(), None) == "triton") is ampere
+    assert fused_mod.fused_available(CUDA0, torch.bfloat16) is ampere
+    assert fused_mod.fused_available(CUDA0, torch.float64) is False  # the kernel takes fp32/fp16/bf16
 
 
 @pytest.mark.parametrize("cap", CAPABILITIES)
@@ -62,18 +63,20 @@ def test_norm_and_elementwise_kernels_from_volta(capability, cap):
 
 def test_v100_prefers_the_cuda_extension_for_norms(capability, monkeypatch):
     capability((7, 0))
-    ext = types.SimpleNamespace(WITH_CUDA=True, **{name: None for names in _dispatch._EXT_FUNCTIONS.values()
+    ext = types.SimpleNamespace(WITH_CUDA=True, **{name: None for names in dispatch._EXT_FUNCTIONS.values()
                                                    for name in names})
-    monkeypatch.setattr(_dispatch, "extension", lambda: ext)
+    monkeypatch.setattr(dispatch, "extension", lambda: ext)
     assert resolve_backend("residual_dropout_layer_norm", _cuda_like(), None) == "cuda"
     assert resolve_backend("bias_gelu", _cuda_like(), None) == "cuda"
-    assert mpo_linear_mod._cuda_triton_ok(_cuda_like()) is False  # the extension has no matmul either
+    assert resolve_backend("mpo_linear", _cuda_like(), None) == "torch"  # the extension has no matmul either
+    with pytest.raises(BackendUnavailableError, match="mpo_core._C has no mpo_linear"):
+        resolve_backend("mpo_linear", _cuda_like(), "cuda")
 
 
 def test_forced_triton_matmul_on_v100_says_why(capability):
     capability((7, 0))
-    with pytest.raises(RuntimeError, match=r"compute capability \(7, 0\); tl.dot needs >= \(8, 0\)"):
-        mpo_linear_mod._check_triton_forced(_cuda_like())
+    with pytest.raises(BackendUnavailableError, match=r"cannot run mpo_linear here: compute capability \(7, 0\) < \(8, 0\)"):
+        resolve_backend("mpo_linear", _cuda_like(), "triton")
 
 
 def test_v100_mpo_linear_default_is_the_torch_reference(capability, monkeypatch):
@@ -88,8 +91,8 @@ def test_v100_mpo_linear_default_is_the_torch_reference(capability, monkeypatch)
     monkeypatch.setattr(mpo_linear_mod, "_kron_linear_op", kernel)
     # a CPU tensor that reports CUDA: the dispatch decision is all that is exercised
     x = torch.randn(3, 16)
-    monkeypatch.setattr(mpo_linear_mod, "_cuda_triton_ok",
-                        lambda t: _dispatch.triton_supported(CUDA0, uses_dot=True))
+    monkeypatch.setattr(mpo_linear_mod, "resolve_backend",
+                        lambda op, t, backend: resolve_backend(op, _cuda_like(t.dtype), backend))
     cores = [torch.randn(1, 4, 4, 2), torch.randn(2, 4, 4, 1)]
     y = mpo_linear_mod.mpo_linear(x, cores, None, "gelu")
     torch.testing.assert_close(y, mpo_linear_mod.mpo_linear_reference(x, cores, None, "gelu"), rtol=0, atol=0)

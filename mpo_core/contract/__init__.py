@@ -24,17 +24,16 @@ import math
 from typing import Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
-from mpo_core.contract import fused as _fused
-from mpo_core.contract.dense import rebuild
+from mpo_core.activation import apply_activation, check_activation
+from mpo_core.contract import fused
 from mpo_core.contract.plan import STRATEGIES, Candidate, Plan, make_plan, token_bucket
 from mpo_core.contract.sequential import check_order, named_orders, run_sequential
-from mpo_core.mpo import MPO, validate_cores
+from mpo_core.mpo import MPO, validate_cores, validate_linear_inputs
+from mpo_core.rebuild import dense_matrix
 
-__all__ = ["contract", "explain", "dense_weight", "Plan", "Candidate", "clear_plan_cache", "ACTIVATIONS"]
+__all__ = ["contract", "explain", "dense_weight", "Plan", "Candidate", "clear_plan_cache"]
 
-ACTIVATIONS = (None, "gelu", "gelu_tanh")
 OrderSpec = Union[str, Sequence[int], None]
 
 
@@ -59,35 +58,22 @@ def _resolve(
     in_shape = tuple(c.shape[1] for c in cores)
     out_shape = tuple(c.shape[2] for c in cores)
     ranks = tuple(c.shape[0] for c in cores) + (1,)
-    rows, cols = math.prod(in_shape), math.prod(out_shape)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_activation(activation)
     device = cores[0].device
     if isinstance(x, torch.Tensor):
-        if not x.is_floating_point():
-            raise TypeError(f"x must have a floating dtype, got {x.dtype}")
-        if x.dim() == 0 or x.shape[-1] != rows:
-            raise ValueError(f"x must have shape (..., {rows}) (prod(in_shape) for in_shape={in_shape}), got {tuple(x.shape)}")
-        if x.device != device:
-            raise ValueError(f"x is on {x.device} but the cores are on {device}")
         dtype, autocast = _compute_dtype(x.dtype, device)
-        if x.dtype != cores[0].dtype and not autocast:
-            raise TypeError(f"x is {x.dtype} but the cores are {cores[0].dtype} (cast one, or use torch.autocast)")
-        tokens = x.numel() // rows
+        validate_linear_inputs(x, cores, bias, mixed_dtypes=autocast)
+        tokens = x.numel() // math.prod(in_shape)
     elif isinstance(x, int) and not isinstance(x, bool) and x >= 0:
         tokens = x
         dtype, autocast = _compute_dtype(cores[0].dtype, device)
+        if bias is not None:
+            validate_linear_inputs(torch.empty(0, math.prod(in_shape), dtype=cores[0].dtype, device=device), cores,
+                                   bias, mixed_dtypes=autocast)
     else:
         raise TypeError(f"x must be a tensor or a token count (int >= 0), got {x!r}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.shape != (cols,):
-            raise ValueError(f"bias must be a tensor of shape ({cols},), got {getattr(bias, 'shape', type(bias).__name__)}")
-        if bias.device != device:
-            raise ValueError(f"bias is on {bias.device} but the cores are on {device}")
-        if bias.dtype != cores[0].dtype and not autocast:
-            raise TypeError(f"bias is {bias.dtype} but the cores are {cores[0].dtype}")
     if order is not None:
         if strategy != "sequential":
             raise ValueError(f"order applies to strategy='sequential' only, got strategy={strategy!r}")
@@ -100,7 +86,7 @@ def _resolve(
             order = check_order(order, len(cores))
     if strategy == "fused" and len(cores) < 2:
         raise ValueError(f"strategy='fused' needs at least 2 cores, got {len(cores)}")
-    fused_ok = strategy == "auto" and len(cores) >= 2 and _fused.fused_available(device)
+    fused_ok = strategy == "auto" and len(cores) >= 2 and fused.fused_available(device, dtype)
     plan = make_plan(in_shape, out_shape, ranks, token_bucket(tokens), device.type, dtype, strategy, order,
                      bias is not None, activation, fused_ok)
     return cores, plan
@@ -143,25 +129,23 @@ def contract(
         Wrong argument types, or a dtype mismatch between ``x``, the cores and ``bias`` outside autocast.
     ValueError
         ``x.shape[-1] != prod(in_shape)``, device mismatch, bad bias shape, unknown strategy/activation/order.
-    RuntimeError
-        ``strategy="fused"`` where the fused op cannot run.
+    mpo_core.ops.BackendUnavailableError
+        ``strategy="fused"`` where the fused op cannot run (a ``RuntimeError``; the message says why).
     """
     cores, plan = _resolve(x, mpo_or_cores, bias, strategy, activation, order)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     chosen = plan.chosen
     if chosen.strategy == "fused":
-        return _fused.run_fused(x2d, cores, bias, activation).reshape(*lead, _out_features(cores))
+        return fused.run_fused(x2d, cores, bias, activation).reshape(*lead, _out_features(cores))
     if chosen.strategy == "dense":
-        w = rebuild(cores, chosen.order)
+        w = dense_matrix(cores, chosen.order)
         y = x2d @ w if bias is None else torch.addmm(bias, x2d, w)
     else:
         y = run_sequential(x2d, cores, chosen.steps)
         if bias is not None:
             y = y + bias.to(y.dtype)  # under autocast y is in the autocast dtype: no promotion back
-    if activation is not None:
-        y = F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
-    return y.reshape(*lead, _out_features(cores))
+    return apply_activation(y, activation).reshape(*lead, _out_features(cores))
 
 
 def _out_features(cores: Sequence[torch.Tensor]) -> int:
@@ -187,9 +171,7 @@ def explain(
 
 def dense_weight(mpo_or_cores: MPO | Sequence[torch.Tensor]) -> torch.Tensor:
     """The dense ``(prod(in_shape), prod(out_shape))`` matrix (C order), merged in the cheapest order; differentiable."""
-    cores = _cores_of(mpo_or_cores)
-    plan = explain(0, cores, strategy="dense")
-    return rebuild(cores, plan.chosen.order)
+    return dense_matrix(_cores_of(mpo_or_cores))
 
 
 def clear_plan_cache() -> None:

@@ -15,7 +15,7 @@ from mpo_core._backends import extension
 from mpo_core.activation import GELUS, check_activation, gelu_approximate
 from mpo_core.ops import reference
 from mpo_core.ops._checks import check_input, check_like
-from mpo_core.ops._dispatch import resolve_backend
+from mpo_core.ops.dispatch import resolve_backend
 
 Tensor = torch.Tensor
 
@@ -112,7 +112,7 @@ def bias_gelu(x: Tensor, bias: Tensor | None = None, activation: str = "gelu", b
     activation : {"gelu", "gelu_tanh"}
         The exact erf GELU, or its tanh approximation (:mod:`mpo_core.activation`).
     backend : {None, "torch", "triton", "cuda"}
-        ``None`` picks by device and availability (:func:`mpo_core.ops._dispatch.resolve_backend`).
+        ``None`` picks by device and availability (:func:`mpo_core.ops.dispatch.resolve_backend`).
 
     Returns
     -------

@@ -25,7 +25,7 @@ import torch
 from mpo_core._backends import extension
 from mpo_core.ops import reference
 from mpo_core.ops._checks import check_eps, check_input, check_like, check_probability
-from mpo_core.ops._dispatch import resolve_backend
+from mpo_core.ops.dispatch import resolve_backend
 
 Tensor = torch.Tensor
 
@@ -194,7 +194,7 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     eps : float
         Added to the variance.
     backend : {None, "torch", "triton", "cuda", "cpp"}
-        ``None`` picks by device and availability (:func:`mpo_core.ops._dispatch.resolve_backend`).
+        ``None`` picks by device and availability (:func:`mpo_core.ops.dispatch.resolve_backend`).
 
     Returns
     -------
