@@ -1,10 +1,13 @@
 """MPOBERT building blocks: embeddings, per-group shared tensors, the MPO transformer layer, the encoder.
 
-Sharing (DESIGN §2): for every MPO-factorized matrix, the central core is one ``nn.Parameter``
-per group (:class:`SharedGroup`), handed to each layer's :class:`~mpo_core.nn.MPOLinear` with
-``share_core``; the auxiliary cores belong to the layer. Biases, LayerNorms and the dense
-(non-factorized) matrices are shared with the central cores, i.e. one per group. Each layer
-may add a low-rank adapter ``U(l) D(l)`` to a matrix: ``W(l) = MPO(l) + U(l) D(l)``.
+Sharing (see docs/architecture.md): for every MPO-factorized matrix, the central core is one
+``nn.Parameter`` per group (:class:`SharedGroup`), handed to each layer's
+:class:`~mpo_core.nn.MPOLinear` with ``share_core``; the auxiliary cores belong to the layer.
+Biases, LayerNorms and the dense (non-factorized) matrices are shared with the central cores,
+i.e. one per group. Each layer holds a reference to its group, not a submodule: the encoder
+owns the groups, so biases and LayerNorms are registered once (a central also sits in each
+layer's ``MPOLinear.cores``; ``save_pretrained`` stores it once, the others as aliases). Each
+layer may add a low-rank adapter ``U(l) D(l)`` to a matrix: ``W(l) = MPO(l) + U(l) D(l)``.
 """
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from mpobert.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mpobert.optim import build_optimizer, warmup_linear_scheduler
+from mpobert.options import option
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -49,61 +50,35 @@ class NonFiniteLossError(RuntimeError):
     """Raised after ``max_nonfinite`` consecutive steps with a non-finite loss or gradient."""
 
 
+OPTIMIZERS = ("lamb", "adamw")
+PROGRESS_MODES = ("auto", "tqdm", "plain", "none")
+
+
 @dataclass
 class TrainConfig:
-    """Settings of a training run.
+    """Settings of a training run; each field's help (``metadata``) documents it.
 
-    Parameters
-    ----------
-    output_dir : str
-        Where the checkpoint, ``metrics.jsonl`` and ``final_metrics.json`` go.
-    max_steps : int
-        Optimizer steps (skipped non-finite steps count: each consumes its batches).
-    optimizer : {"lamb", "adamw"}
-        Optimizer; see :func:`mpobert.optim.build_optimizer`.
-    lr, weight_decay : float
-        Peak learning rate; decoupled weight decay (not on biases and norms).
-    warmup_steps : int
-        Linear warmup from 0, then linear decay to 0 at ``max_steps``.
-    grad_accum : int
-        Micro-batches per optimizer step.
-    max_grad_norm : float
-        Clip the global gradient norm to this (0 = no clipping; the norm is still logged).
-    precision : {"fp32", "bf16", "fp16"}
-        bf16 autocast, or fp16 autocast with dynamic loss scaling (``GradScaler``).
-    seed : int
-        Seed of the dropout RNG (offset by the rank).
-    log_every, eval_every, save_every : int
-        Period in steps of logging, evaluation and checkpointing (0 = never; a checkpoint is
-        always written at the end, evaluation always runs at the end when an ``eval_fn`` is given).
-    max_nonfinite : int
-        Stop with :class:`NonFiniteLossError` after this many consecutive non-finite steps.
-    resume : bool
-        Continue from ``output_dir/checkpoint.pt`` if it exists.
-    progress : {"auto", "tqdm", "plain", "none"}
-        Progress display: a tqdm bar (``auto`` when tqdm is installed and stderr is a
-        terminal), plain log lines, or nothing.
-    device : str
-        ``"auto"`` (CUDA if available, else CPU), or a torch device string.
+    The ``python -m mpobert`` training options are generated from these fields, so this class
+    is the one list of them (:func:`mpobert.options.add_options`).
     """
 
-    output_dir: str = "runs/mpobert"
-    max_steps: int = 100
-    optimizer: str = "lamb"
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    precision: str = "fp32"
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 0
-    save_every: int = 0
-    max_nonfinite: int = 5
-    resume: bool = False
-    progress: str = "auto"
-    device: str = "auto"
+    output_dir: str = option("runs/mpobert", "directory for checkpoint.pt, metrics.jsonl, final_metrics.json (and the model)")
+    max_steps: int = option(100, "optimizer steps (skipped non-finite steps count: each consumes its batches)")
+    optimizer: str = option("lamb", "optimizer (mpobert.optim.build_optimizer)", choices=OPTIMIZERS)
+    lr: float = option(1e-3, "peak learning rate")
+    weight_decay: float = option(0.01, "decoupled weight decay, not on biases and norms")
+    warmup_steps: int = option(0, "linear warmup from 0, then linear decay to 0 at max_steps")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this; 0 = no clipping (the norm is still logged)")
+    precision: str = option("fp32", "bf16 autocast, or fp16 autocast with a GradScaler (GPU only)", choices=PRECISIONS)
+    seed: int = option(0, "seed of init, data order and dropout (the dropout RNG is offset by the rank)")
+    log_every: int = option(10, "steps between log records, 0 = none")
+    eval_every: int = option(0, "steps between evaluations, 0 = only at the end")
+    save_every: int = option(0, "steps between checkpoints, 0 = only at the end")
+    max_nonfinite: int = option(5, "stop with NonFiniteLossError after this many consecutive NaN/inf steps")
+    resume: bool = option(False, "continue from OUTPUT_DIR/checkpoint.pt if present")
+    progress: str = option("auto", "tqdm bar (auto: on a terminal, when installed), plain lines, or none", choices=PROGRESS_MODES)
+    device: str = option("auto", "'auto' (CUDA if available, else CPU), 'cpu', 'cuda:0', ...")
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "grad_accum", "max_nonfinite"):
@@ -122,10 +97,10 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.optimizer.lower() not in ("lamb", "adamw"):
-            raise ValueError(f"optimizer must be 'lamb' or 'adamw', got {self.optimizer!r}")
-        if self.progress not in ("auto", "tqdm", "plain", "none"):
-            raise ValueError(f"progress must be 'auto', 'tqdm', 'plain' or 'none', got {self.progress!r}")
+        if self.optimizer.lower() not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.progress not in PROGRESS_MODES:
+            raise ValueError(f"progress must be one of {PROGRESS_MODES}, got {self.progress!r}")
 
 
 def setup_distributed() -> tuple[int, int, int]:
@@ -231,6 +206,10 @@ class Trainer:
     find_unused_parameters : bool
         Passed to ``DistributedDataParallel``: needed when a step leaves some parameters
         without gradient (e.g. the other tasks' heads in multitask training).
+    on_step : callable, optional
+        ``on_step(trainer)`` after every optimizer step (``trainer.step`` counts it). It may change
+        the model's parameters if it keeps ``trainer.optimizer`` in step (e.g. dynamic OPF swaps
+        layers and calls :func:`mpo_core.opf.sync_optimizer`); single process only.
 
     The data-parallel rank and world size come from :func:`setup_distributed` (the
     initialized process group, or ``torchrun``'s environment, or a single process).
@@ -240,6 +219,7 @@ class Trainer:
         self, model: nn.Module, batches: BatchSource, config: TrainConfig,
         eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
         fingerprint: dict[str, Any] | None = None, find_unused_parameters: bool = False,
+        on_step: Callable[[Trainer], None] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -256,6 +236,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.batches = batches
         self.eval_fn = eval_fn
+        self.on_step = on_step
         self.output_dir = Path(config.output_dir)
         self.fingerprint = {
             **(fingerprint or {}),
@@ -410,8 +391,12 @@ class Trainer:
         self.counters["tokens"] += tokens
         return {"loss": loss_val, "grad_norm": norm_val, "lr": lr, "tokens": tokens, "skipped": int(nonfinite)}
 
-    def train(self) -> dict[str, Any]:
-        """Run until ``max_steps``; returns the final metrics (also written to ``final_metrics.json``).
+    def train(self, extra_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run until ``max_steps``; returns the final metrics, also written to ``final_metrics.json``.
+
+        The metrics hold the step count, time, throughput, first/last losses, a
+        :func:`loss_curve_summary` of ``metrics.jsonl``, the end-of-run evaluation and the
+        config; ``extra_metrics`` (e.g. a baseline) are added to them.
 
         Raises
         ------
@@ -441,6 +426,8 @@ class Trainer:
         try:
             while self.step < cfg.max_steps:
                 stats = self._train_step(it)
+                if self.on_step is not None:
+                    self.on_step(self)
                 if stats["skipped"]:
                     if self.counters["consecutive_nonfinite"] >= cfg.max_nonfinite:
                         raise NonFiniteLossError(
@@ -483,6 +470,7 @@ class Trainer:
             "skipped_steps": self.counters["skipped_steps"],
             "scaler_skipped_steps": self.counters["scaler_skipped_steps"],
             "eval": eval_metrics, "config": dataclasses.asdict(cfg), "world_size": self.world_size,
+            "loss_curve": loss_curve_summary(self.output_dir / "metrics.jsonl"), **(extra_metrics or {}),
         }
         if self.is_main:
             (self.output_dir / "final_metrics.json").write_text(json.dumps(final, indent=2), encoding="utf-8")
@@ -494,3 +482,13 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
+
+def loss_curve_summary(metrics_path: str | os.PathLike, points: int = 5) -> list[tuple[int, float]]:
+    """``points`` evenly spaced ``(step, loss)`` records of a ``metrics.jsonl`` log (first and last included)."""
+    if not os.path.exists(metrics_path):
+        return []
+    recs = [r for r in read_metrics(metrics_path) if "loss" in r and isinstance(r["loss"], float)]
+    if not recs:
+        return []
+    idx = sorted({round(i * (len(recs) - 1) / max(points - 1, 1)) for i in range(points)})
+    return [(recs[i]["step"], recs[i]["loss"]) for i in idx]

@@ -1,5 +1,6 @@
 """``python -m mpobert``: help, config files, every subcommand end to end on tiny settings."""
 import argparse
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -10,33 +11,46 @@ import pytest
 import torch
 
 from mpobert import MPOBertForPreTraining, MPOBertForSequenceClassification
-from mpobert.cli import build_parser, main, parse_args
+from mpobert.cli import COMMANDS, main, parse_args
+from mpobert.options import add_options, flag_of
+from mpobert.train import TrainConfig
 from mpobert.data import load_split, write_pydoc_topic_task
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--max-seq-len", "32", "--progress", "none", "--log-every", "1"]
 
 
-def _subparsers():
-    parser = build_parser()
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return action.choices
+def _flags(settings) -> list[str]:
+    """Every option flag generated from a settings class, nested settings included."""
+    out = []
+    for f in dataclasses.fields(settings):
+        out += _flags(f.default_factory().__class__) if f.metadata.get("nested") else [flag_of(f)]
+    return out
 
 
 def test_every_option_of_every_subcommand_is_documented(capsys):
-    subs = _subparsers()
-    assert set(subs) == {"pretrain", "finetune", "evaluate", "convert", "params", "demo", "mpop", "opf", "mpoe"}
-    for name, sub in subs.items():
-        assert sub.description, name
-        for action in sub._actions:
-            assert action.help and action.help.strip(), f"{name} {action.option_strings} has no help"
+    assert set(COMMANDS) == {"pretrain", "finetune", "evaluate", "convert", "params", "demo"}
+    for name, command in COMMANDS.items():
+        assert command.run.__doc__, name
+        for f in dataclasses.fields(command.settings):
+            assert f.metadata["help"].strip(), f"{name} {f.name} has no help"
         with pytest.raises(SystemExit) as exc:
             main([name, "--help"])
         assert exc.value.code == 0
         out = capsys.readouterr().out
-        for action in sub._actions:
-            for opt in action.option_strings:
-                assert opt in out, f"{name} --help lacks {opt}"
+        assert "--config" in out
+        for flag in _flags(command.settings):
+            assert flag in out, f"{name} --help lacks {flag}"
+    assert "--max-grad-norm" in _flags(COMMANDS["pretrain"].settings)  # TrainConfig's fields, generated
+
+
+def test_settings_field_without_help_is_refused():
+    @dataclasses.dataclass
+    class Bad:
+        x: int = 1
+
+    with pytest.raises(TypeError, match="Bad.x"):
+        add_options(argparse.ArgumentParser(), Bad)
 
 
 def test_module_entry_point_runs():
@@ -47,18 +61,23 @@ def test_module_entry_point_runs():
 def test_config_file_sets_defaults_and_command_line_wins(tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"max_steps": 7, "lr": 0.5, "output-dir": "x", "optimizer": "adamw"}))
-    args = parse_args(["pretrain", "--config", str(cfg), "--lr", "0.25"])
-    assert (args.max_steps, args.lr, args.output_dir, args.optimizer) == (7, 0.25, "x", "adamw")
+    command, settings = parse_args(["pretrain", "--config", str(cfg), "--lr", "0.25"])
+    assert command is COMMANDS["pretrain"] and isinstance(settings.train, TrainConfig)
+    t = settings.train
+    assert (t.max_steps, t.lr, t.output_dir, t.optimizer, t.warmup_steps) == (7, 0.25, "x", "adamw", 0)
+    assert parse_args(["finetune", "--task", "rte", "--output-dir", "y"])[1].train.optimizer == "adamw"  # finetune's default
     yaml_cfg = tmp_path / "c.yaml"
     yaml_cfg.write_text("max_steps: 9\noutput_dir: y\n")
     if importlib.util.find_spec("yaml"):
-        assert parse_args(["pretrain", "--config", str(yaml_cfg)]).max_steps == 9
+        assert parse_args(["pretrain", "--config", str(yaml_cfg)])[1].train.max_steps == 9
     else:
         with pytest.raises(ValueError, match="PyYAML is not installed"):
             parse_args(["pretrain", "--config", str(yaml_cfg)])
     cfg.write_text(json.dumps({"max_step": 7}))
     with pytest.raises(ValueError, match=r"unknown options for pretrain: \['max_step'\]"):
         parse_args(["pretrain", "--config", str(cfg), "--output-dir", "x"])
+    with pytest.raises(ValueError, match="--output-dir is required"):
+        parse_args(["pretrain"])
     cfg.write_text("[1, 2]")
     with pytest.raises(ValueError, match="mapping"):
         parse_args(["pretrain", "--config", str(cfg), "--output-dir", "x"])
@@ -208,15 +227,6 @@ def test_demo_quick(tmp_path, capsys):
     corpus = (out / "pretrain" / "corpus.txt").read_text()
     assert not any(p in corpus for p in list(dev)[:50] if len(p) > 80)
     assert MPOBertForSequenceClassification.from_pretrained(out / "finetune" / "model").config.num_labels == 5
-
-
-def test_method_subcommands_are_wired_with_config(tmp_path):
-    cfg = tmp_path / "m.json"
-    cfg.write_text(json.dumps({"steps": 2, "aux_steps": 1, "output": str(tmp_path / "mpop.json")}))
-    assert main(["mpop", "--config", str(cfg)]) == 0
-    result = json.loads((tmp_path / "mpop.json").read_text())
-    assert result["method"] == "mpop" and result["steps"] == 2 and result["aux_steps"] == 1  # from the config file
-    assert result["params"]["encoder_matrices_compressed"] < result["params"]["encoder_matrices_dense"]
 
 
 def test_diverging_run_exits_with_a_message(pretrained, tmp_path, capsys):

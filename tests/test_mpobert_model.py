@@ -305,7 +305,7 @@ def test_training_step_reduces_loss():
 
 # ---------------------------------------------------------------------- parameter report
 # Two counting conventions reproduce the paper's sizes (measured values in the comments):
-# * "public code": MPOBERT + MLM/SOP pretraining heads + pooler, no adapters (DESIGN §2):
+# * "public code": MPOBERT + MLM/SOP pretraining heads + pooler, no adapters (docs/architecture.md, MPOBERT):
 #   MPOBERT12 19.544M (paper table 20M; public code ~19.5M), MPOBERT24 46.233M (46M),
 #   MPOBERT48 74.618M (75M): within 0.5% of the public-code figures, 2.3% of the paper's rounded 20M.
 # * "AlbertModel" (base model incl. pooler, no task heads) with rank-r adapters on the four
@@ -339,7 +339,7 @@ def test_mpobert48_plus_size():
 def test_report_structure_and_exact_counts():
     cfg = MPOBertConfig.mpobert12(adapter_rank=0)
     rep = count_parameters(cfg)
-    # full-rank central cores hold exactly the dense matrices' entries (DESIGN §2)
+    # full-rank central cores hold exactly the dense matrices' entries (docs/architecture.md, MPOBERT)
     assert rep.central == 4 * 768 * 768 + 2 * 768 * 3072
     # 0.64M per-layer auxiliaries at H=768: q/k/v/o 86,609 each, ffn_in/ffn_out 148,880 each
     assert rep.auxiliary_per_layer == 4 * 86609 + 2 * 148880

@@ -277,3 +277,22 @@ def test_trainer_rejects_bad_arguments(tmp_path):
         Trainer("model", ExampleBatches(features(), 8), TrainConfig(output_dir=str(tmp_path)))
     with pytest.raises(TypeError, match="batch source"):
         Trainer(classifier(), [1, 2], TrainConfig(output_dir=str(tmp_path)))
+
+
+def test_on_step_hook_extra_metrics_and_loss_curve(tmp_path):
+    model = classifier()
+    seen = []
+
+    def on_step(trainer):
+        seen.append((trainer.step, trainer.optimizer.param_groups[0]["lr"]))
+
+    trainer = Trainer(model, ExampleBatches(features(), 8, seed=1),
+                      TrainConfig(output_dir=str(tmp_path), max_steps=4, optimizer="adamw", lr=1e-3, log_every=1, progress="none"),
+                      on_step=on_step)
+    final = trainer.train(extra_metrics={"baseline": {"accuracy": 0.5}})
+    assert [s for s, _ in seen] == [1, 2, 3, 4]  # after every optimizer step, the scheduler already stepped
+    assert [lr for _, lr in seen] == pytest.approx([1e-3 * 3 / 4, 1e-3 * 2 / 4, 1e-3 * 1 / 4, 0.0])
+    saved = json.loads((tmp_path / "final_metrics.json").read_text())
+    assert saved["baseline"] == {"accuracy": 0.5} == final["baseline"]
+    logged = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [tuple(p) for p in saved["loss_curve"]] == [logged[i] for i in (0, 1, 2, 3)]
