@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -356,20 +357,38 @@ int emu_gelu_bwd(int dt, const void* dy, const void* x, const float* b, void* dx
 """
 
 
-def _build_emulation(out_dir: Path) -> Path:
-    """Compile csrc/cuda/*.cu for host emulation plus the harness into one shared library."""
+# Static shared arrays as the host emulation compiles them (see csrc/cuda/host_emulation.h).
+_SHARED_ARRAY = re.compile(r"(?<!extern )__shared__\s+([\w:<>]+)\s+(\w+)\s*((?:\[[^\]]+\])+)\s*;")
+
+
+def emulation_source(text: str) -> str:
+    """A .cu/.cuh source for the host emulation: ``__shared__ T name[dims];`` -> ``MPO_EMU_SHARED(T, name, [dims]);``."""
+    return _SHARED_ARRAY.sub(r"MPO_EMU_SHARED(\1, \2, \3);", text)
+
+
+def _build_emulation(out_dir: Path, sources: dict[str, str] | None = None, harness: str | None = _EMU_HARNESS) -> Path:
+    """Compile CUDA sources for host emulation (default csrc/cuda/*.cu, else ``sources``: name -> text,
+    next to csrc/cuda's headers) plus the harness into one shared library."""
     nvcc = nvcc_tools.find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc (and with it the CUDA headers) not found")
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     assert cxx, "a host C++ compiler is needed (the extension build needs one too)"
-    cuda_dir = ROOT / "csrc" / "cuda"
+    src_dir = out_dir / "src"
+    src_dir.mkdir()
+    for path in (ROOT / "csrc" / "cuda").iterdir():
+        text = path.read_text()
+        (src_dir / path.name).write_text(emulation_source(text) if path.suffix in (".cu", ".cuh") else text)
+    for name, text in (sources or {}).items():
+        (src_dir / name).write_text(emulation_source(text))
+    units = sorted(src_dir.glob("*.cu")) if sources is None else [src_dir / name for name in sources]
     flags = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-DMPO_CUDA_HOST_EMULATION",
-             *nvcc_tools.TORCH_NVCC_FLAGS[:-1], f"-I{cuda_dir}", *(f"-I{d}" for d in nvcc_tools.cuda_include_dirs(nvcc))]
-    (out_dir / "harness.cpp").write_text(_EMU_HARNESS)
+             *nvcc_tools.TORCH_NVCC_FLAGS[:-1], f"-I{src_dir}", *(f"-I{d}" for d in nvcc_tools.cuda_include_dirs(nvcc))]
     jobs = [[cxx, *flags, "-x", "c++", "-include", "host_emulation.h", "-c", str(src), "-o", str(out_dir / f"{src.stem}.o")]
-            for src in sorted(cuda_dir.glob("*.cu"))]
-    jobs.append([cxx, *flags, "-c", str(out_dir / "harness.cpp"), "-o", str(out_dir / "harness.o")])
+            for src in units]
+    if harness is not None:
+        (out_dir / "harness.cpp").write_text(harness)
+        jobs.append([cxx, *flags, "-c", str(out_dir / "harness.cpp"), "-o", str(out_dir / "harness.o")])
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         procs = list(pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True, check=False), jobs))
     for cmd, proc in zip(jobs, procs):
@@ -601,3 +620,76 @@ def test_cuda_only_ops_reject_bad_input(C):
     with pytest.raises(ValueError, match="residual must be on the same device as x"):
         CC.residual_layernorm_forward(x, x.cpu(), None, None, 1e-5)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The host emulation itself must expose what a GPU would: a kernel with a deliberate shared-memory
+# bug gives a wrong answer under it. Each variant below was written so that the previous emulation
+# (zero-filled statics shared by blocks run in order, threads in index order) passed it.
+
+_PROBE = r"""
+// Variant 0 is correct; 1..4 each carry one bug a GPU would expose.
+__global__ void probe_kernel(const float* in, float* out, int valid, int variant) {
+  __shared__ float buf[64];
+  __shared__ float table[64];
+  __shared__ float slot[1];
+  const int t = threadIdx.x;
+  const float* src = in + blockIdx.x * 64;
+  if (variant != 4 || blockIdx.x == 0) table[t] = 0.5f * t;  // 4: only the first block fills its table
+  if (variant != 1) buf[t] = t < valid ? src[t] : 0.0f;       // 1: the padding is never written ...
+  else if (t < valid) buf[t] = src[t];
+  if (variant != 2) __syncthreads();                          // 2: the previous thread's value, unsynchronised
+  float acc = buf[t] * (t < valid ? 1.0f : 0.0f)              // ... and read times zero
+              + (t > 0 ? buf[t - 1] : 0.0f) + table[t];
+  for (int round = 0; round < 2; ++round) {
+    if (t == 0) slot[0] = src[round];  // thread 0 publishes one value per round
+    __syncthreads();
+    acc += slot[0] * (round + 1);
+    if (variant != 3) __syncthreads();  // 3: the next round's write races this read
+  }
+  out[blockIdx.x * 64 + t] = acc;
+}
+extern "C" void probe(const float* in, float* out, int blocks, int valid, int variant) {
+  MPO_LAUNCH(dim3(blocks), dim3(64), 0, 0, probe_kernel)(in, out, valid, variant);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    lib = ctypes.CDLL(str(_build_emulation(tmp_path_factory.mktemp("emu_probe"), {"probe.cu": _PROBE}, harness=None)))
+    lib.probe.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+
+    def run(x: torch.Tensor, valid: int, variant: int) -> torch.Tensor:
+        out = torch.empty_like(x)
+        lib.probe(x.data_ptr(), out.data_ptr(), x.shape[0], valid, variant)
+        return out
+
+    return run
+
+
+def _probe_reference(x: torch.Tensor, valid: int) -> torch.Tensor:
+    t = torch.arange(64)
+    buf = torch.where(t < valid, x, torch.zeros(()))
+    prev = torch.cat([torch.zeros(x.shape[0], 1), buf[:, :-1]], 1)
+    return buf + prev + 0.5 * t + x[:, :1] + 2 * x[:, 1:2]
+
+
+def test_emulation_runs_the_correct_probe_exactly(probe):
+    x = torch.randn(7, 64, dtype=torch.float32)
+    for _ in range(3):  # a new schedule each launch
+        torch.testing.assert_close(probe(x, 50, 0), _probe_reference(x, 50))
+
+
+@pytest.mark.parametrize("variant,bug", [(1, "uninitialised padding read"), (2, "missing barrier before a neighbour read"),
+                                         (3, "missing barrier before shared memory is reused"),
+                                         (4, "shared memory assumed to survive from another block")])
+def test_emulation_exposes_shared_memory_bugs(probe, variant, bug):
+    x = torch.randn(7, 64, dtype=torch.float32)
+    got = probe(x, 50, variant)
+    assert not torch.allclose(got, _probe_reference(x, 50), equal_nan=False), f"emulation missed: {bug}"
+
+
+def test_emulation_source_rewrites_static_shared_arrays():
+    src = "  __shared__ float partial[kLanes][kColumns + 1];\n  extern __shared__ float4 dyn[];\n"
+    assert emulation_source(src) == "  MPO_EMU_SHARED(float, partial, [kLanes][kColumns + 1]);\n  extern __shared__ float4 dyn[];\n"

@@ -1,36 +1,56 @@
 // Host emulation of the CUDA subset used by csrc/cuda/*.cu, so that their arithmetic, indexing,
-// launch planning and reductions can be tested by a plain C++ compiler on machines without a
-// GPU (tests/test_cpp_ext.py, backend "emulated"). Never part of the extension build.
+// launch planning, reductions and barriers can be tested by a plain C++ compiler on machines
+// without a GPU (tests/test_cpp_ext.py, backend "emulated"). Never part of the extension build.
 //
 // Compile each .cu as C++ with MPO_CUDA_HOST_EMULATION defined and this header force-included
-// (`g++ -x c++ -DMPO_CUDA_HOST_EMULATION -include host_emulation.h`); the harness that links them
-// defines the few CUDA runtime calls the launchers make (cudaGetLastError, cudaGetDevice,
-// cudaDeviceGetAttribute, cudaMemsetAsync) for an emulated device. Everything runs on the
-// calling thread: blocks one after another, the threads of a block as ucontext fibers that
-// switch at barriers, so __syncthreads is a barrier over the block's fibers and __shfl_xor_sync
-// a two-phase exchange through a per-warp buffer. __shared__ variables become function statics
-// (one block at a time shares them). A thread that returns leaves its barriers, as on a GPU.
+// (`g++ -x c++ -DMPO_CUDA_HOST_EMULATION -include host_emulation.h`), after rewriting every static
+// shared array `__shared__ T name[dims];` to `MPO_EMU_SHARED(T, name, [dims]);` (the harness in
+// tests/test_cpp_ext.py does it; a `__shared__` left over is a compile error). The harness that
+// links them defines the few CUDA runtime calls the launchers make (cudaGetLastError,
+// cudaGetDevice, cudaDeviceGetAttribute, cudaMemsetAsync) for an emulated device.
+//
+// Everything runs on the calling thread, but adversarially, so that a missing barrier or a read
+// of shared memory nobody wrote shows up as a wrong result instead of passing by luck:
+// - up to kResidentBlocks blocks are resident at once and their threads interleave; blocks start
+//   in a random order;
+// - each thread is a ucontext fiber that runs until it reaches a barrier (__syncthreads, or the
+//   warp-level exchange of __shfl_xor_sync) or returns. The scheduler runs passes over the live
+//   fibers of all resident blocks in a fresh random order; in every other pass each fiber runs
+//   only with probability 1/2, so warps drift apart between barriers as far as the barriers let
+//   them;
+// - every block's shared memory, static and dynamic, starts filled with 0xFF bytes (NaN as
+//   float, half and bfloat16) and is private to the block.
+// The random choices come from one generator seeded by $MPO_EMU_SEED (default 0x5EED), so a run
+// is reproducible. A thread that returns leaves its barriers, as on a GPU; a full pass in which
+// no fiber makes progress is a deadlock and aborts.
 #pragma once
 
 #ifndef MPO_CUDA_HOST_EMULATION
 #error "define MPO_CUDA_HOST_EMULATION before including host_emulation.h"
 #endif
 
-#define __shared__ static
+#define __shared__ MPO_EMU_static_shared_array_not_rewritten_to_MPO_EMU_SHARED
 #define __launch_bounds__(...)
 
 #include <cuda_runtime.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <memory>
+#include <random>
+#include <unordered_map>
 #include <vector>
 
 namespace mpo_emu {
+
+struct Block;
 
 // One emulated CUDA thread: a cooperative fiber (its stack belongs to the launch).
 struct Fiber {
@@ -38,6 +58,7 @@ struct Fiber {
   dim3 thread_idx;
   unsigned linear_tid = 0;
   bool done = false;
+  Block* block = nullptr;
 };
 
 // A barrier among `expected` fibers; a finished fiber leaves it for good, as on a GPU.
@@ -46,25 +67,36 @@ struct Barrier {
   unsigned long generation = 0;
 };
 
+constexpr unsigned char kUninitialized = 0xFF;  // every byte of fresh shared memory (a NaN)
+
 struct Block {
+  dim3 idx;
   Barrier all;
   std::vector<Barrier> warps;
   std::vector<float> lanes;
-  std::vector<float> dynamic_smem;
+  std::unique_ptr<unsigned char[]> dynamic_smem;
+  std::unordered_map<const void*, std::unique_ptr<unsigned char[]>> static_smem;
   std::vector<Fiber> fibers;
-  ucontext_t scheduler;
-  Fiber* running = nullptr;
   std::function<void()> body;
+  unsigned live = 0;
 };
 
-inline Block* current_block = nullptr;  // the block running now (blocks run one at a time)
-inline unsigned long progress = 0;      // arrivals, releases and exits: a pass without any is a deadlock
+inline Block* current_block = nullptr;  // the block of the running fiber
+inline Fiber* running = nullptr;        // the running fiber
+inline ucontext_t scheduler;            // where fibers return to
+inline unsigned long progress = 0;      // arrivals, releases and exits: a full pass without any is a deadlock
 constexpr size_t kStackBytes = 64 * 1024;
+constexpr unsigned kResidentBlocks = 3;
 
-inline void yield() {
-  Block& b = *current_block;
-  swapcontext(&b.running->context, &b.scheduler);
+inline std::mt19937_64& rng() {
+  static std::mt19937_64 generator([] {
+    const char* seed = std::getenv("MPO_EMU_SEED");
+    return seed != nullptr ? std::strtoull(seed, nullptr, 0) : 0x5EEDull;
+  }());
+  return generator;
 }
+
+inline void yield() { swapcontext(&running->context, &scheduler); }
 
 inline void leave(Barrier& bar) {
   ++progress;
@@ -81,21 +113,39 @@ inline void arrive_and_wait(Barrier& bar) {
   if (++bar.arrived == bar.expected) {
     bar.arrived = 0;
     ++bar.generation;
-    return;
   }
-  while (bar.generation == generation) yield();
+  // Yield even when this arrival released the barrier: the order after a barrier is the scheduler's.
+  do yield();
+  while (bar.generation == generation);
 }
 
 inline void fiber_entry() {
-  Block& b = *current_block;
+  Fiber& f = *running;
+  Block& b = *f.block;
   b.body();
-  b.running->done = true;
-  leave(b.warps[b.running->linear_tid / 32]);
+  f.done = true;
+  leave(b.warps[f.linear_tid / 32]);
   leave(b.all);
-  swapcontext(&b.running->context, &b.scheduler);  // never resumed
+  swapcontext(&f.context, &scheduler);  // never resumed
+}
+
+// The calling block's copy of the static shared array whose declaration owns `key`.
+template <typename A>
+A& static_shared(const void* key) {
+  std::unique_ptr<unsigned char[]>& slot = current_block->static_smem[key];
+  if (!slot) {
+    slot.reset(new unsigned char[sizeof(A)]);
+    std::memset(slot.get(), kUninitialized, sizeof(A));
+  }
+  return *reinterpret_cast<A*>(slot.get());
 }
 
 }  // namespace mpo_emu
+
+// `__shared__ T name[dims];` in a kernel, rewritten by the harness: a per-block array.
+#define MPO_EMU_SHARED(T, name, dims)        \
+  static const char name##_mpo_emu_key = 0; \
+  T(&name) dims = ::mpo_emu::static_shared<T dims>(&name##_mpo_emu_key)
 
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 
@@ -103,7 +153,7 @@ inline void __syncthreads() { mpo_emu::arrive_and_wait(mpo_emu::current_block->a
 
 inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) {
   mpo_emu::Block& b = *mpo_emu::current_block;
-  const unsigned tid = b.running->linear_tid, warp = tid / 32, lane = tid % 32;
+  const unsigned tid = mpo_emu::running->linear_tid, warp = tid / 32, lane = tid % 32;
   b.lanes[warp * 32 + lane] = v;
   mpo_emu::arrive_and_wait(b.warps[warp]);
   const float out = b.lanes[warp * 32 + (lane ^ static_cast<unsigned>(lane_mask))];
@@ -117,11 +167,10 @@ namespace mpo_emu {
 
 template <typename T>
 T* dynamic_smem() {
-  return reinterpret_cast<T*>(current_block->dynamic_smem.data());
+  return reinterpret_cast<T*>(current_block->dynamic_smem.get());
 }
 
-// Runs kernel<<<grid, block, smem>>>(args...) on the calling thread: blocks one after another,
-// the threads of a block as fibers switched at barriers and shuffles (round robin).
+// Runs kernel<<<grid, block, smem>>>(args...) on the calling thread (see the top of this file).
 template <typename... P>
 struct Launch {
   void (*kernel)(P...);
@@ -132,50 +181,79 @@ struct Launch {
   void operator()(A&&... args) const {
     const unsigned threads = block.x * block.y * block.z;
     const unsigned warps = (threads + 31) / 32;
+    const unsigned total = grid.x * grid.y * grid.z;
     blockDim = block;
     gridDim = grid;
-    std::vector<std::unique_ptr<char[]>> stacks(threads);
+    std::mt19937_64& random = rng();
+    std::vector<unsigned> order(total);
+    for (unsigned i = 0; i < total; ++i) order[i] = i;
+    std::shuffle(order.begin(), order.end(), random);
+
+    const unsigned slots = std::min(total, kResidentBlocks);
+    std::vector<std::unique_ptr<char[]>> stacks(static_cast<size_t>(slots) * threads);
     for (auto& stack : stacks) stack.reset(new char[kStackBytes]);  // uninitialized: no memset
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-      for (unsigned by = 0; by < grid.y; ++by)
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
-          Block b;
-          b.all.expected = threads;
-          for (unsigned w = 0; w < warps; ++w) b.warps.push_back(Barrier{std::min(32u, threads - 32 * w)});
-          b.lanes.assign(32 * warps, 0.0f);
-          b.dynamic_smem.assign((smem + sizeof(float) - 1) / sizeof(float), 0.0f);
-          b.body = [&] { kernel(args...); };
-          b.fibers.resize(threads);
-          blockIdx = dim3(bx, by, bz);
-          current_block = &b;
-          for (unsigned t = 0; t < threads; ++t) {
-            Fiber& f = b.fibers[t];
-            f.linear_tid = t;
-            f.thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            getcontext(&f.context);
-            f.context.uc_stack.ss_sp = stacks[t].get();
-            f.context.uc_stack.ss_size = kStackBytes;
-            f.context.uc_link = nullptr;
-            makecontext(&f.context, fiber_entry, 0);
-          }
-          for (unsigned live = threads; live > 0;) {
-            const unsigned long before = progress;
-            live = 0;
-            for (Fiber& f : b.fibers) {
-              if (f.done) continue;
-              b.running = &f;
-              threadIdx = f.thread_idx;
-              swapcontext(&b.scheduler, &f.context);
-              live += !f.done;
-            }
-            if (live > 0 && progress == before) {
-              std::fprintf(stderr, "host_emulation: deadlock in block (%u,%u,%u): %u threads wait forever\n", bx,
-                           by, bz, live);
-              std::abort();
-            }
-          }
-          current_block = nullptr;
+    std::vector<std::unique_ptr<Block>> resident(slots);
+    unsigned started = 0, finished = 0;
+
+    auto start = [&](unsigned slot) {
+      const unsigned i = order[started++];
+      auto b = std::make_unique<Block>();
+      b->idx = dim3(i % grid.x, (i / grid.x) % grid.y, i / (grid.x * grid.y));
+      b->all.expected = b->live = threads;
+      for (unsigned w = 0; w < warps; ++w) b->warps.push_back(Barrier{std::min(32u, threads - 32 * w)});
+      b->lanes.assign(32 * warps, 0.0f);
+      b->dynamic_smem.reset(new unsigned char[smem + 16]);
+      std::memset(b->dynamic_smem.get(), kUninitialized, smem + 16);
+      b->body = [&] { kernel(args...); };
+      b->fibers.resize(threads);
+      for (unsigned t = 0; t < threads; ++t) {
+        Fiber& f = b->fibers[t];
+        f.linear_tid = t;
+        f.block = b.get();
+        f.thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+        getcontext(&f.context);
+        f.context.uc_stack.ss_sp = stacks[static_cast<size_t>(slot) * threads + t].get();
+        f.context.uc_stack.ss_size = kStackBytes;
+        f.context.uc_link = nullptr;
+        makecontext(&f.context, fiber_entry, 0);
+      }
+      resident[slot] = std::move(b);
+    };
+    for (unsigned s = 0; s < slots; ++s) start(s);
+
+    std::vector<Fiber*> pass;
+    std::bernoulli_distribution coin(0.5);
+    for (bool full = true; finished < total; full = !full) {
+      pass.clear();
+      for (auto& b : resident)
+        if (b)
+          for (Fiber& f : b->fibers)
+            if (!f.done) pass.push_back(&f);
+      std::shuffle(pass.begin(), pass.end(), random);
+      const unsigned long before = progress;
+      for (Fiber* f : pass) {
+        if (!full && coin(random)) continue;
+        Block& b = *f->block;
+        current_block = &b;
+        running = f;
+        threadIdx = f->thread_idx;
+        blockIdx = b.idx;
+        swapcontext(&scheduler, &f->context);
+        b.live -= f->done;
+      }
+      if (full && progress == before) {
+        std::fprintf(stderr, "host_emulation: deadlock: %zu threads of resident blocks wait forever\n", pass.size());
+        std::abort();
+      }
+      for (unsigned s = 0; s < slots; ++s)
+        if (resident[s] && resident[s]->live == 0) {
+          resident[s].reset();
+          ++finished;
+          if (started < total) start(s);
         }
+    }
+    current_block = nullptr;
+    running = nullptr;
   }
 };
 
@@ -187,4 +265,3 @@ Launch<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem) {
 }  // namespace mpo_emu
 
 #define MPO_LAUNCH(grid, block, smem, stream, ...) ::mpo_emu::launch(__VA_ARGS__, grid, block, smem)
-
