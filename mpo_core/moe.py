@@ -40,7 +40,7 @@ from torch import nn
 
 from mpo_core.contract import contract
 from mpo_core.nn import MPOLinear
-from mpo_core.shapes import resolve_shapes
+from mpo_core.shapes import check_int, resolve_shapes
 
 __all__ = ["Routing", "route", "load_balancing_loss", "MoEOutput", "MPOEFeedForward"]
 
@@ -195,8 +195,7 @@ class MPOEFeedForward(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size), ("num_experts", num_experts)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_int(name, value)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
         if central_grad not in CENTRAL_GRAD_MODES:
