@@ -60,12 +60,12 @@ def robust_svd(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def truncated_svd_split(
-    mat: torch.Tensor, max_rank: int | None, delta: float | None
+    mat: torch.Tensor, max_bond: int | None, delta: float | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Split ``mat ≈ left @ right`` by a truncated SVD.
 
     Keeps the smallest rank ``r`` whose discarded singular values have norm ``<= delta``
-    (all of them when ``delta`` is ``None``), capped at ``max_rank``, and at least 1.
+    (all of them when ``delta`` is ``None``), capped at ``max_bond``, and at least 1.
     ``left = U[:, :r]`` has orthonormal columns; ``right = diag(S[:r]) Vh[:r]``.
 
     Returns
@@ -81,8 +81,8 @@ def truncated_svd_split(
         tail = torch.flip(torch.cumsum(torch.flip(s.double() ** 2, [0]), 0), [0])
         tail = torch.cat([tail, tail.new_zeros(1)])
         rank = int(torch.nonzero(tail <= delta * delta)[0, 0])
-    if max_rank is not None:
-        rank = min(rank, max_rank)
+    if max_bond is not None:
+        rank = min(rank, max_bond)
     rank = max(rank, 1)
     discarded_sq = float((s[rank:].double() ** 2).sum())
     return u[:, :rank], s[:rank, None] * vh[:rank], s, discarded_sq
