@@ -2,24 +2,32 @@
 
 ``MPOLinear`` stores ``W = linear.weight.T`` (``in_features x out_features``, rows are input
 modes, C order) as MPO cores, so ``y = x @ W + b`` exactly like ``nn.Linear``.
+
+"Linear modules" are ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2), which computes the same
+``y = x @ W + b`` but stores ``W`` as ``in x out`` (recognized by class name and layout, so
+transformers is never imported here). An :class:`MPOLinear` remembers which one it came from
+(:attr:`MPOLinear.origin`) and :func:`unmpo_ify` gives that module type back.
 """
 from __future__ import annotations
 
 import fnmatch
 import math
+import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence, Union
 
 import torch
 from torch import nn
 
-from mpo_core.contract import contract, dense_weight, explain
+from mpo_core.contract import check_strategy, contract, dense_weight, explain
 from mpo_core.cost import device_model, gemm_cost
 from mpo_core.decompose import decompose
 from mpo_core.mpo import validate_cores
 from mpo_core.shapes import BondSpec, capped_ranks, resolve_shapes
 
-__all__ = ["Include", "MPOLinear", "MPOifyReport", "mpo_ify", "name_matcher", "replace_module", "set_trainable"]
+__all__ = ["Include", "MPOLinear", "MPOifyReport", "dense_module", "is_linear", "linear_weight", "mpo_ify", "name_matcher",
+           "progress_bar", "replace_module", "select_modules", "set_trainable", "shape_kwargs", "unmpo_ify"]
 
 
 class MPOLinear(nn.Module):
@@ -55,6 +63,12 @@ class MPOLinear(nn.Module):
         ``nn.Parameter`` shared with other layers (:meth:`share_core`).
     error_bound : float or None
         ``||W_source - W||_F`` bound from :meth:`from_linear` (``None`` for a random init).
+    origin : {"linear", "conv1d"}
+        The dense module type :func:`dense_module` / :func:`unmpo_ify` rebuild (``"conv1d"``:
+        transformers' ``Conv1D``, set by :meth:`from_linear`).
+    step_weight : torch.Tensor or None
+        Set only inside :func:`mpo_core.accumulate.weight_cache`: the dense ``(in, out)`` weight
+        built once for the optimizer step; the forward then is one GEMM with it.
     """
 
     def __init__(
@@ -75,9 +89,7 @@ class MPOLinear(nn.Module):
         self.in_shape, self.out_shape = resolve_shapes(in_features, out_features, in_shape, out_shape, n)
         self.in_features, self.out_features = in_features, out_features
         ranks = capped_ranks(self.in_shape, self.out_shape, max_bond)
-        if strategy not in ("auto", "dense", "sequential", "fused"):
-            raise ValueError(f"strategy must be 'auto', 'dense', 'sequential' or 'fused', got {strategy!r}")
-        self.strategy = strategy
+        self.strategy = check_strategy(strategy)
         self.cache_weight = cache_weight
         kw = dict(device=device, dtype=dtype)
         self.cores = nn.ParameterList(
@@ -86,7 +98,9 @@ class MPOLinear(nn.Module):
         )
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
         self.error_bound: float | None = None
+        self.origin = "linear"
         self._cached: tuple[tuple, torch.Tensor] | None = None
+        self.step_weight: torch.Tensor | None = None
         self.reset_parameters()
 
     # ------------------------------------------------------------------ structure
@@ -190,7 +204,7 @@ class MPOLinear(nn.Module):
     @classmethod
     def from_linear(
         cls,
-        linear: nn.Linear,
+        linear: nn.Module,
         in_shape: Sequence[int] | None = None,
         out_shape: Sequence[int] | None = None,
         n: int | None = None,
@@ -198,20 +212,24 @@ class MPOLinear(nn.Module):
         rel_tol: float | None = None,
         shared_central: nn.Parameter | None = None,
         strategy: str = "auto",
+        decompose_kwargs: dict | None = None,
     ) -> "MPOLinear":
-        """Decompose ``linear.weight.T`` (TT-SVD in float64, see :func:`mpo_core.decompose`).
+        """Decompose the ``in x out`` weight of a linear module (``nn.Linear``'s ``weight.T``, or a
+        transformers ``Conv1D``'s ``weight``) by TT-SVD, see :func:`mpo_core.decompose`.
 
         ``max_bond``/``rel_tol`` truncate (exact when both are ``None``); :attr:`error_bound`
         keeps the decomposition's guaranteed ``||W - W_mpo||_F`` bound. ``shared_central``
         replaces the decomposed central core by that (shared) parameter, as in MPOBERT.
+        ``decompose_kwargs`` go to :func:`~mpo_core.decompose` as they are (e.g. its SVD options).
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        weight = linear.weight.detach()
-        mpo = decompose(weight.T, in_shape, out_shape, max_bond, rel_tol, n=n)
+        if not is_linear(linear):
+            raise TypeError(f"linear must be an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
+        weight = linear_weight(linear)
+        mpo = decompose(weight, in_shape, out_shape, max_bond, rel_tol, n=n, **(decompose_kwargs or {}))
         layer = cls.from_cores([c.to(device=weight.device, dtype=weight.dtype) for c in mpo.cores],
                                linear.bias, strategy=strategy)
         layer.error_bound = mpo.error_bound
+        layer.origin = "linear" if isinstance(linear, nn.Linear) else "conv1d"
         if shared_central is not None:
             layer.share_core(layer.central_index, shared_central)
         return layer
@@ -242,6 +260,12 @@ class MPOLinear(nn.Module):
                 self._cached = (key, dense_weight(list(self.cores)))
         return self._cached[1]
 
+    def _gemm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``x @ w + bias`` with a dense ``(in_features, out_features)`` ``w``: one GEMM, like ``nn.Linear``."""
+        x2d = x.reshape(-1, self.in_features)
+        y = x2d @ w if self.bias is None else torch.addmm(self.bias, x2d, w)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
     def _gemm_beats_plan(self, x: torch.Tensor) -> bool:
         """With ``W`` cached, a GEMM is modelled at least as fast as the planned strategy."""
         plan = explain(x, list(self.cores), self.bias, strategy=self.strategy)
@@ -251,11 +275,10 @@ class MPOLinear(nn.Module):
         return plan.strategy == "sequential" and device_model(plan.device_type).op_seconds(gemm.flops_tensor, gemm.bytes, plan.dtype) <= plan.chosen.seconds
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.step_weight is not None:  # inside mpo_core.accumulate.weight_cache
+            return self._gemm(x, self.step_weight)
         if self.cache_weight and self.strategy in ("auto", "dense") and not self._needs_grad(x) and self._gemm_beats_plan(x):
-            w = self._cached_weight()
-            x2d = x.reshape(-1, self.in_features)
-            y = x2d @ w if self.bias is None else torch.addmm(self.bias, x2d, w)
-            return y.reshape(*x.shape[:-1], self.out_features)
+            return self._gemm(x, self._cached_weight())
         self._cached = None
         return contract(x, list(self.cores), self.bias, strategy=self.strategy)
 
@@ -302,6 +325,47 @@ def set_trainable(module: nn.Module, which: str, bias: bool | None = None) -> in
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): ``y = x @ weight + bias`` with ``weight`` stored ``in x out``."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and getattr(module, "nf", None) == weight.shape[1])
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear module the MPO methods replace: ``nn.Linear`` or transformers' ``Conv1D``."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The ``in x out`` weight ``W`` of a linear module (``y = x @ W + b``), detached, no copy."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach().T
+    if _is_conv1d(module):
+        return module.weight.detach()
+    raise TypeError(f"expected an nn.Linear or a transformers Conv1D, got {type(module).__name__}")
+
+
+def dense_module(layer: MPOLinear) -> nn.Module:
+    """``layer`` contracted back into the module type it came from (:attr:`MPOLinear.origin`).
+
+    ``"conv1d"`` builds transformers' ``Conv1D`` (transformers is imported only then).
+    """
+    linear = layer.to_linear()
+    if layer.origin == "linear":
+        return linear
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(layer.out_features, layer.in_features).to(device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.T)
+        if linear.bias is not None:
+            conv.bias.copy_(linear.bias)
+        else:
+            conv.bias.zero_()
+    return conv
+
+
 @dataclass
 class MPOifyRow:
     name: str
@@ -312,6 +376,9 @@ class MPOifyRow:
     mpo_params: int
     error_bound: float
     relative_error: float
+    seconds: float = 0.0
+    """Time of this matrix's decomposition."""
+    origin: str = "linear"
 
 
 @dataclass
@@ -323,12 +390,13 @@ class MPOifyReport:
     layers: list[MPOifyRow] = field(default_factory=list)
 
     def __str__(self) -> str:
-        head = f"{'layer':<32}{'in_shape':<18}{'out_shape':<18}{'max bond':>9}{'dense':>11}{'mpo':>11}{'err bound':>11}{'rel err':>10}"
+        head = (f"{'layer':<32}{'in_shape':<18}{'out_shape':<18}{'max bond':>9}{'dense':>11}{'mpo':>11}"
+                f"{'err bound':>11}{'rel err':>10}{'time s':>8}")
         lines = [head, "-" * len(head)]
         for r in self.layers:
             lines.append(
                 f"{r.name:<32}{str(r.in_shape):<18}{str(r.out_shape):<18}{max(r.ranks):>9}{r.dense_params:>11}"
-                f"{r.mpo_params:>11}{r.error_bound:>11.3g}{r.relative_error:>10.2e}"
+                f"{r.mpo_params:>11}{r.error_bound:>11.3g}{r.relative_error:>10.2e}{r.seconds:>8.2f}"
             )
         lines.append(
             f"model parameters: {self.params_before} -> {self.params_after} "
@@ -342,26 +410,88 @@ def _count(model: nn.Module) -> int:
 
 
 Include = Union[str, Sequence[str], Callable[[str, nn.Module], bool], None]
-"""Which submodules: a qualified name or glob pattern, a list of them, a predicate ``(name, module) -> bool``,
-or ``None`` (all)."""
+"""Which submodules: a qualified name, a suffix of one (``"query"``, as peft's ``target_modules``) or a
+glob pattern, a list of them, a predicate ``(name, module) -> bool``, or ``None`` (all)."""
+
+
+def _patterns(include: Include, arg: str) -> list[str] | None:
+    if include is None or callable(include):
+        return None
+    patterns = [include] if isinstance(include, str) else list(include)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{arg} must be a name/glob pattern, a list of them, or a predicate (name, module) -> bool")
+    return patterns
+
+
+def _name_matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
 
 
 def name_matcher(include: Include, arg: str = "include") -> Callable[[str, nn.Module], bool]:
-    """The predicate ``(name, module) -> bool`` that ``include`` describes (``arg`` names it in errors)."""
+    """The predicate ``(name, module) -> bool`` that ``include`` describes (``arg`` names it in errors).
+
+    A pattern matches a qualified name equal to it, ending in ``"." + pattern``, or matching it as a glob.
+    """
     if include is None:
         return lambda name, mod: True
     if callable(include):
         return include
-    patterns = [include] if isinstance(include, str) else list(include)
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{arg} must be a name/glob pattern, a list of them, or a predicate (name, module) -> bool")
-    return lambda name, mod: any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+    patterns = _patterns(include, arg)
+    return lambda name, mod: any(_name_matches(name, p) for p in patterns)
+
+
+def select_modules(
+    model: nn.Module, include: Include, arg: str = "include", kind: Callable[[nn.Module], bool] = is_linear,
+    what: str = "linear module",
+) -> list[tuple[str, nn.Module]]:
+    """The submodules of ``model`` of ``kind`` that ``include`` chooses, in ``named_modules`` order.
+
+    Raises
+    ------
+    ValueError
+        Nothing chosen, or a pattern of ``include`` that matches none of the candidates: the message
+        names the pattern and lists a few candidate names.
+    """
+    candidates = [(name, mod) for name, mod in model.named_modules() if name and kind(mod)]
+    match = name_matcher(include, arg)
+    chosen = [(name, mod) for name, mod in candidates if match(name, mod)]
+    patterns = _patterns(include, arg) or []
+    unmatched = [p for p in patterns if not any(_name_matches(name, p) for name, _ in candidates)]
+    if unmatched or not chosen:
+        names = [name for name, _ in candidates]
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+        which = f"pattern {unmatched[0]!r}" if unmatched else repr(include)
+        raise ValueError(f"{arg} {which} matched no {what} of the model; {what}s: {shown or 'none'}")
+    return chosen
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` in place of ``model``'s submodule ``name`` (a qualified name such as ``"encoder.0.fc"``)."""
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent), attr, module)
+
+
+def progress_bar(items: Sequence, desc: str, progress: bool | None):
+    """``items`` wrapped in a tqdm bar when ``progress`` is True, or when ``None`` and the run is long
+    (8+ items) and stderr is a terminal; tqdm is optional (no bar without it)."""
+    if progress is False or (progress is None and (len(items) < 8 or not sys.stderr.isatty())):
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        if progress:
+            raise ImportError("progress=True needs tqdm (pip install tqdm)") from None
+        return items
+    return tqdm(items, desc=desc, unit="matrix")
+
+
+def shape_kwargs(n: int | Callable[[int, int], tuple[Sequence[int], Sequence[int]]], in_features: int,
+                 out_features: int) -> dict:
+    """``decompose``'s shape arguments from ``n``: a core count, or ``fn(in, out) -> (in_shape, out_shape)``."""
+    if callable(n):
+        in_shape, out_shape = n(in_features, out_features)
+        return dict(in_shape=in_shape, out_shape=out_shape)
+    return dict(n=n)
 
 
 def mpo_ify(
@@ -371,51 +501,83 @@ def mpo_ify(
     max_bond: BondSpec = None,
     rel_tol: float | None = None,
     strategy: str = "auto",
+    decompose_kwargs: dict | None = None,
+    progress: bool | None = None,
 ) -> MPOifyReport:
-    """Replace chosen ``nn.Linear`` modules of ``model`` in place by :meth:`MPOLinear.from_linear`.
+    """Replace chosen linear modules (``nn.Linear``, transformers ``Conv1D``) of ``model`` in place by
+    :meth:`MPOLinear.from_linear`.
 
     Parameters
     ----------
     model : nn.Module
     include : str, list of str, or callable, optional
-        Qualified module names or glob patterns (``"encoder.*.ffn.*"``), or a predicate
-        ``(name, module) -> bool``; default every ``nn.Linear``.
+        Qualified module names, suffixes (``"query"``) or glob patterns (``"encoder.*.ffn.*"``), or a
+        predicate ``(name, module) -> bool``; default every linear module. Each pattern must match one.
     n : int or callable
         Number of cores (balanced factorization), or ``fn(in_features, out_features) -> (in_shape, out_shape)``.
     max_bond, rel_tol : optional
         Truncation, as in :func:`mpo_core.decompose`.
     strategy : str
         Contraction strategy of the new layers.
+    decompose_kwargs : dict, optional
+        Further arguments of :func:`mpo_core.decompose` (e.g. its SVD options).
+    progress : bool, optional
+        A tqdm progress bar (default: on long runs at a terminal).
 
     Returns
     -------
     MPOifyReport
-        Parameter counts before/after and, per layer, shapes, ranks, the guaranteed error bound
-        and the measured relative error ``||W - W_mpo||_F / ||W||_F``.
+        Parameter counts before/after and, per layer, shapes, ranks, the guaranteed error bound,
+        the measured relative error ``||W - W_mpo||_F / ||W||_F`` and the decomposition time.
+        Matrices are decomposed one at a time; each one's float64 working copies are freed before the next.
+
+    Raises
+    ------
+    ValueError
+        A pattern matching no linear module (named, with a few available names), or a matrix that
+        cannot be decomposed as asked. The model is unchanged when a pattern matches nothing.
     """
-    match = name_matcher(include)
+    targets = select_modules(model, include)
     before = _count(model)
-    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name and match(name, mod)]
     report = MPOifyReport(before, before)
-    for name, linear in targets:
-        if callable(n):
-            in_shape, out_shape = n(linear.in_features, linear.out_features)
-            shape_kw = dict(in_shape=in_shape, out_shape=out_shape)
-        else:
-            shape_kw = dict(n=n)
+    for name, linear in progress_bar(targets, "mpo_ify", progress):
+        weight = linear_weight(linear)
+        start = time.perf_counter()
         try:
-            layer = MPOLinear.from_linear(linear, max_bond=max_bond, rel_tol=rel_tol, strategy=strategy, **shape_kw)
+            layer = MPOLinear.from_linear(linear, max_bond=max_bond, rel_tol=rel_tol, strategy=strategy,
+                                          decompose_kwargs=decompose_kwargs, **shape_kwargs(n, *weight.shape))
         except ValueError as exc:
-            raise ValueError(f"cannot decompose layer {name!r} ({linear.in_features}x{linear.out_features}): {exc}") from exc
+            raise ValueError(f"cannot decompose layer {name!r} ({weight.shape[0]}x{weight.shape[1]}): {exc}") from exc
+        seconds = time.perf_counter() - start
+        layer.train(linear.training)
         replace_module(model, name, layer)
         with torch.no_grad():
-            ref = linear.weight.detach().double()
-            diff = float(torch.linalg.vector_norm(layer.weight.double() - ref))
+            ref = weight.double()
+            diff = float(torch.linalg.vector_norm(layer.weight.T.double() - ref))
             norm = float(torch.linalg.vector_norm(ref))
+            del ref
         report.layers.append(MPOifyRow(
             name, layer.in_shape, layer.out_shape, layer.ranks,
-            linear.weight.numel() + (linear.bias.numel() if linear.bias is not None else 0),
-            layer.num_params, float(layer.error_bound), diff / norm if norm > 0 else diff,
+            weight.numel() + (linear.bias.numel() if linear.bias is not None else 0),
+            layer.num_params, float(layer.error_bound), diff / norm if norm > 0 else diff, seconds, layer.origin,
         ))
     report.params_after = _count(model)
     return report
+
+
+def unmpo_ify(model: nn.Module, include: Include = None) -> list[str]:
+    """Contract the chosen :class:`MPOLinear` modules of ``model`` back, in place, into the dense module
+    type each came from (``nn.Linear`` or transformers' ``Conv1D``): the merge back, no added latency.
+
+    Returns
+    -------
+    list of str
+        The names replaced (none is an empty list, not an error, so merging twice is harmless).
+    """
+    match = name_matcher(include)
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, MPOLinear) and match(name, mod)]
+    for name, layer in targets:
+        dense = dense_module(layer)
+        dense.train(layer.training)
+        replace_module(model, name, dense)
+    return [name for name, _ in targets]

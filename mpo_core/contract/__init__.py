@@ -32,9 +32,16 @@ from mpo_core.contract.sequential import check_order, named_orders, run_sequenti
 from mpo_core.mpo import MPO, validate_cores, validate_linear_inputs
 from mpo_core.rebuild import dense_matrix
 
-__all__ = ["contract", "explain", "dense_weight", "Plan", "Candidate", "clear_plan_cache"]
+__all__ = ["STRATEGIES", "Candidate", "Plan", "check_strategy", "clear_plan_cache", "contract", "dense_weight", "explain"]
 
 OrderSpec = Union[str, Sequence[int], None]
+
+
+def check_strategy(strategy: object) -> str:
+    """Return ``strategy`` if it is one of :data:`STRATEGIES`, else raise ``ValueError`` naming them."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    return strategy
 
 
 def _cores_of(mpo_or_cores: MPO | Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -58,8 +65,7 @@ def _resolve(
     in_shape = tuple(c.shape[1] for c in cores)
     out_shape = tuple(c.shape[2] for c in cores)
     ranks = tuple(c.shape[0] for c in cores) + (1,)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    check_strategy(strategy)
     check_activation(activation)
     device = cores[0].device
     if isinstance(x, torch.Tensor):
