@@ -5,22 +5,36 @@ C order to ``(i1, ..., in, j1, ..., jn)``, its modes interleaved to ``(i1, j1, i
 and split from the left by ``n - 1`` sequential SVDs (Oseledets 2011). Each split keeps the
 largest singular values, so every bond is ordered by singular value and its truncation is
 the best one for that split.
+
+Large truncated splits use :mod:`mpo_core.randomized` (a randomized range finder, or the
+small Gram matrix of a very wide unfolding) instead of a full SVD; their discarded norms are
+computed, not estimated, so ``error_bound`` stays a bound. Memory: the caller's matrix plus
+one working copy (in the SVD precision) written straight into the interleaved layout, which
+the splits overwrite in place where they can; everything else is a fraction of it.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from mpo_core.mpo import MPO
-from mpo_core.shapes import BondSpec, bond_limits, resolve_shapes
+from mpo_core.randomized import OVERSAMPLE, POWER_ITERS, Split, gemm_rounding_slack, sketched_split, whole_range_split
+from mpo_core.shapes import BondSpec, bond_limits, check_int, full_ranks, resolve_shapes
 from mpo_core.truncation import check_rel_tol, split_threshold, truncated_svd_split
 
 __all__ = ["decompose"]
 
-_SVD_DTYPES = {"float64": torch.float64, "input": None}
+_SVD_DTYPES = {"float64": torch.float64, "float32": torch.float32, "input": None}
+_METHODS = ("auto", "exact", "randomized")
+# auto: below this many entries an unfolding's LAPACK SVD is cheap and exact; not worth a sketch
+AUTO_MIN_ENTRIES = 1 << 20
+# auto: a sketch when the oversampled rank is at most this fraction of the smaller dimension
+AUTO_SKETCH_FRACTION = 0.25
+
 
 
 def _as_matrix(matrix: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -41,6 +55,62 @@ def _as_matrix(matrix: torch.Tensor | np.ndarray) -> torch.Tensor:
     return matrix
 
 
+def _check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    return int(seed)
+
+
+def _route(method: str, rows: int, cols: int, cap: int | None, truncating: bool, oversample: int,
+           power_iters: int) -> str:
+    """``"sketch"``, ``"whole"`` (Gram of the smaller side) or ``"exact"`` (LAPACK SVD) for one split.
+
+    ``auto``: exact below ``AUTO_MIN_ENTRIES`` or without truncation; otherwise the cheaper in
+    flops of the whole-range split and (when ``cap + oversample <= AUTO_SKETCH_FRACTION`` of
+    the smaller side) the sketch.
+    """
+    if method == "exact" or not truncating:
+        return "exact"
+    if method == "randomized":
+        return "sketch"
+    if rows * cols < AUTO_MIN_ENTRIES:
+        return "exact"
+    small, large = min(rows, cols), max(rows, cols)
+    keep = small if cap is None else min(cap, small)
+    whole_flops = small * small * large + (2 if rows <= cols else 6) * small * keep * large
+    if cap is not None and cap + oversample <= AUTO_SKETCH_FRACTION * small:
+        sketch_flops = (2 * power_iters + 2) * 2 * rows * cols * (cap + oversample)
+        if sketch_flops < whole_flops:
+            return "sketch"
+    return "whole"
+
+
+def _split(unfolding, cap, delta, route, oversample, power_iters, generator) -> tuple[Split, str]:
+    rows, cols = unfolding.shape
+    if route == "sketch":
+        split = sketched_split(unfolding, cap, delta, oversample=oversample, power_iters=power_iters,
+                               generator=generator)
+        if split is not None:
+            return split, "sketch"
+        route = "whole"  # the sketch would cover the smaller side: the Gram route is exact and cheaper
+    if route == "whole":
+        return whole_range_split(unfolding, min(rows, cols) if cap is None else cap, delta), "whole"
+    left, right, s, disc = truncated_svd_split(unfolding, cap, delta)
+    return Split(left, right, s, disc, passes=None, sketch=None), "exact"
+
+
+def _interleaved_copy(matrix: torch.Tensor, in_shape, out_shape, dtype: torch.dtype) -> torch.Tensor:
+    """A fresh ``(i1, j1, ..., in, jn)`` C-order tensor of ``matrix`` in ``dtype``: one copy, any input strides."""
+    n = len(in_shape)
+    row_strides = [matrix.stride(0) * math.prod(in_shape[k + 1:]) for k in range(n)]
+    col_strides = [matrix.stride(1) * math.prod(out_shape[k + 1:]) for k in range(n)]
+    view = matrix.as_strided((*in_shape, *out_shape), (*row_strides, *col_strides), matrix.storage_offset())
+    perm = [p for k in range(n) for p in (k, n + k)]
+    work = torch.empty([view.shape[p] for p in perm], dtype=dtype, device=matrix.device)
+    work.copy_(view.permute(perm))
+    return work
+
+
 def decompose(
     matrix: torch.Tensor | np.ndarray,
     in_shape: Sequence[int] | None = None,
@@ -50,44 +120,81 @@ def decompose(
     *,
     n: int | None = None,
     svd_dtype: str = "float64",
+    method: str = "auto",
+    seed: int = 0,
+    oversample: int = OVERSAMPLE,
+    power_iters: int = POWER_ITERS,
 ) -> MPO:
     """Decompose a matrix into an MPO (tensor-train matrix) by TT-SVD.
 
     Parameters
     ----------
     matrix : torch.Tensor or numpy.ndarray
-        Real floating matrix of shape ``(prod(in_shape), prod(out_shape))``, on CPU or CUDA.
+        Real floating matrix of shape ``(prod(in_shape), prod(out_shape))``, on CPU or CUDA
+        (all the work then runs on that device).
         Row ``r`` corresponds to input modes ``unravel(r, in_shape)`` in C order.
     in_shape, out_shape : sequence of int, optional
         Mode sizes of the rows and the columns (same length ``n``). Omit them and give ``n``
         to use the balanced :func:`~mpo_core.shapes.factorize`.
     max_bond : int or list of int, optional
         Cap on every inner bond, or per bond (``n - 1`` entries, or a full ``n + 1`` ranks list).
+        A cap above what the unfolding allows (:func:`~mpo_core.shapes.full_ranks`) is clamped
+        to it; clamped bonds are listed in ``metadata["clamped_bonds"]``.
     rel_tol : float, optional
-        ``ε`` in ``[0, 1)``: the result is guaranteed to satisfy ``||W - Ŵ||_F <= ε ||W||_F``
-        (each split discards at most ``ε ||W||_F / sqrt(n - 1)``). Exact when both
-        ``max_bond`` and ``rel_tol`` are ``None``: bonds are then the full unfolding ranks.
+        ``ε`` in ``[0, 1)``: each split discards at most ``ε ||W||_F / sqrt(n - 1)``, so
+        ``||W - Ŵ||_F <= ε ||W||_F``. Exact when both ``max_bond`` and ``rel_tol`` are
+        ``None``: bonds are then the full unfolding ranks. With a ``max_bond`` too small to
+        meet it, the cap wins: ``metadata["rel_tol_met"]`` is then ``False`` and a
+        ``RuntimeWarning`` says so (``error_bound`` is the bound actually reached).
     n : int, optional
         Number of cores, when shapes are not given (or to check them).
-    svd_dtype : {"float64", "input"}, default "float64"
-        Precision of the SVDs. Cores are returned in the input's dtype either way.
+    svd_dtype : {"float64", "float32", "input"}, default "float64"
+        Precision of the working copy and of every SVD/GEMM. Cores are returned in the input's
+        dtype either way. In float32 each split adds its rounding to ``error_bound``:
+        ``(γ_{m+k} sqrt(r) + ||LᵀL - I||_2) ||W||_F`` with ``γ_p = p u / (1 - p u)``,
+        ``u = 2^-24``, ``m`` the unfolding's rows, ``k`` the sketch size (its smaller dimension
+        for an exact split), ``r`` the kept rank and ``L`` the split's left factor (its loss of
+        orthogonality measured in float64): the standard bound on the products that form the
+        kept rows (Higham, §3.5), first order in ``u``.
+    method : {"auto", "exact", "randomized"}, default "auto"
+        ``"exact"``: LAPACK SVD of every unfolding. ``"randomized"``: every truncated split by
+        :func:`mpo_core.randomized.sketched_split` (randomized subspace iteration with
+        ``oversample`` extra columns and ``power_iters`` power iterations; an unfolding the
+        sketch would cover is split exactly, from its Gram matrix when it is wide).
+        ``"auto"``: a request with neither ``max_bond`` nor ``rel_tol`` is exact, and so is an
+        unfolding under ``AUTO_MIN_ENTRIES`` entries; a larger one takes the cheaper (in
+        flops) of :func:`mpo_core.randomized.whole_range_split` (exact subspace from the Gram
+        matrix of its smaller side) and, when ``bond + oversample <= AUTO_SKETCH_FRACTION *
+        min(rows, cols)``, the sketch. Every route reports a certified discarded norm
+        (computed, never estimated).
+    seed : int, default 0
+        Seed of the sketches' Gaussian matrices (a ``torch.Generator`` on the matrix's device):
+        the same seed gives the same result.
+    oversample, power_iters : int
+        Sketch size ``bond + oversample`` (>= 1) and power iterations (>= 0) of the randomized route.
 
     Returns
     -------
     MPO
         Cores on the input's device (a numpy input gives CPU tensors). ``error_bound`` is
-        ``sqrt(sum of squared discarded singular values)``, a guaranteed bound on
-        ``||W - mpo.to_dense()||_F`` in exact arithmetic; ``norm`` is ``||W||_F``;
-        ``spectra[k]`` holds all singular values at bond ``k + 1``; the cores left of the
-        last are left-orthogonal (``canonical_center = n - 1``).
+        ``sqrt(sum of the splits' squared discarded norms)`` (plus the float32 rounding
+        terms), a bound on ``||W - mpo.to_dense()||_F`` in exact arithmetic; ``norm`` is
+        ``||W||_F``; ``spectra[k]`` holds the singular values found at bond ``k + 1``: all
+        of them for an exact split, the sketch's (lower bounds) for a sketched one; the cores
+        left of the last are left-orthogonal (``canonical_center = n - 1``). ``metadata``
+        records, per split, the route (``"routes"``), the sketch size (``"sketch_sizes"``)
+        and the passes over the unfolding (``"passes"``, ``None`` for LAPACK), plus
+        ``"passes_over_matrix"``: those passes weighted by the unfolding's size relative to
+        ``W`` (the first copy into the interleaved layout counts as one).
 
     Raises
     ------
     TypeError
-        Non-tensor input, integer/complex/bool dtype, bad argument types.
+        Non-tensor input, integer/complex/bool dtype, bad argument types (a non-int ``seed``).
     ValueError
         Not 2-D, NaN/Inf entries, shapes that do not match the matrix, a dimension that
-        cannot be factored into ``n`` modes, ``max_bond < 1``, ``rel_tol`` outside ``[0, 1)``.
+        cannot be factored into ``n`` modes, ``max_bond < 1``, ``rel_tol`` outside ``[0, 1)``,
+        an unknown ``method`` or ``svd_dtype``.
 
     Examples
     --------
@@ -103,39 +210,73 @@ def decompose(
     matrix = _as_matrix(matrix)
     in_shape, out_shape = resolve_shapes(matrix.shape[0], matrix.shape[1], in_shape, out_shape, n)
     n = len(in_shape)
-    bonds = bond_limits(max_bond, n)
+    requested = bond_limits(max_bond, n)
     check_rel_tol(rel_tol)
     if svd_dtype not in _SVD_DTYPES:
         raise ValueError(f"svd_dtype must be one of {sorted(_SVD_DTYPES)}, got {svd_dtype!r}")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {list(_METHODS)}, got {method!r}")
+    seed = _check_seed(seed)
+    oversample = check_int("oversample", oversample, 1)
+    power_iters = check_int("power_iters", power_iters, 0)
     work_dtype = _SVD_DTYPES[svd_dtype] or matrix.dtype
     if work_dtype in (torch.float16, torch.bfloat16):
         work_dtype = torch.float32  # LAPACK/cuSOLVER have no half-precision SVD
 
-    work = matrix.to(work_dtype)
-    norm = float(torch.linalg.vector_norm(work))
-    delta = split_threshold(rel_tol, norm, n)
-    # (i1..in, j1..jn) -> (i1, j1, i2, j2, ..., in, jn), all C order
-    perm = [p for k in range(n) for p in (k, n + k)]
-    rest = work.reshape(*in_shape, *out_shape).permute(perm).contiguous()
+    allowed = full_ranks(in_shape, out_shape)[1:-1]
+    bonds = [None if cap is None else min(cap, a) for cap, a in zip(requested, allowed)]
+    clamped = [{"bond": k + 1, "requested": cap, "allowed": a}
+               for k, (cap, a) in enumerate(zip(requested, allowed)) if cap is not None and cap > a]
 
-    cores, spectra, discarded_sq = [], [], 0.0
+    rest = _interleaved_copy(matrix, in_shape, out_shape, work_dtype)
+    norm = float(torch.linalg.vector_norm(rest, dtype=torch.float64))
+    delta = split_threshold(rel_tol, norm, n)
+    generator = torch.Generator(device=matrix.device).manual_seed(seed)
+    unit_roundoff = float(torch.finfo(work_dtype).eps) / 2
+
+    cores, spectra, discarded_sq, rounding = [], [], 0.0, 0.0
+    routes, sketches, passes, weighted_passes = [], [], [], 1.0
     left_bond = 1
     for k in range(n - 1):
         unfolding = rest.reshape(left_bond * in_shape[k] * out_shape[k], -1)
-        left, rest, s, disc = truncated_svd_split(unfolding, bonds[k], delta)
+        truncating = bonds[k] is not None or delta is not None
+        route = _route(method, *unfolding.shape, bonds[k], truncating, oversample, power_iters)
+        split, route = _split(unfolding, bonds[k], delta, route, oversample, power_iters, generator)
+        left, rest = split.left, split.right
+        if work_dtype != torch.float64:
+            gram = left.double().mT @ left.double()
+            eta = float(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype), ord=2))
+            inner = unfolding.shape[0] + (split.sketch or min(unfolding.shape))
+            rounding += (gemm_rounding_slack(inner, left.shape[1], unit_roundoff) + eta) * norm
+        size = unfolding.numel()
+        del unfolding
         cores.append(left.reshape(left_bond, in_shape[k], out_shape[k], left.shape[1]))
-        spectra.append(s)
-        discarded_sq += disc
+        spectra.append(split.singular_values)
+        discarded_sq += split.discarded_sq
+        routes.append(route)
+        sketches.append(split.sketch)
+        passes.append(split.passes)
+        if split.passes is not None:
+            weighted_passes += split.passes * size / matrix.numel()
         left_bond = left.shape[1]
     cores.append(rest.reshape(left_bond, in_shape[-1], out_shape[-1], 1))
 
+    error_bound = math.sqrt(discarded_sq) + rounding
+    rel_tol_met = None if rel_tol is None else error_bound <= rel_tol * norm * (1 + 1e-12) + 1e-300
+    if rel_tol_met is False:
+        warnings.warn(
+            f"rel_tol={rel_tol} not met: max_bond={max_bond} caps the bonds at {bonds}, and the certified "
+            f"relative error bound is {error_bound / norm:.4g}", RuntimeWarning, stacklevel=2)
     return MPO(
         [c.to(matrix.dtype).contiguous() for c in cores],
         in_shape,
         out_shape,
-        error_bound=math.sqrt(discarded_sq),
+        error_bound=error_bound,
         norm=norm,
         canonical_center=n - 1,
         spectra=spectra,
-        metadata={"method": "tt-svd", "max_bond": None if max_bond is None else bonds, "rel_tol": rel_tol},
+        metadata={"method": "tt-svd", "max_bond": None if max_bond is None else requested, "rel_tol": rel_tol,
+                  "rel_tol_met": rel_tol_met, "clamped_bonds": clamped, "routes": routes, "seed": seed,
+                  "sketch_sizes": sketches, "passes": passes, "passes_over_matrix": weighted_passes,
+                  "svd_dtype": str(work_dtype).replace("torch.", ""), "rounding_bound": rounding},
     )
