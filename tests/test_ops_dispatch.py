@@ -308,3 +308,16 @@ def test_compile_inductor_smoke_torch_backend():
     torch.testing.assert_close(y, block(x, r, w, b, b2), atol=1e-5, rtol=1e-5)
     y.sum().backward()
     assert x.grad is not None and b2.grad is not None
+
+
+def test_mpo_linear_goes_through_the_one_dispatcher():
+    cpu = torch.device("cpu")
+    assert "mpo_linear" in dispatch.OPS
+    assert dispatch.default_backend("mpo_linear", cpu, torch.float32) == "torch"  # the interpreter is never a default
+    assert resolve_backend("mpo_linear", torch.ones(2, 4), "triton") == "triton"  # conftest: TRITON_INTERPRET=1
+    assert "float64" in dispatch.why_unavailable("mpo_linear", "triton", cpu, torch.float64)
+    assert dispatch.why_unavailable("mpo_linear", "cpp", cpu, torch.float32) is not None
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot run mpo_linear here"):
+        resolve_backend("mpo_linear", torch.ones(2, 4), "cuda")
+    with pytest.raises(ValueError, match="op must be one of"):
+        dispatch.default_backend("matmul", cpu, torch.float32)
