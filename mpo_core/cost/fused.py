@@ -14,7 +14,7 @@ from typing import Sequence
 from mpo_core.activation import check_activation
 from mpo_core.cost.chain import chain_cost, core_shapes
 from mpo_core.cost.model import Cost
-from mpo_core.shapes import core_params
+from mpo_core.shapes import bond_list, check_int, core_params
 
 __all__ = ["MODEL_BLOCK_M", "choose_split", "epilogue_flops", "fused_linear_cost", "kernel_flops", "mpo_linear_cost"]
 
@@ -74,17 +74,17 @@ def epilogue_flops(tokens: int, cols: int, bias: bool, activation: bool) -> int:
 
 
 def _check_cost_args(tokens: int, in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequence[int],
-                     dtype_bytes: int) -> None:
-    if not isinstance(tokens, int) or tokens < 0:
-        raise ValueError(f"tokens: expected an int >= 0, got {tokens!r}")
+                     dtype_bytes: int) -> list[int]:
+    """Validate the arguments of :func:`mpo_linear_cost`; the full ranks list ``[1, d_1, ..., d_{n-1}, 1]``."""
+    check_int("tokens", tokens, minimum=0)
     if len(in_shape) < 2 or len(in_shape) != len(out_shape):
         raise ValueError(f"in_shape/out_shape: expected equal lengths >= 2, got {in_shape} and {out_shape}")
-    if any(int(s) < 1 for s in (*in_shape, *out_shape)):
-        raise ValueError(f"in_shape/out_shape: every mode must be >= 1, got {in_shape} and {out_shape}")
-    if len(ranks) != len(in_shape) + 1 or ranks[0] != 1 or ranks[-1] != 1 or min(ranks) < 1:
-        raise ValueError(f"ranks: expected [1, d_1, ..., d_(n-1), 1] with n={len(in_shape)}, got {list(ranks)}")
+    for k, (i, j) in enumerate(zip(in_shape, out_shape)):
+        check_int(f"in_shape[{k}]", i)
+        check_int(f"out_shape[{k}]", j)
     if dtype_bytes not in (1, 2, 4, 8):
         raise ValueError(f"dtype_bytes: expected 1, 2, 4 or 8, got {dtype_bytes!r}")
+    return bond_list(ranks, len(in_shape))
 
 
 def mpo_linear_cost(
@@ -107,7 +107,7 @@ def mpo_linear_cost(
     in_shape, out_shape : sequence of int
         MPO mode sizes (``K = prod(in_shape)``, ``N = prod(out_shape)``).
     ranks : sequence of int
-        ``[1, d_1, ..., d_{n-1}, 1]``.
+        ``[1, d_1, ..., d_{n-1}, 1]`` or the ``n - 1`` inner bonds (:func:`mpo_core.shapes.bond_list`).
     dtype_bytes : int
         Bytes per element of ``x``, ``W`` and ``y`` (2 for fp16/bf16, 4 for fp32).
     bias : bool
@@ -139,7 +139,7 @@ def mpo_linear_cost(
     """
     from mpo_core.kernels.mpo_matmul import padded_small_shape
 
-    _check_cost_args(tokens, in_shape, out_shape, ranks, dtype_bytes)
+    ranks = _check_cost_args(tokens, in_shape, out_shape, ranks, dtype_bytes)
     check_activation(activation)
     m, b = tokens, dtype_bytes
     n_modes = len(in_shape)
