@@ -1,0 +1,244 @@
+"""Build each MPO weight once per optimizer step, not once per micro-batch.
+
+With gradient accumulation every micro-batch of one optimizer step sees the same cores, so
+the dense ``W`` of each :class:`~mpo_core.nn.MPOLinear` is the same too. Inside
+:func:`weight_cache`:
+
+1. each layer's ``W`` is rebuilt once from its cores, with its autograd graph kept;
+2. every forward uses a detached leaf copy ``W'`` of it (one GEMM, like ``nn.Linear``), and
+   each micro-batch's backward accumulates ``dL/dW`` in ``W'.grad``;
+3. when the context ends, ``dL/dW`` is propagated through the rebuild into the cores once
+   (added to whatever ``.grad`` they hold), before gradient clipping and the optimizer.
+
+The gradients equal those of rebuilding in every micro-batch (the rebuild is linear in each
+core, so the sum over micro-batches can be taken before or after it); only the floating-point
+summation order differs. Layers whose central core is one shared ``nn.Parameter``
+(MPOBERT) are rebuilt together: the per-layer outer blocks are stacked and multiplied with
+the central in one large GEMM and one batched GEMM, in the order the cost model prices
+cheaper.
+
+::
+
+    with weight_cache(model):
+        for batch in micro_batches:
+            loss_fn(model(batch)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+Data parallel: the cores' gradients appear only when the context ends, after the last
+backward, so ``DistributedDataParallel`` cannot reduce them. Exclude the cores from DDP with
+:func:`exclude_cores_from_ddp` before wrapping the model, and pass ``process_group`` (or
+``True`` for the default group): the context then averages the cores' gradients over the
+ranks itself, in one flat all-reduce. DDP reduces every other parameter as usual.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mpo_core.cost import device_model
+from mpo_core.nn import MPOLinear
+from mpo_core.rebuild import dense_matrix, rebuild
+
+__all__ = ["weight_cache", "shared_central_weights", "exclude_cores_from_ddp", "mpo_core_names"]
+
+
+def _layers(module: nn.Module) -> list[MPOLinear]:
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        module = module.module
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    return [m for m in module.modules() if isinstance(m, MPOLinear)]
+
+
+def _central_order(left: int, rows: int, d_in: int, middle: int, d_out: int, right: int, layers: int,
+                   dtype: torch.dtype, device_type: str) -> str:
+    """``"left"`` to multiply the stacked left blocks with the central first, ``"right"`` for the right blocks.
+
+    ``left``/``right``: modes of the outer blocks (``rows`` = ``left``); ``d_in``/``d_out``: the central's
+    bonds; ``middle``: its modes. Priced by the cost model (FLOPs and bytes of the two products).
+    """
+    model, item = device_model(device_type), dtype.itemsize
+
+    def seconds(m: int, k: int, n: int, batch: int) -> float:
+        return model.op_seconds(2 * batch * m * k * n, item * batch * (m * k + k * n + m * n), dtype)
+
+    left_first = seconds(layers * left, d_in, middle * d_out, 1) + seconds(left * middle, d_out, right, layers)
+    right_first = seconds(d_in * middle, d_out, layers * right, 1) + seconds(left, d_in, middle * right, layers)
+    return "left" if left_first <= right_first else "right"
+
+
+def shared_central_weights(chains: Sequence[Sequence[torch.Tensor]], center: int, side: str | None = None) -> torch.Tensor:
+    """Dense matrices of several MPOs that share core ``center`` (the same tensor), built together.
+
+    Parameters
+    ----------
+    chains : sequence of sequences of torch.Tensor
+        ``L`` core lists of identical shapes; ``chains[l][center]`` is the same tensor for every ``l``.
+    center : int
+        Index of the shared core (``0 < center < n - 1``).
+    side : {None, "left", "right"}
+        Which stacked outer blocks meet the shared core first; ``None``: the cheaper by the cost model.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(L, prod(in_shape), prod(out_shape))``, C order, differentiable with respect to every core.
+        Per layer the left cores ``0..center-1`` and the right cores ``center+1..n-1`` are merged
+        into one block each (:func:`mpo_core.rebuild.rebuild`); the stacked blocks then meet the
+        shared core in one GEMM and one batched GEMM, whichever side first the cost model prices cheaper.
+    """
+    n = len(chains[0])
+    if side not in (None, "left", "right"):
+        raise ValueError(f"side must be None, 'left' or 'right', got {side!r}")
+    if not 0 < center < n - 1:
+        raise ValueError(f"center must be an inner core index in (0, {n - 1}), got {center}")
+    central = chains[0][center]
+    d_in, ic, jc, d_out = central.shape
+    in_shape = [int(c.shape[1]) for c in chains[0]]
+    out_shape = [int(c.shape[2]) for c in chains[0]]
+    layers = len(chains)
+    # (L, I_left * J_left, d_in) and (L, d_out, I_right * J_right), modes in C order within each block
+    lefts = torch.stack([rebuild(list(ch[:center]))[0].reshape(-1, d_in) for ch in chains])
+    rights = torch.stack([rebuild(list(ch[center + 1:]))[..., 0].reshape(d_out, -1) for ch in chains])
+    left, right, middle = lefts.shape[1], rights.shape[2], ic * jc
+    side = side or _central_order(left, left, d_in, middle, d_out, right, layers, central.dtype, central.device.type)
+    if side == "left":
+        t = (lefts.reshape(layers * left, d_in) @ central.reshape(d_in, middle * d_out)).view(layers, left * middle, d_out)
+        w = torch.bmm(t, rights)
+    else:
+        t = central.reshape(d_in * middle, d_out) @ rights.permute(1, 0, 2).reshape(d_out, layers * right)
+        t = t.view(d_in, middle, layers, right).permute(2, 0, 1, 3).reshape(layers, d_in, middle * right)
+        w = torch.bmm(lefts, t)
+    il, jl = math.prod(in_shape[:center]), math.prod(out_shape[:center])
+    ir, jr = math.prod(in_shape[center + 1:]), math.prod(out_shape[center + 1:])
+    w = w.view(layers, il, jl, ic, jc, ir, jr).permute(0, 1, 3, 5, 2, 4, 6)
+    return w.reshape(layers, il * ic * ir, jl * jc * jr)
+
+
+def _group_key(layer: MPOLinear) -> tuple:
+    cores = list(layer.cores)
+    return (id(cores[layer.central_index]), layer.central_index, tuple(tuple(c.shape) for c in cores),
+            cores[0].dtype, cores[0].device)
+
+
+def _build(layers: list[MPOLinear]) -> list[torch.Tensor]:
+    """Each layer's dense ``(in, out)`` weight, with graph; layers sharing a central built together."""
+    groups: dict[tuple, list[int]] = {}
+    for i, layer in enumerate(layers):
+        groups.setdefault(_group_key(layer), []).append(i)
+    weights: list[torch.Tensor | None] = [None] * len(layers)
+    for idx in groups.values():
+        c = layers[idx[0]].central_index
+        if len(idx) > 1 and 0 < c < layers[idx[0]].n - 1:
+            stacked = shared_central_weights([list(layers[i].cores) for i in idx], c)
+            for pos, i in enumerate(idx):
+                weights[i] = stacked[pos]
+        else:
+            for i in idx:
+                weights[i] = dense_matrix(list(layers[i].cores))
+    return weights
+
+
+def _versions(layers: list[MPOLinear]) -> list[tuple[int, ...]]:
+    return [tuple(c._version for c in layer.cores) for layer in layers]
+
+
+def _all_reduce_mean(grads: list[torch.Tensor], group) -> None:
+    """Average ``grads`` over the ranks of ``group`` in place, as one flat all-reduce."""
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+@contextmanager
+def weight_cache(module: nn.Module, process_group: object = None) -> Iterator[None]:
+    """Rebuild every :class:`~mpo_core.nn.MPOLinear` weight of ``module`` once for the enclosed micro-batches.
+
+    Parameters
+    ----------
+    module : nn.Module
+        Searched recursively (a ``DistributedDataParallel`` wrapper is looked through).
+    process_group : ProcessGroup, True or None
+        Data parallel: average the cores' gradients over this group (``True``: the default
+        group) when the context ends. The cores must be excluded from DDP
+        (:func:`exclude_cores_from_ddp`). ``None``: no communication.
+
+    Notes
+    -----
+    The weights are built when the context is entered, in the cores' dtype with autocast off
+    (under ``torch.autocast`` the forward's GEMM casts ``W'`` as it would cast an
+    ``nn.Linear`` weight). The cores must not change inside the context (the optimizer step
+    belongs after it): a changed core raises ``RuntimeError`` at the end, and so does a
+    nested ``weight_cache`` over the same layer. If the block raises, nothing is propagated.
+    """
+    layers = _layers(module)
+    if process_group is not None and not dist.is_initialized():
+        raise ValueError("process_group was given but torch.distributed is not initialized")
+    if process_group is True:
+        process_group = dist.group.WORLD
+    if any(layer.step_weight is not None for layer in layers):
+        raise RuntimeError("weight_cache is already active on a layer of this module (nested weight_cache)")
+    grad = torch.is_grad_enabled()
+    track = [layer for layer in layers if grad and any(c.requires_grad for c in layer.cores)]
+    frozen = [layer for layer in layers if layer not in track]
+    device_type = layers[0].cores[0].device.type if layers else "cpu"
+    with torch.autocast(device_type, enabled=False):
+        built = _build(track) if track else []
+        with torch.no_grad():
+            frozen_w = _build(frozen) if frozen else []
+    leaves = [w.detach().requires_grad_() for w in built]
+    versions = _versions(track)
+    for layer, w in zip(track, leaves):
+        layer.step_weight = w
+    for layer, w in zip(frozen, frozen_w):
+        layer.step_weight = w
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.step_weight = None
+    if _versions(track) != versions:
+        raise RuntimeError("a core changed inside weight_cache (step the optimizer after the context ends)")
+    outs = [w for w, leaf in zip(built, leaves) if leaf.grad is not None]
+    grads = [leaf.grad for leaf in leaves if leaf.grad is not None]
+    if outs:
+        torch.autograd.backward(outs, grads)
+    if process_group is not None:
+        cores = {id(c): c for layer in track for c in layer.cores if c.requires_grad}
+        present = [c.grad for c in cores.values() if c.grad is not None]
+        _all_reduce_mean(present, process_group)
+
+
+def mpo_core_names(module: nn.Module) -> list[str]:
+    """Qualified names (``module.named_parameters()`` spelling) of every MPO core of ``module``'s layers."""
+    ids = {id(c) for layer in _layers(module) for c in layer.cores}
+    return [name for name, p in module.named_parameters() if id(p) in ids]
+
+
+def exclude_cores_from_ddp(module: nn.Module, broadcast: bool = True) -> list[str]:
+    """Make ``DistributedDataParallel`` (constructed afterwards) skip the MPO cores of ``module``.
+
+    Their gradients come from :func:`weight_cache` (with ``process_group``) instead. With
+    ``broadcast`` and an initialized process group the cores are broadcast from rank 0, as DDP
+    does for the parameters it keeps. Returns the excluded names.
+    """
+    names = mpo_core_names(module)
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+    if broadcast and dist.is_initialized():
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for name in names:
+                dist.broadcast(params[name].data, src=0)
+    return names
