@@ -1,8 +1,8 @@
 """The one backend choice for every fused op: device, dtype and what this installation has.
 
 Order for ``backend=None``: on CUDA tensors the CUDA extension (where it has the op), then
-Triton, then the torch reference; on CPU tensors the C++ extension where it has the op
-(``CPU_DEFAULT``), else the torch reference. A forced backend that cannot run raises
+Triton, then the torch reference; on CPU tensors the C++ extension where it has the op and
+the dtype is one of ``CPU_CPP_DTYPES``, else the torch reference. A forced backend that cannot run raises
 :class:`BackendUnavailableError` saying why. "Can Triton run here?" is answered only by
 :func:`triton_supported` (also for the contraction planner's ``fused`` strategy), and every
 look at the GPU's compute capability goes through :func:`device_capability`, so tests can mock it.
@@ -17,11 +17,13 @@ from mpo_core._backends import extension, triton_importable
 
 BACKENDS = ("torch", "triton", "cuda", "cpp")
 
-CPU_DEFAULT = "cpp"
-"""Default on CPU tensors where the extension has the op (LayerNorm, residual + LayerNorm
-without dropout): measured faster than torch eager in the same run
-(``benchmarks/cpp_residual_layernorm.py``, 1 thread: fp32 fwd 1.43x, bwd 1.45x; bf16 fwd
-1.55x, bwd 2.63x). Other ops, and machines without the extension, use torch."""
+CPU_CPP_DTYPES = (torch.bfloat16, torch.float16)
+"""Dtypes for which the C++ extension is the CPU default where it has the op (LayerNorm,
+residual + LayerNorm without dropout): bf16 measured faster than torch eager
+(``benchmarks/cpp_residual_layernorm.py``, 1 thread: fwd 1.55x, bwd 2.63x). float32/float64
+use torch: called as MPOBERT calls them (autograd, 64-8192 rows of 128/768/1024),
+``benchmarks/op_overhead.py`` measured torch eager 1.1-2.9x faster forward+backward at every
+size up to 2048 rows (residual + LayerNorm 64 x 768: 130 us vs 257 us; 1 thread, CPU clock)."""
 
 TRITON_MIN_CAPABILITY = (7, 0)
 """Triton elementwise / norm kernels run from Volta on."""
@@ -129,7 +131,10 @@ def default_backend(op: str, device: torch.device, dtype: torch.dtype) -> str:
     """What ``backend=None`` picks for ``op`` on tensors of ``dtype`` on ``device`` (see the module docstring)."""
     if op not in _EXT_FUNCTIONS:
         raise ValueError(f"op must be one of {sorted(_EXT_FUNCTIONS)}, got {op!r}")
-    candidates = ("cuda", "triton", "torch") if device.type == "cuda" else (CPU_DEFAULT, "torch")
+    if device.type == "cuda":
+        candidates = ("cuda", "triton", "torch")
+    else:
+        candidates = ("cpp", "torch") if dtype in CPU_CPP_DTYPES else ("torch",)
     return next(b for b in candidates if why_unavailable(op, b, device, dtype) is None)
 
 
