@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from mpo_core.decompose import decompose
-from mpo_core.nn import Include, MPOLinear, name_matcher, replace_module
+from mpo_core.nn import Include, MPOLinear, dense_module, is_linear, linear_weight, replace_module, select_modules, shape_kwargs
 from mpo_core.shapes import BondSpec, bond_list, check_int, full_ranks
 
 __all__ = ["expand_linear", "importance_scores", "select_top", "OverParameterization", "sync_optimizer"]
@@ -81,12 +81,12 @@ def expand_linear(
         ``to_linear()`` equals ``linear`` up to float rounding; ``error_bound`` is the (zero, up
         to rounding) discarded norm.
     """
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+    if not is_linear(linear):
+        raise TypeError(f"linear must be an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
     if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not (noise_std >= 0 and math.isfinite(noise_std)):
         raise ValueError(f"noise_std must be a finite float >= 0, got {noise_std!r}")
-    weight = linear.weight.detach()
-    mpo = decompose(weight.T.double(), in_shape, out_shape, n=n if in_shape is None else None)
+    weight = linear_weight(linear)
+    mpo = decompose(weight.double(), in_shape, out_shape, n=n if in_shape is None else None)
     target = _padded_ranks(min_bond, full_ranks(mpo.in_shape, mpo.out_shape))
     cores = []
     for k, src in enumerate(mpo.cores):
@@ -100,12 +100,13 @@ def expand_linear(
         cores.append(padded.to(device=weight.device, dtype=weight.dtype))
     layer = MPOLinear.from_cores(cores, linear.bias, strategy=strategy)
     layer.error_bound = mpo.error_bound
+    layer.origin = "linear" if isinstance(linear, nn.Linear) else "conv1d"
     return layer
 
 
 def _dense_in_out(module: nn.Module) -> torch.Tensor:
-    """``W`` as ``(in_features, out_features)`` for ``nn.Linear`` or :class:`MPOLinear`."""
-    return module.weight.detach().T
+    """``W`` as ``(in_features, out_features)`` for a linear module or an :class:`MPOLinear`."""
+    return module.weight.detach().T if isinstance(module, MPOLinear) else linear_weight(module)
 
 
 def importance_scores(
@@ -139,11 +140,7 @@ def importance_scores(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (model, batch) -> loss, got {type(loss_fn).__name__}")
-    match = name_matcher(include)
-    targets = {name: mod for name, mod in model.named_modules()
-               if name and isinstance(mod, (nn.Linear, MPOLinear)) and match(name, mod)}
-    if not targets:
-        raise ValueError("include matched no nn.Linear or MPOLinear module of the model")
+    targets = dict(select_modules(model, include, kind=lambda m: is_linear(m) or isinstance(m, MPOLinear)))
     grads = {name: torch.zeros_like(_dense_in_out(mod), dtype=torch.float64) for name, mod in targets.items()}
     calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
@@ -225,12 +222,8 @@ class OverParameterization:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        match = name_matcher(include)
         self.model = model
-        self.candidates = [name for name, mod in model.named_modules()
-                           if name and isinstance(mod, nn.Linear) and match(name, mod)]
-        if not self.candidates:
-            raise ValueError("include matched no nn.Linear module of the model")
+        self.candidates = [name for name, _ in select_modules(model, include)]
         self.n, self.min_bond, self.noise_std, self.strategy = n, min_bond, noise_std, strategy
         self.generator = torch.Generator().manual_seed(seed)
         self.expanded: set[str] = set()
@@ -249,16 +242,15 @@ class OverParameterization:
             if name in self.expanded:
                 continue
             linear = self.model.get_submodule(name)
-            if callable(self.n):
-                in_shape, out_shape = self.n(linear.in_features, linear.out_features)
-                shape_kw = dict(n=None, in_shape=in_shape, out_shape=out_shape)
-            else:
-                shape_kw = dict(n=self.n)
+            rows, cols = linear_weight(linear).shape
+            shape_kw = shape_kwargs(self.n, rows, cols)
+            if "in_shape" in shape_kw:
+                shape_kw["n"] = None
             try:
                 layer = expand_linear(linear, min_bond=self.min_bond, noise_std=self.noise_std, generator=self.generator,
                                       strategy=self.strategy, **shape_kw)
             except ValueError as exc:
-                raise ValueError(f"cannot expand layer {name!r} ({linear.in_features}x{linear.out_features}): {exc}") from exc
+                raise ValueError(f"cannot expand layer {name!r} ({rows}x{cols}): {exc}") from exc
             layer.train(linear.training)
             replace_module(self.model, name, layer)
             self.expanded.add(name)
@@ -266,14 +258,15 @@ class OverParameterization:
         return done
 
     def merge(self, names: Iterable[str] | None = None) -> list[str]:
-        """Contract the named expanded layers (default: all) back into ``nn.Linear``; returns them."""
+        """Contract the named expanded layers (default: all) back into their dense module type
+        (``nn.Linear`` or transformers ``Conv1D``); returns them."""
         names = sorted(self.expanded) if names is None else self._check(names)
         done = []
         for name in names:
             if name not in self.expanded:
                 continue
             layer = self.model.get_submodule(name)
-            linear = layer.to_linear()
+            linear = dense_module(layer)
             linear.train(layer.training)
             replace_module(self.model, name, linear)
             self.expanded.discard(name)
