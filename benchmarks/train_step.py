@@ -4,7 +4,10 @@ Contenders (same hidden size, layers, heads and intermediate size; dropout off e
 
 ``mpobert``
     :class:`mpobert.MPOBertModel` (shared centrals, per-layer auxiliaries, adapters), the
-    model users train.
+    model users train, as the Trainer steps it: the micro-batches inside
+    :func:`mpo_core.accumulate.weight_cache` (each ``W`` rebuilt once per optimizer step).
+``mpobert_percall``
+    The same model without ``weight_cache``: every forward rebuilds every ``W``.
 ``bert``
     ``transformers.BertModel``: every layer its own dense matrices.
 ``albert``
@@ -21,7 +24,7 @@ optimizer (``torch.optim.AdamW`` or :class:`mpobert.optim.LAMB`). Every contende
 the same timer (``time.perf_counter``; CUDA events on CUDA), repeats are interleaved
 (contender A, B, C, D, then again), and each row reports the median step time, its ratio to
 ``bert`` in the same run, tokens/s, the peak memory of the step (CPU: resident-set growth
-sampled every 2 ms; CUDA: ``max_memory_allocated``), the unique parameters and the bytes a
+allocated-heap growth sampled every 2 ms; CUDA: ``max_memory_allocated``), the unique parameters and the bytes a
 data-parallel step all-reduces (the gradients of every trainable parameter, a shared one
 once). ``--inference`` adds forward-only rows under ``torch.no_grad``.
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import math
 import os
 import statistics
@@ -50,12 +54,13 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks._common import device_description, format_table, write_json  # noqa: E402
+from mpo_core.accumulate import weight_cache  # noqa: E402
 from mpobert import MPOBertConfig, MPOBertModel  # noqa: E402
 from mpo_core.activation import gelu_approximate  # noqa: E402
 from mpobert.optim import LAMB  # noqa: E402
 
 PRESETS = {"mpobert12": MPOBertConfig.mpobert12, "mpobert24": MPOBertConfig.mpobert24, "tiny": MPOBertConfig.tiny}
-VARIANTS = ("mpobert", "bert", "albert", "naive")
+VARIANTS = ("mpobert", "mpobert_percall", "bert", "albert", "naive")
 OPTIMIZERS = ("adamw", "lamb")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -148,7 +153,7 @@ class NaiveMPOBert(nn.Module):
 # ---------------------------------------------------------------- contenders
 def build_variant(name: str, cfg: MPOBertConfig, mpobert: MPOBertModel) -> nn.Module:
     """The model for contender ``name`` at ``cfg``'s shape (``mpobert`` is reused by ``naive``)."""
-    if name == "mpobert":
+    if name in ("mpobert", "mpobert_percall"):
         return mpobert
     if name == "naive":
         return NaiveMPOBert(mpobert)
@@ -197,13 +202,36 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
 
 
 # ---------------------------------------------------------------- measurement
-class PeakRSS:
-    """Resident-set growth over a ``with`` block, sampled every ``interval`` seconds (Linux)."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _heap_probe() -> Callable[[], int] | None:
+    """Bytes the C heap has handed out now (glibc ``mallinfo2``: small blocks + mmapped ones), or ``None``."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+
+    def probe() -> int:
+        info = fn()
+        return info.uordblks + info.hblkhd
+
+    return probe
+
+
+class PeakHeap:
+    """Peak growth of the allocated C heap (torch's CPU tensors live there) over a ``with`` block,
+    sampled every ``interval`` seconds; resident-set size where ``mallinfo2`` is missing."""
 
     def __init__(self, interval: float = 0.002) -> None:
         self.interval = interval
         self.peak = 0
         self._stop = threading.Event()
+        self.probe = _heap_probe() or self.rss
 
     @staticmethod
     def rss() -> int:
@@ -212,11 +240,11 @@ class PeakRSS:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
+            self.peak = max(self.peak, self.probe())
             time.sleep(self.interval)
 
-    def __enter__(self) -> "PeakRSS":
-        self.base = self.peak = self.rss()
+    def __enter__(self) -> "PeakHeap":
+        self.base = self.peak = self.probe()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -224,7 +252,7 @@ class PeakRSS:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.rss())
+        self.peak = max(self.peak, self.probe())
 
     @property
     def growth(self) -> int:
@@ -251,7 +279,7 @@ def timed(fn: Callable[[], None], device: torch.device, clock: Callable[[], floa
         t0 = clock()
         fn()
         return clock() - t0, 0
-    with PeakRSS() as mem:
+    with PeakHeap() as mem:
         t0 = clock()
         fn()
         seconds = clock() - t0
@@ -303,10 +331,11 @@ class Contender:
             return
         self.model.train()
         k = self.setting.k
-        for ids in self.batches:
-            with self._autocast():
-                loss = loss_of(*encode(self.model, ids), k)
-            loss.backward()
+        with weight_cache(self.model) if self.name == "mpobert" else contextlib.nullcontext():
+            for ids in self.batches:
+                with self._autocast():
+                    loss = loss_of(*encode(self.model, ids), k)
+                loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         self.optimizer.step()
@@ -419,7 +448,8 @@ def run(args: argparse.Namespace) -> dict:
             print(f"{preset}  {setting.label()}  ({'forward, no_grad' if setting.inference else 'forward+backward+optimizer'})")
             print(format_table([r for r in rows if r["preset"] == preset and r["setting"] == setting.label()],
                                ["variant", "seconds", "vs_bert", "tokens_per_s", "peak_mb", "params_m",
-                                "allreduce_mb", "allreduce_vs_bert"]))
+                                "allreduce_mb", "allreduce_vs_bert"]), flush=True)
+            write_json(args.out, {"benchmark": "train_step", "partial": True, "rows": rows})
     return {"rows": rows, "naive_check_max_abs_diff": checks, "device": device_description(device),
             "threads": torch.get_num_threads(), "args": vars(args)}
 
