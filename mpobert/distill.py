@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,10 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpo_core.io import atomic_write
+from mpobert.layers import attention_bool_mask
+from mpobert.options import nested, option
+from mpobert.train import TrainConfig, Trainer, setup_distributed
 
 __all__ = [
     "TEACHER_FAMILIES", "Teacher", "load_teacher", "convert_student", "TextStream", "TextBatches", "DistillLoss",
-    "Distiller", "DistillOutput", "evaluate_distillation", "format_comparison", "teacher_layer_list",
+    "Distiller", "DistillOutput", "evaluate_distillation", "format_comparison", "teacher_layer_list", "DistillConfig",
+    "distill",
 ]
 
 TEACHER_FAMILIES = ("bert", "albert", "roberta")
@@ -384,6 +388,10 @@ class DistillLoss:
         Softmax temperature of the logits term.
     mlm_probability : float
         Fraction of tokens masked in the inputs of the logits term.
+    teacher_input_steps : int
+        For this many training forwards (micro-batches) every student layer gets the teacher's
+        hidden state as its input instead of the previous student layer's output (each layer
+        learns its own map, errors do not compound: much faster early progress); end to end after.
     """
 
     hidden_weight: float = 1.0
@@ -394,6 +402,7 @@ class DistillLoss:
     logits_weight: float = 0.0
     temperature: float = 2.0
     mlm_probability: float = 0.15
+    teacher_input_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("hidden_weight", "cosine_weight", "attention_weight", "logits_weight"):
@@ -402,6 +411,9 @@ class DistillLoss:
                 raise ValueError(f"{name} must be a finite float >= 0, got {v!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if isinstance(self.teacher_input_steps, bool) or not isinstance(self.teacher_input_steps, int) \
+                or self.teacher_input_steps < 0:
+            raise ValueError(f"teacher_input_steps must be an int >= 0, got {self.teacher_input_steps!r}")
         if not 0 < self.mlm_probability < 1:
             raise ValueError(f"mlm_probability must be in (0, 1), got {self.mlm_probability!r}")
         if not (self.hidden_weight or self.cosine_weight or self.attention_weight or self.logits_weight):
@@ -478,7 +490,11 @@ class Distiller(nn.Module):
         if loss.logits_weight and not (teacher.has_mlm and hasattr(student, "mlm")):
             raise ValueError("logits_weight > 0 needs a teacher with an MLM head (a *ForMaskedLM/*ForPreTraining "
                              "checkpoint) and a student with one")
+        if loss.teacher_input_steps and lt % ls:
+            raise ValueError(f"teacher_input_steps needs a teacher depth ({lt}) divisible by the student's ({ls})")
         self._generator = torch.Generator().manual_seed(seed)
+        # training forwards done so far (checkpointed with the student: a resumed run switches at the same step)
+        self.register_buffer("teacher_input_steps_done", torch.zeros((), dtype=torch.long))
 
     @property
     def teacher(self) -> Teacher:
@@ -497,6 +513,21 @@ class Distiller(nn.Module):
     def _student_layer(self, t: int) -> int:
         return t * self.student.config.num_layers // self.teacher.num_layers
 
+    def _student_states(self, batch: dict[str, torch.Tensor], teacher_states: Sequence[torch.Tensor],
+                        local: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The student's hidden states ``0..L_s`` and each layer's input: end to end, or (``local``)
+        every layer fed the teacher's hidden state at its matched input layer."""
+        base = self.student.base_model
+        if not local:
+            out = base(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), output_hidden_states=True)
+            return list(out.hidden_states), list(out.hidden_states[:-1])
+        ids = batch["input_ids"]
+        mask = attention_bool_mask(batch["attention_mask"], ids.shape[0], ids.shape[1], ids.device)
+        step = self.teacher.num_layers // self.student.config.num_layers
+        inputs = [teacher_states[j * step] for j in range(self.student.config.num_layers)]
+        first = base.embeddings(ids, batch.get("token_type_ids"), None, None) if 0 in self.hidden_layers else inputs[0]
+        return [first, *(layer(x, mask) for layer, x in zip(base.encoder.layers, inputs))], inputs
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> DistillOutput:
         cfg = self.loss_config
@@ -504,21 +535,24 @@ class Distiller(nn.Module):
         if token_type_ids is not None:
             batch["token_type_ids"] = token_type_ids
         t_out = self.teacher(batch, attentions=bool(self.attention_layers))
-        s_out = self.student.base_model(input_ids, attention_mask, token_type_ids, output_hidden_states=True)
+        local = self.training and int(self.teacher_input_steps_done) < cfg.teacher_input_steps
+        if self.training:
+            self.teacher_input_steps_done += 1
+        states, inputs = self._student_states(batch, t_out.hidden_states, local)
         m = attention_mask[..., None].float()
         terms: dict[str, torch.Tensor] = {}
         if self.hidden_layers:
-            terms["hidden"] = sum(_masked_rel_sq(s_out.hidden_states[self._student_layer(t)], t_out.hidden_states[t], m)
+            terms["hidden"] = sum(_masked_rel_sq(states[self._student_layer(t)], t_out.hidden_states[t], m)
                                   for t in self.hidden_layers)
         if cfg.cosine_weight:
-            cos = F.cosine_similarity(mean_pool(s_out.last_hidden_state.float(), attention_mask),
+            cos = F.cosine_similarity(mean_pool(states[-1].float(), attention_mask),
                                       mean_pool(t_out.hidden_states[-1].float(), attention_mask), dim=-1)
             terms["cosine"] = (1 - cos).mean()
         if self.attention_layers:
             kl = []
             for t in self.attention_layers:
                 j = self._student_layer(t)
-                p_s = student_attention_probs(self.student, s_out.hidden_states[j - 1], attention_mask, j - 1)
+                p_s = student_attention_probs(self.student, inputs[j - 1], attention_mask, j - 1)
                 p_t = t_out.attentions[t - 1].float()
                 rows = attention_mask.bool()[:, None, :, None].expand_as(p_t)
                 kl.append((p_t * (p_t.clamp_min(1e-12).log() - p_s.clamp_min(1e-12).log()))
@@ -639,11 +673,131 @@ def heldout_batches(stream: TextStream, batch_size: int, max_sequences: int, pad
     return [_collate(items[i : i + batch_size], pad_id) for i in range(0, len(items), batch_size)]
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's and torch's generators."""
-    random.seed(seed)
-    torch.manual_seed(seed)
+# ---------------------------------------------------------------------------- workflow
+@dataclass(kw_only=True)
+class DistillConfig:
+    """Settings of ``python -m mpobert distill`` (see :func:`distill`)."""
+
+    teacher: str = option(help="Hugging Face BERT/ALBERT/RoBERTa checkpoint directory: config.json, weights, tokenizer files")
+    student: str | None = option(None, "start from this MPOBERT model directory (save_pretrained / convert output) "
+                                       "instead of converting the teacher")
+    corpus: list[str] | None = option(None, "plain-text files: one sentence per line, blank line between documents "
+                                            "(default: the bundled pydoc corpus)")
+    eval_corpus: list[str] | None = option(None, "held-out text files (default: every HOLDOUT_EVERY-th document of the "
+                                                 "corpus, which training then skips)")
+    holdout_every: int = option(20, "hold out documents k with k %% HOLDOUT_EVERY == 0 when --eval-corpus is absent")
+    eval_sequences: int = option(128, "held-out sequences of the before/after report")
+    batch_size: int = option(16, "per-device micro-batch size (sequences)")
+    max_seq_len: int = option(64, "tokens per sequence incl. specials")
+    num_groups: int | None = option(None, "student: groups sharing a central (default 1: one central per matrix)")
+    adapter_rank: int | None = option(None, "student: rank of the per-layer adapters (default: the config's, 8)")
+    central_from: str = option("mean", "student (BERT/RoBERTa): each group's central from the mean of its layers, "
+                                       "or 'layer:K'")
+    hidden_weight: float = option(1.0, "weight of the hidden-state term (relative squared error, summed over layers)")
+    hidden_layers: str = option("all", "teacher layers the hidden-state term matches: all, last, none, or e.g. 0,3,6 "
+                                       "(0 = embeddings output)")
+    cosine_weight: float = option(1.0, "weight of 1 - cosine of the mean-pooled sentence embeddings")
+    attention_weight: float = option(0.0, "weight of the attention-probability KL term")
+    attention_layers: str = option("all", "teacher layers (1..L) the attention term matches")
+    logits_weight: float = option(0.0, "weight of the MLM-logits KL term (teacher with an MLM head)")
+    temperature: float = option(2.0, "softmax temperature of the logits term")
+    teacher_input_steps: int = option(0, "for this many micro-batches feed every student layer the teacher's hidden "
+                                         "state (layer-local matching, fast early progress), end to end after")
+    dropout: float = option(0.0, "student hidden/attention dropout while distilling")
+    train_embeddings: bool = option(False, "also train the embeddings and pooler (copied from the teacher; frozen "
+                                           "by default)")
+    threads: int = option(0, "torch CPU threads (0 = torch's default); 1 is fastest on a shared, loaded CPU")
+    train: TrainConfig = nested(TrainConfig, "training", required=("output_dir",), max_steps=300, lr=1e-3,
+                                optimizer="adamw", weight_decay=0.0, warmup_steps=10, log_every=10)
 
 
-def loss_config_dict(loss: DistillLoss) -> dict[str, Any]:
-    return asdict(loss)
+def _corpus_files(cfg: DistillConfig, out: Path, rank: int, world: int) -> list[str]:
+    if cfg.corpus:
+        return list(cfg.corpus)
+    path = out / "corpus.txt"
+    if rank == 0 and not path.exists():
+        from mpobert.data import write_corpus
+        from mpobert.data.corpus import pydoc_documents
+
+        write_corpus(pydoc_documents(), path)
+    if world > 1:
+        torch.distributed.barrier()
+    return [str(path)]
+
+
+def _student(cfg: DistillConfig, teacher: Teacher) -> nn.Module:
+    if cfg.student:
+        from mpobert import MPOBertForPreTraining, MPOBertModel
+
+        cls = MPOBertForPreTraining if teacher.has_mlm else MPOBertModel
+        return cls.from_pretrained(cfg.student, strict=False)
+    overrides = {k: getattr(cfg, k) for k in ("num_groups", "adapter_rank") if getattr(cfg, k) is not None}
+    return convert_student(teacher, central_from=cfg.central_from, hidden_dropout=cfg.dropout,
+                           attention_dropout=cfg.dropout, **overrides)
+
+
+def distill(cfg: DistillConfig) -> dict[str, Any]:
+    """Distill a local Hugging Face BERT/ALBERT/RoBERTa checkpoint into its MPOBERT conversion.
+
+    Converts the teacher (or loads ``--student``), reports the held-out metrics of the
+    conversion, trains with the :class:`~mpobert.train.Trainer` (progress, checkpoints,
+    ``--resume``, ``torchrun``), reports them again and saves the student. Writes
+    ``OUTPUT_DIR/distill_report.json`` (before, after, parameter counts, settings) and
+    ``OUTPUT_DIR/model`` (an MPOBERT directory with the teacher's tokenizer files).
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world, _ = setup_distributed()
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    loss = DistillLoss(hidden_weight=cfg.hidden_weight, hidden_layers=cfg.hidden_layers, cosine_weight=cfg.cosine_weight,
+                       attention_weight=cfg.attention_weight, attention_layers=cfg.attention_layers,
+                       logits_weight=cfg.logits_weight, temperature=cfg.temperature,
+                       teacher_input_steps=cfg.teacher_input_steps)
+    teacher = load_teacher(cfg.teacher, attentions=cfg.attention_weight > 0)
+    tok = teacher.tokenizer
+    files = _corpus_files(cfg, out, rank, world)
+    holdout = 0 if cfg.eval_corpus else cfg.holdout_every
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.train.seed)
+    student = _student(cfg, teacher)
+    convert_s = time.perf_counter() - t0
+    check_vocabulary(student, teacher)
+    if not cfg.train_embeddings:
+        base = student.base_model
+        for p in (*base.embeddings.parameters(), *base.pooler.parameters()):
+            p.requires_grad_(False)
+    held_stream = TextStream(cfg.eval_corpus or files, tok, cfg.max_seq_len, split="heldout",
+                             holdout_every=cfg.holdout_every if not cfg.eval_corpus else 1, loop=False)
+    held = heldout_batches(held_stream, cfg.batch_size, cfg.eval_sequences, tok.pad_token_id)
+    student_params, teacher_params = student.parameter_report().total, teacher.num_params
+    before = evaluate_distillation(student, teacher, held) if rank == 0 else None
+    batches = TextBatches(TextStream(files, tok, cfg.max_seq_len, split="train", holdout_every=holdout),
+                          cfg.batch_size, rank, world, tok.pad_token_id)
+    model = Distiller(student, teacher, loss, seed=cfg.train.seed)
+    fingerprint = {"teacher": os.path.abspath(cfg.teacher), "student": student.config.to_dict(), "loss": asdict(loss),
+                   "batch_size": cfg.batch_size, "max_seq_len": cfg.max_seq_len, "train_embeddings": cfg.train_embeddings}
+    trainer = Trainer(model, batches, cfg.train, fingerprint=fingerprint,
+                      find_unused_parameters=bool(cfg.train_embeddings))  # the pooler has no gradient
+    if rank == 0:
+        print(f"[distill] teacher {teacher.family} ({teacher_params:,} parameters), student MPOBERT "
+              f"({student_params:,}; converted in {convert_s:.0f} s); held-out cosine before: "
+              f"{before['sentence_cosine']:.4f}; {cfg.train.max_steps} steps on {trainer.device}", flush=True)
+    final = trainer.train()
+    if rank != 0:
+        return final
+    after = evaluate_distillation(student, teacher, held)
+    report = {"teacher": {"path": cfg.teacher, "family": teacher.family, "params": teacher_params},
+              "student": {"params": student_params, "trainable": sum(p.numel() for p in student.parameters()
+                                                                     if p.requires_grad),
+                          "config": student.config.to_dict(), "convert_s": convert_s},
+              "before": before, "after": after, "train": {k: final[k] for k in ("steps", "train_time_s", "tokens_per_s",
+                                                                               "loss_first", "loss_last", "resumed_from")},
+              "loss": asdict(loss)}
+    student.save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
+    write_json(out / "distill_report.json", report)
+    print(format_comparison(before, after, student_params, teacher_params))
+    print(f"[distill] {final['steps']} steps in {final['train_time_s']:.0f} s; student saved to {out / 'model'}; "
+          f"report in {out / 'distill_report.json'}")
+    return report

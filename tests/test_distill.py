@@ -91,14 +91,16 @@ def test_layer_spec():
         teacher_layer_list("two", 4)
 
 
-def test_exact_student_has_zero_loss(mlm_teacher, corpus):
+@pytest.mark.parametrize("teacher_input_steps", [0, 1])
+def test_exact_student_has_zero_loss(mlm_teacher, corpus, teacher_input_steps):
     """One group per layer, no adapters: the conversion is exact, so every loss term vanishes,
     the cosine is 1 and the MLM predictions agree (checks layer matching, attention probabilities,
     the copied MLM head and the metrics against an independent reference: the teacher itself)."""
     teacher = load_teacher(mlm_teacher, attentions=True)
     student = convert_student(teacher, num_groups=2, adapter_rank=0)
-    loss = DistillLoss(hidden_weight=1, hidden_layers="0,1,2", cosine_weight=1, attention_weight=1, logits_weight=1)
-    model = Distiller(student, teacher, loss).eval()
+    loss = DistillLoss(hidden_weight=1, hidden_layers="0,1,2", cosine_weight=1, attention_weight=1, logits_weight=1,
+                       teacher_input_steps=teacher_input_steps)
+    model = Distiller(student, teacher, loss).train(bool(teacher_input_steps))  # local (teacher inputs) in training
     batch = next(iter(TextBatches(TextStream([corpus], teacher.tokenizer, 24), 4, pad_id=teacher.tokenizer.pad_token_id)))
     out = model(**batch)
     assert set(out.terms) == {"hidden", "cosine", "attention", "logits"}
@@ -120,11 +122,12 @@ def test_distillation_improves_shared_student(mlm_teacher, corpus, tmp_path):
     tok = teacher.tokenizer
     held = heldout_batches(TextStream([corpus], tok, 24, split="heldout", holdout_every=4, loop=False), 8, 32, tok.pad_token_id)
     before = evaluate_distillation(student, teacher, held)
-    model = Distiller(student, teacher, DistillLoss(logits_weight=1.0))
+    model = Distiller(student, teacher, DistillLoss(logits_weight=1.0, teacher_input_steps=20))
     batches = TextBatches(TextStream([corpus], tok, 24, holdout_every=4), 8, pad_id=tok.pad_token_id)
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=40, optimizer="adamw", lr=3e-3, weight_decay=0.0,
                       progress="none", device="cpu", log_every=10)
     Trainer(model, batches, cfg).train()
+    assert int(model.teacher_input_steps_done) == 40  # 20 layer-local steps, then 20 end to end
     after = evaluate_distillation(student, teacher, held)
     assert after["sentence_cosine"] > before["sentence_cosine"] + 0.02, (before, after)
     assert all(a < b for a, b in zip(after["layer_rel_error"][1:], before["layer_rel_error"][1:])), (before, after)
@@ -167,7 +170,7 @@ def test_distill_resume_matches_uninterrupted(base_teacher, corpus, tmp_path):
     sa, sb = ref.state_dict(), resumed.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     ckpt = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=False)
-    assert all(k.startswith("student.") for k in ckpt["model"])  # the teacher is never checkpointed
+    assert all(k.startswith("student.") for k in ckpt["model"] if k != "teacher_input_steps_done")  # never the teacher
 
 
 def test_bad_input(tmp_path, base_teacher, mlm_teacher):
