@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -11,13 +12,21 @@ from typing import Any, Optional
 from mpo_core.io import atomic_write
 from mpo_core.shapes import check_int, factorize
 
-__all__ = ["MPOBertConfig", "MATRICES"]
+__all__ = ["MPOBertConfig", "MATRICES", "ALIASES", "DEPTH_SCALINGS", "resolve_aliases"]
 
 MATRICES = ("q", "k", "v", "attn_out", "ffn_in", "ffn_out")
 """Names of the six weight matrices of a transformer layer, in forward order."""
 
-HIDDEN_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh"}
+HIDDEN_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 """transformers' ``hidden_act`` names accepted here, mapped to :mod:`mpo_core.activation`'s vocabulary."""
+
+ALIASES = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads", "hidden_dropout_prob": "hidden_dropout",
+           "attention_probs_dropout_prob": "attention_dropout", "classifier_dropout_prob": "classifier_dropout"}
+"""transformers' field names accepted (constructor, :meth:`MPOBertConfig.from_dict`) and readable as
+attributes, with the MPOBERT field each stands for."""
+
+DEPTH_SCALINGS = ("algorithm1", "random")
+"""Readings of the paper's deep-layer initialization (see ``MPOBertConfig.depth_scaling``)."""
 
 
 def _check_float(name: str, value: Any, low: float, high: float, high_open: bool = False) -> None:
@@ -71,8 +80,17 @@ class MPOBertConfig:
     classifier_dropout : float
         Dropout before the classification / SOP heads.
     depth_scaling_after : int
-        Layers with 1-based index above this get Xavier auxiliaries scaled by ``(2L)^(-1/4)``
-        (paper §3.3: ALBERT provides 24 layers' worth of initialization).
+        Layers with 1-based index above this get depth-scaled auxiliaries (paper: ALBERT provides
+        24 layers' worth of initialization).
+    depth_scaling : {"algorithm1", "random"}
+        How those layers' auxiliary cores start when converting a checkpoint: ``"algorithm1"``
+        (the paper's appendix A.2): the source's own auxiliaries, each core multiplied by
+        ``(2L)^(-1/4)``; ``"random"`` (§3.3's text): Xavier cores times ``(2L)^(-1/4)``. A model
+        from scratch has no source: Xavier times ``(2L)^(-1/4)`` either way.
+
+    transformers' names are accepted as aliases (:data:`ALIASES`: ``num_hidden_layers``,
+    ``num_attention_heads``, ``hidden_dropout_prob``, ``attention_probs_dropout_prob``,
+    ``classifier_dropout_prob``), as constructor keywords, in :meth:`from_dict` and as attributes.
     """
 
     vocab_size: int = 30000
@@ -100,6 +118,7 @@ class MPOBertConfig:
     num_labels: int = 2
     classifier_dropout: float = 0.1
     depth_scaling_after: int = 24
+    depth_scaling: str = "algorithm1"
 
     def __post_init__(self) -> None:
         self.mpo_shapes = {int(k): tuple(int(s) for s in v) for k, v in dict(self.mpo_shapes).items()}
@@ -133,6 +152,8 @@ class MPOBertConfig:
             raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
         if self.num_layers % self.num_groups:
             raise ValueError(f"num_layers={self.num_layers} must be divisible by num_groups={self.num_groups}")
+        if self.depth_scaling not in DEPTH_SCALINGS:
+            raise ValueError(f"depth_scaling must be one of {list(DEPTH_SCALINGS)}, got {self.depth_scaling!r}")
         if self.hidden_act not in HIDDEN_ACTS:
             raise ValueError(f"hidden_act must be one of {sorted(HIDDEN_ACTS)}, got {self.hidden_act!r}")
         for name in ("mpo_matrices", "adapter_matrices"):
@@ -182,6 +203,13 @@ class MPOBertConfig:
         """``hidden_act`` in :mod:`mpo_core.activation`'s vocabulary: ``"gelu"`` or ``"gelu_tanh"``."""
         return HIDDEN_ACTS[self.hidden_act]
 
+    # ------------------------------------------------------------------ transformers' names
+    num_hidden_layers = property(lambda self: self.num_layers, doc="Alias of :attr:`num_layers` (transformers' name).")
+    num_attention_heads = property(lambda self: self.num_heads, doc="Alias of :attr:`num_heads` (transformers' name).")
+    hidden_dropout_prob = property(lambda self: self.hidden_dropout, doc="Alias of :attr:`hidden_dropout`.")
+    attention_probs_dropout_prob = property(lambda self: self.attention_dropout, doc="Alias of :attr:`attention_dropout`.")
+    classifier_dropout_prob = property(lambda self: self.classifier_dropout, doc="Alias of :attr:`classifier_dropout`.")
+
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -194,7 +222,7 @@ class MPOBertConfig:
     def from_dict(cls, data: dict[str, Any]) -> "MPOBertConfig":
         if not isinstance(data, dict):
             raise TypeError(f"config data must be a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | set(ALIASES)
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown MPOBertConfig fields {unknown}")
@@ -252,3 +280,28 @@ class MPOBertConfig:
                     intermediate_size=64, max_position_embeddings=64, mpo_n=5, num_groups=1, adapter_rank=2,
                     layer_norm_eps=1e-12)
         return cls(**{**base, **overrides})
+
+
+def resolve_aliases(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with transformers' names (:data:`ALIASES`) replaced by MPOBERT's; a name given
+    both ways with different values is a ``ValueError``."""
+    out = dict(values)
+    for alias, name in ALIASES.items():
+        if alias in out:
+            value = out.pop(alias)
+            if name in out and out[name] != value:
+                raise ValueError(f"{name}={out[name]!r} and its alias {alias}={value!r} disagree")
+            out[name] = value
+    return out
+
+
+_dataclass_init = MPOBertConfig.__init__
+
+
+def _init_accepting_aliases(self: MPOBertConfig, *args: Any, **kwargs: Any) -> None:
+    _dataclass_init(self, *args, **resolve_aliases(kwargs))
+
+
+_init_accepting_aliases.__signature__ = inspect.signature(_dataclass_init)  # type: ignore[attr-defined]
+_init_accepting_aliases.__doc__ = _dataclass_init.__doc__
+MPOBertConfig.__init__ = _init_accepting_aliases  # type: ignore[method-assign]

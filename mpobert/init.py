@@ -6,7 +6,9 @@ Rules
   dense ``W`` they multiply out to has Xavier's variance ``2 / (in + out)``
   (:func:`xavier_core_std`).
 * Depth scaling: the auxiliary cores of layers with 1-based index ``l > depth_scaling_after``
-  (24: ALBERT gives 24 layers' worth of initialization) are Xavier and multiplied by ``(2L)^(-1/4)``.
+  (24: ALBERT gives 24 layers' worth of initialization) are multiplied by ``(2L)^(-1/4)``:
+  the source's own auxiliaries (``config.depth_scaling = "algorithm1"``, the paper's Algorithm 1,
+  the default) or Xavier ones (``"random"``, §3.3's text; always so from scratch).
 * From ALBERT: each shared ALBERT matrix is MPO-decomposed once; every group's central takes its
   central core, every layer ``l <= 24`` its auxiliaries; embeddings, biases, LayerNorms and the
   pooler are copied.
@@ -16,7 +18,11 @@ Rules
   *fitted* to that layer's own weight with the central fixed: alternating least squares on the
   left part ``P`` and right part ``Q`` of ``W(l) ≈ P · C · Q`` (starting from the central's own
   decomposition, so layer ``K`` with ``"layer:K"`` is exact), then split into cores by SVD.
-  The per-layer relative errors are kept in ``model.init_report``.
+* From RoBERTa: as from BERT (``roberta.`` keys; RoBERTa's positions start at ``pad_token_id + 1``,
+  so the position table is copied from that row on).
+* ``model.init_report`` (:class:`InitReport`) compares every layer's tensors with the source's:
+  relative error and norm ratio of each weight, and the error of the shared biases and
+  LayerNorms (which one group holds for all its layers).
 
 Checkpoints are read without ``transformers``: ``config.json`` plus ``model.safetensors``
 (needs the ``safetensors`` package) or ``pytorch_model.bin``.
@@ -32,9 +38,11 @@ import torch
 from torch import nn
 
 from mpo_core import decompose
-from mpobert.config import MATRICES, MPOBertConfig
+from mpo_core.rebuild import dense_matrix
+from mpobert.config import HIDDEN_ACTS, MATRICES, MPOBertConfig
 
-__all__ = ["xavier_core_std", "depth_scale", "init_model", "read_hf_checkpoint", "from_albert", "from_bert"]
+__all__ = ["xavier_core_std", "depth_scale", "init_model", "read_hf_checkpoint", "from_albert", "from_bert",
+           "InitReport", "fit_auxiliaries"]
 
 _ALS_SWEEPS = 4
 
@@ -160,19 +168,16 @@ class _State:
         return t.detach().to(torch.float64)
 
 
-_HF_ACTS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new"}
-
-
 def _hf_config(hf: dict[str, Any], model_type: str, overrides: dict[str, Any]) -> MPOBertConfig:
     if hf.get("model_type", model_type) != model_type:
         raise ValueError(f"expected a {model_type} checkpoint, config.json says model_type={hf.get('model_type')!r}")
     act = hf.get("hidden_act", "gelu")
-    if act not in _HF_ACTS:
-        raise ValueError(f"unsupported hidden_act {act!r} in the checkpoint; supported: {sorted(_HF_ACTS)}")
+    if act not in HIDDEN_ACTS:
+        raise ValueError(f"unsupported hidden_act {act!r} in the checkpoint; supported: {sorted(HIDDEN_ACTS)}")
     try:
         base = dict(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"], hidden_act=_HF_ACTS[act],
+            num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"], hidden_act=act,
             hidden_dropout=hf.get("hidden_dropout_prob", 0.0), attention_dropout=hf.get("attention_probs_dropout_prob", 0.0),
             max_position_embeddings=hf.get("max_position_embeddings", 512), type_vocab_size=hf.get("type_vocab_size", 2),
             layer_norm_eps=hf.get("layer_norm_eps", 1e-12), pad_token_id=hf.get("pad_token_id") or 0,
@@ -186,11 +191,13 @@ def _hf_config(hf: dict[str, Any], model_type: str, overrides: dict[str, Any]) -
     return MPOBertConfig(**{**base, **overrides})
 
 
-def _copy_embeddings(model: nn.Module, st: _State, word_key: str, ln_key: str, projection: str | None) -> None:
+def _copy_embeddings(model: nn.Module, st: _State, word_key: str, ln_key: str, projection: str | None,
+                     position_offset: int = 0) -> None:
     cfg, emb = model.config, model.embeddings
     e, h = cfg.embedding_size, cfg.hidden_size
     emb.word_embeddings.weight.copy_(st.get(word_key, (cfg.vocab_size, e)))
-    emb.position_embeddings.weight.copy_(st.get("embeddings.position_embeddings.weight", (cfg.max_position_embeddings, e)))
+    positions = st.get("embeddings.position_embeddings.weight", (cfg.max_position_embeddings + position_offset, e))
+    emb.position_embeddings.weight.copy_(positions[position_offset:])
     emb.token_type_embeddings.weight.copy_(st.get("embeddings.token_type_embeddings.weight", (cfg.type_vocab_size, e)))
     emb.ln_weight.copy_(st.get(ln_key + ".weight", (e,)))
     emb.ln_bias.copy_(st.get(ln_key + ".bias", (e,)))
@@ -242,13 +249,18 @@ def _set_auxiliaries(lin: nn.Module, cores: list[torch.Tensor]) -> None:
 
 def _init_layers(model: nn.Module, group_mpos: list[dict[str, Any]], fit: Callable[[int, str], list | None]) -> None:
     """Auxiliaries of every layer: ``fit(l, m)`` cores when it returns some, else the group source's
-    auxiliaries for layers below ``depth_scaling_after`` and depth-scaled Xavier beyond."""
+    auxiliaries below ``depth_scaling_after``; beyond, those times ``(2L)^(-1/4)`` per core
+    (``depth_scaling="algorithm1"``) or depth-scaled Xavier ones (``"random"``)."""
     cfg = model.config
     for l, layer in enumerate(model.encoder.layers):
         for m, lin in layer.mpo.items():
             cores = fit(l, m)
-            if cores is None and l < cfg.depth_scaling_after:
-                cores = group_mpos[cfg.group_of(l)][m].cores
+            if cores is None:
+                source = group_mpos[cfg.group_of(l)][m].cores
+                if l < cfg.depth_scaling_after:
+                    cores = source
+                elif cfg.depth_scaling == "algorithm1":
+                    cores = [c * depth_scale(l, cfg) for c in source]  # the central is not taken from these
             if cores is None:
                 _xavier_auxiliaries(model, l, m)
             else:
@@ -301,6 +313,7 @@ def from_albert(cls: type, path: str | os.PathLike, **overrides: Any) -> nn.Modu
         group_mpos = [_set_group(g, src, config) for g in base.encoder.groups]  # ALBERT's one layer, in every group
         _init_layers(base, group_mpos, lambda l, m: None)
         model._load_albert_heads(raw)
+    model.init_report = InitReport.measure(base, "albert", [src] * config.num_layers)
     return model
 
 
@@ -319,7 +332,7 @@ def _bert_keys(i: int) -> dict[str, str]:
 
 
 def from_bert(cls: type, path: str | os.PathLike, central_from: str = "mean", **overrides: Any) -> nn.Module:
-    """Build ``cls`` from a local Hugging Face BERT checkpoint (layers not shared).
+    """Build ``cls`` from a local Hugging Face BERT or RoBERTa checkpoint (layers not shared).
 
     Parameters
     ----------
@@ -343,9 +356,15 @@ def from_bert(cls: type, path: str | os.PathLike, central_from: str = "mean", **
         MPO weight against the BERT layer's weight.
     """
     hf, raw = read_hf_checkpoint(path)
+    family = hf.get("model_type", "bert")
+    if family not in ("bert", "roberta"):
+        raise ValueError(f"expected a bert or roberta checkpoint, config.json says model_type={family!r}")
     if overrides.get("embedding_size", hf.get("hidden_size")) != hf.get("hidden_size"):
         raise ValueError("embedding_size must equal BERT's hidden_size (BERT has no factorized embedding)")
-    config = _hf_config(hf, "bert", overrides)
+    offset = (hf.get("pad_token_id") or 0) + 1 if family == "roberta" else 0  # RoBERTa: positions from pad + 1
+    if offset:
+        overrides = {"max_position_embeddings": hf.get("max_position_embeddings", 514) - offset, **overrides}
+    config = _hf_config(hf, family, overrides)
     n_bert = hf["num_hidden_layers"]
     if not isinstance(central_from, str) or not (central_from == "mean" or central_from.startswith("layer:")):
         raise ValueError(f"central_from must be 'mean' or 'layer:K', got {central_from!r}")
@@ -353,7 +372,7 @@ def from_bert(cls: type, path: str | os.PathLike, central_from: str = "mean", **
         k = central_from[len("layer:"):]
         if not k.isdigit() or int(k) >= n_bert:
             raise ValueError(f"central_from={central_from!r}: K must be an int in [0, {n_bert})")
-    st = _State(raw, "bert.")
+    st = _State(raw, family + ".")
     layers = [_layer_tensors(st, config, _bert_keys(i)) for i in range(n_bert)]
     cfg = config
 
@@ -364,24 +383,96 @@ def from_bert(cls: type, path: str | os.PathLike, central_from: str = "mean", **
         return {key: torch.stack([m[key] for m in members]).mean(0) for key in members[0]}
 
     model = cls(config)
-    report: dict[tuple[int, str], float] = {}
     base = model.base_model
     with torch.no_grad():
-        _copy_embeddings(base, st, "embeddings.word_embeddings.weight", "embeddings.LayerNorm", None)
+        _copy_embeddings(base, st, "embeddings.word_embeddings.weight", "embeddings.LayerNorm", None, offset)
         _copy_pooler(base, st, "pooler.dense")
-        group_mpos = [_set_group(g, source(i), cfg) for i, g in enumerate(base.encoder.groups)]
+        sources = [source(i) for i in range(cfg.num_groups)]
+        group_mpos = [_set_group(g, src, cfg) for g, src in zip(base.encoder.groups, sources)]
 
         def fit(l: int, m: str) -> list[torch.Tensor] | None:
             if l >= n_bert:
                 return None
             mpo = group_mpos[cfg.group_of(l)][m]
-            cores, err = fit_auxiliaries(layers[l][m], mpo.cores, mpo.central_index)
-            report[(l, m)] = err
-            return cores
+            return fit_auxiliaries(layers[l][m], mpo.cores, mpo.central_index)[0]
 
         _init_layers(base, group_mpos, fit)
-    model.init_report = report
+    # layers beyond BERT's depth are compared with their group's source
+    model.init_report = InitReport.measure(base, family, [layers[l] if l < n_bert else sources[cfg.group_of(l)]
+                                                          for l in range(cfg.num_layers)])
     return model
+
+
+# ---------------------------------------------------------------------- report
+_NORMS = ("attn_ln.weight", "attn_ln.bias", "ffn_ln.weight", "ffn_ln.bias")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()).clamp_min(1e-300))
+
+
+class InitReport:
+    """How far a converted model's layers start from the source checkpoint's.
+
+    One row per layer and tensor (``"q"`` ... ``"ffn_out"``, ``"q.bias"`` ..., ``"attn_ln.weight"``
+    ...): ``rel_error`` ``||T_model - T_source||_F / ||T_source||_F`` and ``norm_ratio``
+    ``||T_model||_F / ||T_source||_F``. A weight's model value includes its adapter; biases and
+    LayerNorms are the group's shared ones, so their error is what sharing merges away. The
+    source of layer ``l`` is ALBERT's one layer, or BERT's layer ``l`` (beyond BERT's depth: the
+    group's source). ``report[(layer, tensor)]`` is the ``rel_error``.
+    """
+
+    def __init__(self, source: str, rows: list[dict[str, Any]]) -> None:
+        self.source = source
+        self.rows = rows
+        self._by_key = {(r["layer"], r["tensor"]): r for r in rows}
+
+    @classmethod
+    @torch.no_grad()
+    def measure(cls, model: nn.Module, source: str, sources: list[dict[str, torch.Tensor]]) -> "InitReport":
+        """Compare every layer of the MPOBERT base ``model`` with ``sources[l]`` (:func:`_layer_tensors` dicts)."""
+        rows = []
+        for l, (layer, src) in enumerate(zip(model.encoder.layers, sources)):
+            group = layer.group
+            for m in MATRICES:
+                w = dense_matrix(list(layer.mpo[m].cores)) if m in layer.mpo else group.dense[m].T
+                if m in layer.adapters:
+                    w = w + layer.adapters[m].U @ layer.adapters[m].D
+                rows.append({"layer": l, "tensor": m, "rel_error": _rel(w, src[m]),
+                             "norm_ratio": float(w.double().norm() / src[m].double().norm().clamp_min(1e-300))})
+                rows.append({"layer": l, "tensor": m + ".bias", "rel_error": _rel(group.bias[m], src[m + ".bias"])})
+            for name in _NORMS:
+                ln, part = name.split(".")
+                rows.append({"layer": l, "tensor": name, "rel_error": _rel(getattr(group, f"{ln}_{part}"), src[name])})
+        return cls(source, rows)
+
+    def __getitem__(self, key: tuple[int, str]) -> float:
+        return self._by_key[key]["rel_error"]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._by_key
+
+    def norm_ratio(self, layer: int, tensor: str) -> float:
+        """``||W_model|| / ||W_source||`` of weight ``tensor`` (one of :data:`~mpobert.config.MATRICES`) in ``layer``."""
+        return self._by_key[(layer, tensor)]["norm_ratio"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "rows": list(self.rows)}
+
+    def table(self) -> str:
+        """Per layer: each weight's relative error, the worst shared bias and LayerNorm error, and the
+        range of the weights' norm ratios."""
+        layers = sorted({r["layer"] for r in self.rows})
+        head = f"{'layer':>5}" + "".join(f"{m:>9}" for m in MATRICES) + f"{'biases':>9}{'LNs':>9}{'|W|/|src|':>14}"
+        lines = [f"initialization vs the {self.source} checkpoint: relative Frobenius errors "
+                 "(biases, LNs: worst of the shared ones)", head, "-" * len(head)]
+        for l in layers:
+            bias = max(self._by_key[(l, m + ".bias")]["rel_error"] for m in MATRICES)
+            norms = max(self._by_key[(l, n)]["rel_error"] for n in _NORMS)
+            ratios = [self._by_key[(l, m)]["norm_ratio"] for m in MATRICES]
+            lines.append(f"{l:>5}" + "".join(f"{self[(l, m)]:>9.3f}" for m in MATRICES)
+                         + f"{bias:>9.3f}{norms:>9.3f}{min(ratios):>7.3f}-{max(ratios):.3f}")
+        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- auxiliary fit

@@ -116,11 +116,12 @@ def test_albert_truncated(albert_dir):
     torch.testing.assert_close(dense_weight(list(lin.cores)), expect.to_dense(), atol=1e-5, rtol=1e-5)
 
 
-def test_depth_scaling_beyond_24_layers(albert_dir):
+def test_depth_scaling_random_reading(albert_dir):
+    """§3.3's text: layers above 24 get Xavier auxiliaries times (2L)^(-1/4)."""
     path, ref = albert_dir
     torch.manual_seed(0)
     L = 26
-    model = MPOBertModel.from_albert(path, num_layers=L, adapter_rank=0)
+    model = MPOBertModel.from_albert(path, num_layers=L, adapter_rank=0, depth_scaling="random")
     first = model.encoder.layers[0]
     for l in (0, 23):  # copied from ALBERT
         for name in MATRICES:
@@ -139,6 +140,33 @@ def test_depth_scaling_beyond_24_layers(albert_dir):
     # std of N(0, (2L)^(-1/2)) samples; 5 sigma of the std estimate ~ 5 / sqrt(2 N)
     assert abs(float(z.detach().std()) / (2 * L) ** -0.25 - 1) < 5 / math.sqrt(2 * z.numel())
     assert abs(float(z.detach().mean())) < 5 * (2 * L) ** -0.25 / math.sqrt(z.numel())
+
+
+def test_depth_scaling_algorithm1_reading(albert_dir):
+    """Appendix A.2 (the default): layers above 24 get ALBERT's own auxiliaries, each core times
+    (2L)^(-1/4), so their weights are ALBERT's times (2L)^(-(n-1)/4); the report shows the ratio."""
+    path, ref = albert_dir
+    L = 26
+    model = MPOBertModel.from_albert(path, num_layers=L, adapter_rank=0)
+    assert model.config.depth_scaling == "algorithm1"
+    s = (2 * L) ** -0.25
+    w = ref.albert.encoder.albert_layer_groups[0].albert_layers[0].attention.query.weight.detach().T
+    report = model.init_report
+    for name in MATRICES:
+        low, high = model.encoder.layers[0].mpo[name], model.encoder.layers[25].mpo[name]
+        for a, b in zip(high.auxiliary, low.auxiliary):
+            torch.testing.assert_close(a, b * s, rtol=1e-6, atol=0)
+        n_aux = len(high.auxiliary)
+        for l in (0, 23):
+            assert report.norm_ratio(l, name) == pytest.approx(1.0, abs=1e-5)
+            assert report[(l, name)] < 1e-5
+        for l in (24, 25):
+            assert report.norm_ratio(l, name) == pytest.approx(s ** n_aux, rel=1e-5)
+            assert report[(l, name)] == pytest.approx(1 - s ** n_aux, rel=1e-4)
+    torch.testing.assert_close(dense_weight(list(model.encoder.layers[24].mpo["q"].cores)), w * s ** 4, rtol=1e-4, atol=1e-6)
+    assert "|W|/|src|" in report.table() and len(report.table().splitlines()) == 3 + L
+    with pytest.raises(ValueError, match="depth_scaling"):
+        MPOBertConfig.tiny(depth_scaling="paper")
 
 
 def test_from_scratch_depth_scaling_and_xavier():
@@ -198,14 +226,60 @@ def test_from_bert_identical_layers_matches_bert(tmp_path):
     torch.testing.assert_close(out.pooler_output, r.pooler_output, atol=1e-5, rtol=1e-5)
 
 
-def test_from_bert_bad_arguments(bert_dir):
+def test_from_bert_report_shared_biases_and_norms(tmp_path):
+    """The report's bias/LayerNorm errors are those of the group's merged (mean) tensors against
+    each BERT layer's own; with one group per layer everything is exact."""
+    torch.manual_seed(4)
+    ref = transformers.BertModel(transformers.BertConfig(**SMALL)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # biases 0 and LayerNorms 1 would all agree
+    ref.save_pretrained(tmp_path)
+    path = tmp_path
+    model = MPOBertModel.from_bert(path, adapter_rank=0)
+    report = model.init_report
+    q_bias = torch.stack([ref.encoder.layer[l].attention.self.query.bias.detach() for l in range(3)])
+    ln_w = torch.stack([ref.encoder.layer[l].output.LayerNorm.weight.detach() for l in range(3)])
+    for l in range(3):
+        expect = float((q_bias.mean(0) - q_bias[l]).norm() / q_bias[l].norm())
+        assert report[(l, "q.bias")] == pytest.approx(expect, rel=1e-5)
+        assert report[(l, "ffn_ln.weight")] == pytest.approx(float((ln_w.mean(0) - ln_w[l]).norm() / ln_w[l].norm()),
+                                                             rel=1e-5, abs=1e-9)
+        assert 0 < report[(l, "q")] < 1 and 0 < report.norm_ratio(l, "q") < 1.5
+    assert {r["tensor"] for r in report.to_dict()["rows"]} >= {"q", "q.bias", "attn_ln.bias", "ffn_ln.weight"}
+    exact = MPOBertModel.from_bert(path, num_groups=3, adapter_rank=0).init_report
+    assert max(r["rel_error"] for r in exact.rows) < 1e-5
+
+
+def test_from_roberta_matches_roberta(tmp_path):
+    """RoBERTa: positions from pad_token_id + 1, one token type; one group per layer is exact."""
+    torch.manual_seed(3)
+    cfg = transformers.RobertaConfig(**{**SMALL, "max_position_embeddings": 34}, type_vocab_size=1, pad_token_id=1)
+    ref = transformers.RobertaModel(cfg).eval()
+    ref.save_pretrained(tmp_path)
+    model = MPOBertModel.from_bert(tmp_path, num_groups=3, adapter_rank=0).eval()
+    assert model.config.max_position_embeddings == 32 and model.config.pad_token_id == 1
+    ids, mask, _ = _inputs()
+    ids = ids.clamp(min=2).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+        r = ref(input_ids=ids, attention_mask=mask)
+    m = mask[..., None].bool()
+    torch.testing.assert_close(out.last_hidden_state.masked_fill(~m, 0), r.last_hidden_state.masked_fill(~m, 0),
+                               atol=1e-5, rtol=1e-5)
+    assert model.init_report.source == "roberta"
+
+
+def test_from_bert_bad_arguments(bert_dir, albert_dir):
     path, _ = bert_dir
+    with pytest.raises(ValueError, match="expected a bert or roberta checkpoint, config.json says model_type='albert'"):
+        MPOBertModel.from_bert(albert_dir[0])
     for bad in ("layer:3", "layer:x", "first", 3):
         with pytest.raises(ValueError, match="central_from"):
             MPOBertModel.from_bert(path, central_from=bad)
     with pytest.raises(ValueError, match="embedding_size"):
         MPOBertModel.from_bert(path, embedding_size=16)
-    with pytest.raises(ValueError, match="model_type"):
+    with pytest.raises(ValueError, match="expected a albert checkpoint, config.json says model_type='bert'"):
         MPOBertModel.from_albert(path)
 
 
