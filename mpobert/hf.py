@@ -9,8 +9,8 @@ Usage::
     transformers.AutoModelForMaskedLM.from_pretrained(d)
     transformers.pipeline("fill-mask", model=d, tokenizer=tok)
 
-The config stores transformers' field names (``num_hidden_layers``, ``num_attention_heads``,
-``hidden_dropout_prob``, ``attention_probs_dropout_prob``) and MPOBERT's own fields (``mpo_n``,
+The config stores transformers' field names (:data:`mpobert.config.ALIASES`: ``num_hidden_layers``,
+``num_attention_heads``, ``hidden_dropout_prob``, ...) and MPOBERT's own fields (``mpo_n``,
 ``num_groups``, ``adapter_rank``, ...); :meth:`MPOBertHFConfig.to_mpobert` gives the
 :class:`~mpobert.config.MPOBertConfig`. The models wrap the native MPOBERT modules (same
 parameters, same forward); the central cores shared by several layers are declared as tied
@@ -29,7 +29,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, MaskedLMOutput
 
-from mpobert.config import MPOBertConfig
+from mpobert.config import ALIASES, MPOBertConfig
 from mpobert.heads import IGNORE_INDEX, MPOBertForPreTraining
 from mpobert.model import MPOBertModel, MPOBertPreTrainedModel
 
@@ -37,8 +37,7 @@ __all__ = ["MODEL_TYPE", "MPOBertHFConfig", "MPOBertHFModel", "MPOBertHFForMaske
 
 MODEL_TYPE = "mpobert"
 
-_HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-             "hidden_dropout": "hidden_dropout_prob", "attention_dropout": "attention_probs_dropout_prob"}
+_HF_NAMES = {own: hf for hf, own in ALIASES.items()}
 """MPOBertConfig field -> the name ``transformers`` configs use for it (others are spelled alike)."""
 _OWN_FIELDS = ("num_labels", "pad_token_id")  # handled by PretrainedConfig itself
 
