@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from mpo_core.io import atomic_write
-from mpo_core.nn import MPOLinear, mpo_ify, select_modules, unmpo_ify
+from mpo_core.nn import MPOLinear, mpo_ify, replace_module, select_modules, unmpo_ify
 
 __all__ = ["LightweightConfig", "LightweightModel", "get_lightweight_model", "fix_gauge",
            "mpo_layout", "save_mpo_model", "load_mpo_model"]
@@ -281,8 +281,7 @@ class LightweightModel(nn.Module):
     def unmerge(self) -> None:
         """Put the MPO modules back (the dense copies made by :meth:`merge` are dropped)."""
         for name, layer in self._merged.items():
-            parent, _, attr = name.rpartition(".")
-            setattr(self.base_model.get_submodule(parent), attr, layer)
+            replace_module(self.base_model, name, layer)
         self._merged.clear()
 
     def merge_and_unload(self) -> nn.Module:
@@ -415,7 +414,6 @@ def load_mpo_model(model_class: type, save_directory: str | os.PathLike) -> nn.M
             raise ValueError(f"module {name!r}: saved ranks {rec['ranks']} exceed the full ranks {layer.ranks}")
         layer.origin = rec["origin"]
         layer.train(dense.training)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, layer)
+        replace_module(model, name, layer)
     load_model(model, weights, strict=True)
     return model.eval()
