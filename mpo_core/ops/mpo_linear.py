@@ -1,7 +1,7 @@
 """Fused MPO linear layer ``act(x @ W + b)``: autograd op, torch reference, dispatch (its cost model: :mod:`mpo_core.cost.fused`).
 
 ``W`` (``prod(in_shape) x prod(out_shape)``, rows are input modes, C order) is given
-as MPO cores ``T_k`` of shape ``(d_{k-1}, i_k, j_k, d_k)``; see DESIGN.md section 1.
+as MPO cores ``T_k`` of shape ``(d_{k-1}, i_k, j_k, d_k)``; see docs/architecture.md.
 
 Paths
 -----
