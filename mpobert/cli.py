@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mpobert import workflows
+from mpobert import distill, workflows
 from mpobert.options import add_options, from_namespace
 from mpobert.train import NonFiniteLossError
 
@@ -44,6 +44,7 @@ COMMANDS = {
     "convert": Command(workflows.convert, workflows.ConvertConfig),
     "params": Command(workflows.params, workflows.ParamsConfig),
     "demo": Command(workflows.demo, workflows.DemoConfig),
+    "distill": Command(distill.distill, distill.DistillConfig),
 }
 """The subcommands of ``python -m mpobert``; a new one is a workflow + settings class and a line here."""
 

@@ -270,7 +270,8 @@ class TextStream:
         tok = self.tokenizer
         room = self.max_seq_len - tok.num_special_tokens_to_add(pair=False)
         groups, cur, used = [], [], 0
-        for line, ids in zip(lines, tok(list(lines), add_special_tokens=False)["input_ids"]):
+        counted = tok(list(lines), add_special_tokens=False, truncation=True, max_length=room)["input_ids"]
+        for line, ids in zip(lines, counted):
             if cur and used + len(ids) > room:
                 groups.append(" ".join(cur))
                 cur, used = [], 0
@@ -706,6 +707,8 @@ class DistillConfig:
     dropout: float = option(0.0, "student hidden/attention dropout while distilling")
     train_embeddings: bool = option(False, "also train the embeddings and pooler (copied from the teacher; frozen "
                                            "by default)")
+    max_minutes: float = option(0.0, "stop training after this many minutes (0 = run all --max-steps); the checkpoint "
+                                      "and the after-report still follow")
     threads: int = option(0, "torch CPU threads (0 = torch's default); 1 is fastest on a shared, loaded CPU")
     train: TrainConfig = nested(TrainConfig, "training", required=("output_dir",), max_steps=300, lr=1e-3,
                                 optimizer="adamw", weight_decay=0.0, warmup_steps=10, log_every=10)
@@ -736,6 +739,24 @@ def _student(cfg: DistillConfig, teacher: Teacher) -> nn.Module:
                            attention_dropout=cfg.dropout, **overrides)
 
 
+def _time_limit(minutes: float, world: int) -> Any:
+    """An ``on_step`` hook ending the run (at the same step on every rank) once ``minutes`` have passed."""
+    if not minutes:
+        return None
+    if minutes < 0:
+        raise ValueError(f"max_minutes must be >= 0, got {minutes!r}")
+    start = time.perf_counter()
+
+    def on_step(trainer: Trainer) -> None:
+        over = torch.tensor([float(time.perf_counter() - start >= 60.0 * minutes)], device=trainer.device)
+        if world > 1:
+            torch.distributed.all_reduce(over, op=torch.distributed.ReduceOp.MAX)
+        if over.item():
+            trainer.config.max_steps = trainer.step  # the loop ends here; save and final metrics follow
+
+    return on_step
+
+
 def distill(cfg: DistillConfig) -> dict[str, Any]:
     """Distill a local Hugging Face BERT/ALBERT/RoBERTa checkpoint into its MPOBERT conversion.
 
@@ -748,21 +769,24 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world, _ = setup_distributed()
-    out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     loss = DistillLoss(hidden_weight=cfg.hidden_weight, hidden_layers=cfg.hidden_layers, cosine_weight=cfg.cosine_weight,
                        attention_weight=cfg.attention_weight, attention_layers=cfg.attention_layers,
                        logits_weight=cfg.logits_weight, temperature=cfg.temperature,
                        teacher_input_steps=cfg.teacher_input_steps)
     teacher = load_teacher(cfg.teacher, attentions=cfg.attention_weight > 0)
     tok = teacher.tokenizer
-    files = _corpus_files(cfg, out, rank, world)
-    holdout = 0 if cfg.eval_corpus else cfg.holdout_every
     t0 = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     student = _student(cfg, teacher)
     convert_s = time.perf_counter() - t0
     check_vocabulary(student, teacher)
+    missing = [f for f in [*(cfg.corpus or []), *(cfg.eval_corpus or [])] if not os.path.isfile(f)]
+    if missing:
+        raise ValueError(f"corpus files {missing} do not exist (expected plain-text files)")
+    out = Path(cfg.train.output_dir)  # created only once the inputs proved valid
+    out.mkdir(parents=True, exist_ok=True)
+    files = _corpus_files(cfg, out, rank, world)
+    holdout = 0 if cfg.eval_corpus else cfg.holdout_every
     if not cfg.train_embeddings:
         base = student.base_model
         for p in (*base.embeddings.parameters(), *base.pooler.parameters()):
@@ -777,7 +801,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     model = Distiller(student, teacher, loss, seed=cfg.train.seed)
     fingerprint = {"teacher": os.path.abspath(cfg.teacher), "student": student.config.to_dict(), "loss": asdict(loss),
                    "batch_size": cfg.batch_size, "max_seq_len": cfg.max_seq_len, "train_embeddings": cfg.train_embeddings}
-    trainer = Trainer(model, batches, cfg.train, fingerprint=fingerprint,
+    trainer = Trainer(model, batches, cfg.train, fingerprint=fingerprint, on_step=_time_limit(cfg.max_minutes, world),
                       find_unused_parameters=bool(cfg.train_embeddings))  # the pooler has no gradient
     if rank == 0:
         print(f"[distill] teacher {teacher.family} ({teacher_params:,} parameters), student MPOBERT "

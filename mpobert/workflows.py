@@ -3,7 +3,7 @@
 * :func:`pretrain` (:class:`PretrainConfig`): MLM + SOP pretraining on text files (default: the bundled pydoc corpus)
 * :func:`finetune` (:class:`FinetuneConfig`): one GLUE-format task, several at once (multitask), or SQuAD v1.1
 * :func:`evaluate` (:class:`EvaluateConfig`): a fine-tuned model on a task's dev split, with the majority baseline
-* :func:`convert` (:class:`ConvertConfig`): a local Hugging Face ALBERT/BERT checkpoint to an MPOBERT directory
+* :func:`convert` (:class:`ConvertConfig`): a local Hugging Face ALBERT/BERT/RoBERTa checkpoint to an MPOBERT directory
 * :func:`params` (:class:`ParamsConfig`): the parameter table of a model directory or a config
 * :func:`demo` (:class:`DemoConfig`): tokenizer, pretraining and fine-tuning on bundled data, end to end
 
@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from mpo_core.io import atomic_write
 from mpobert.config import MPOBertConfig
 from mpobert.data import (
     ExampleBatches, MultiTaskBatches, PretrainingStream, StreamBatches, WordPieceTokenizer, encode_examples, few_shot,
@@ -119,12 +120,16 @@ class EvaluateConfig:
 class ConvertConfig:
     """Settings of :func:`convert`."""
 
-    source: str = option(help="source architecture", choices=("albert", "bert"), flag="--from")
+    source: str = option(help="source architecture (roberta: through the BERT conversion)",
+                         choices=("albert", "bert", "roberta"), flag="--from")
     input: str = option(help="Hugging Face checkpoint directory (config.json + weights)")
     output: str = option(help="MPOBERT model directory to write")
     head: str = option("pretraining", "model class to build: with MLM+SOP heads, or the bare encoder",
                        choices=("pretraining", "base"))
-    num_layers: int | None = option(None, "override L (layers beyond 24 get scaled Xavier auxiliaries)")
+    num_layers: int | None = option(None, "override L (layers beyond 24 get depth-scaled auxiliaries)")
+    depth_scaling: str = option("algorithm1", "layers beyond 24: the source's auxiliaries x (2L)^-1/4 (algorithm1, the "
+                                              "paper's appendix A.2) or Xavier ones x (2L)^-1/4 (random, its section 3.3)",
+                                choices=("algorithm1", "random"))
     num_groups: int | None = option(None, "override G (MPOBERT+)")
     adapter_rank: int | None = option(None, "override the adapter rank")
     max_bond: int | None = option(None, "truncate MPO bonds")
@@ -369,20 +374,30 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def convert(cfg: ConvertConfig) -> dict[str, Any]:
-    """Convert a local Hugging Face ALBERT/BERT checkpoint directory to an MPOBERT model directory."""
+    """Convert a local Hugging Face ALBERT/BERT/RoBERTa checkpoint directory to an MPOBERT model directory.
+
+    Prints the parameter table and the initialization errors per layer and matrix (with the
+    shared biases and LayerNorms); writes the model, ``init_report.json`` and, for a WordPiece
+    vocabulary, ``tokenizer.json`` into ``--output``.
+    """
     cls = {"pretraining": MPOBertForPreTraining, "base": MPOBertModel}[cfg.head]
     overrides = {k: getattr(cfg, k) for k in ("num_layers", "num_groups", "adapter_rank", "max_bond")
                  if getattr(cfg, k) is not None}
+    overrides["depth_scaling"] = cfg.depth_scaling
     model = cls.from_albert(cfg.input, **overrides) if cfg.source == "albert" else cls.from_bert(cfg.input, **overrides)
+    if cfg.source != "albert" and model.init_report.source != cfg.source:
+        raise ValueError(f"--from {cfg.source}: {cfg.input!r} is a {model.init_report.source} checkpoint")
+    vocab = [Path(cfg.input) / n for n in ("vocab.txt", "tokenizer.json") if (Path(cfg.input) / n).is_file()]
+    tok = WordPieceTokenizer.from_file(vocab[0]) if vocab and cfg.source != "roberta" else None
     model.save_pretrained(cfg.output)
-    for name in ("vocab.txt", "tokenizer.json"):
-        if (Path(cfg.input) / name).is_file():
-            WordPieceTokenizer.from_file(Path(cfg.input) / name).save(Path(cfg.output) / TOKENIZER_FILE)
-            break
+    atomic_write(Path(cfg.output) / "init_report.json", (json.dumps(model.init_report.to_dict(), indent=2) + "\n").encode())
+    if tok is not None:
+        tok.save(Path(cfg.output) / TOKENIZER_FILE)
     report = model.parameter_report()
     print(report)
-    print(f"[convert] saved to {cfg.output}")
-    return report.to_dict()
+    print(model.init_report.table())
+    print(f"[convert] saved to {cfg.output} (init errors: {Path(cfg.output) / 'init_report.json'})")
+    return {**report.to_dict(), "init_report": model.init_report.to_dict()}
 
 
 def params(cfg: ParamsConfig) -> dict[str, Any]:

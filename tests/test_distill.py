@@ -206,3 +206,55 @@ def _teacher_dir_vocab(tmp_path, extra_words: int):
     transformers.BertModel(transformers.BertConfig(vocab_size=len(tok), **SMALL)).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------------------- command line
+def test_distill_command(mlm_teacher, corpus, tmp_path, capsys):
+    from mpobert import MPOBertForPreTraining
+    from mpobert.cli import main
+
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", str(mlm_teacher), "--corpus", str(corpus), "--output-dir", str(out),
+            "--max-steps", "4", "--batch-size", "4", "--max-seq-len", "16", "--eval-sequences", "8", "--holdout-every", "4",
+            "--teacher-input-steps", "2", "--logits-weight", "0.5", "--warmup-steps", "1", "--progress", "none",
+            "--device", "cpu"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "sentence-embedding cosine (mean)" in printed and "MLM top-1 agreement" in printed
+    report = json.loads((out / "distill_report.json").read_text())
+    assert report["train"]["steps"] == 4 and report["before"]["sequences"] == 8
+    assert report["student"]["params"] > report["student"]["trainable"] > 0 and report["teacher"]["params"] > 0
+    assert report["loss"]["teacher_input_steps"] == 2
+    assert len(report["after"]["layer_rel_error"]) == 3
+    student = MPOBertForPreTraining.from_pretrained(out / "model")
+    assert (out / "model" / "tokenizer_config.json").exists() and student.config.vocab_size == report["student"]["config"]["vocab_size"]
+    assert main([*args, "--resume"]) == 0  # resumes at step 4 of 4: nothing left to train, the report again
+    assert json.loads((out / "distill_report.json").read_text())["train"]["resumed_from"] == 4
+
+
+def test_distill_command_bad_input_writes_nothing(mlm_teacher, corpus, tmp_path, capsys):
+    from mpobert.cli import main
+
+    gpt = tmp_path / "gpt2"
+    gpt.mkdir()
+    (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2"}), encoding="utf-8")
+    for teacher, extra, message in ((gpt, [], "expected one of"), (tmp_path / "none", [], "not a directory"),
+                                    (mlm_teacher, ["--corpus", str(tmp_path / "nope.txt")], "do not exist")):
+        out = tmp_path / "out"
+        assert main(["distill", "--teacher", str(teacher), "--output-dir", str(out), *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_convert_prints_and_writes_init_errors(base_teacher, tmp_path, capsys):
+    from mpobert.cli import main
+
+    out = tmp_path / "mpo"
+    assert main(["convert", "--from", "bert", "--input", str(base_teacher), "--output", str(out), "--head", "base"]) == 0
+    printed = capsys.readouterr().out
+    assert "relative Frobenius errors" in printed and "biases" in printed and "LNs" in printed
+    rows = json.loads((out / "init_report.json").read_text())["rows"]
+    assert {(r["layer"], r["tensor"]) for r in rows} >= {(1, "ffn_out"), (0, "q.bias"), (1, "ffn_ln.bias")}
+    bad = tmp_path / "bad"
+    assert main(["convert", "--from", "roberta", "--input", str(base_teacher), "--output", str(bad)]) == 2
+    assert "is a bert checkpoint" in capsys.readouterr().err and not bad.exists()
