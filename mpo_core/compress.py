@@ -76,7 +76,8 @@ def allocation_bound(mpo: MPO, ranks: Sequence[int]) -> float:
 def _check_exact(name: str, mpo: MPO) -> None:
     if not isinstance(mpo, MPO):
         raise TypeError(f"{name} must be an MPO, got {type(mpo).__name__}")
-    if mpo.spectra is None or mpo.error_bound != 0.0 or mpo.norm is None:
+    kept_all = mpo.spectra is not None and all(len(s) == r for s, r in zip(mpo.spectra, mpo.ranks[1:-1]))
+    if not kept_all or mpo.norm is None:
         raise ValueError(f"{name} must be an exact decomposition (decompose without max_bond/rel_tol): "
                          f"it needs the full spectra and the norm of W")
 

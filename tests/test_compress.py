@@ -191,3 +191,81 @@ def test_auxiliary_only_finetuning_keeps_centrals_bitwise():
         assert m.central.grad is None
         assert all(not torch.equal(p, q) for p, q in zip(m.auxiliary, a))
     assert trainable < total
+
+
+def test_never_larger_than_dense_and_says_why():
+    """Random matrices barely compress: at a tight rel_tol their MPOs would exceed the dense size, so they stay dense."""
+    model = _mlp(4)
+    before = sum(p.numel() for p in model.parameters())
+    report = compress(model, rel_tol=0.05, n=3)
+    assert report.params <= report.dense_params and report.model_params_after <= before
+    kept = [m for m in report.matrices if m.kept_dense]
+    assert kept, "at rel_tol=0.05 the random matrices cannot save entries"
+    for m in kept:
+        assert isinstance(model.get_submodule(m.name), nn.Linear) and m.params == m.dense_params
+        assert "entries >=" in m.reason and "kept dense" in str(report)
+    # an MPOLinear that cannot save entries is contracted back to its dense module
+    model = nn.Sequential(MPOLinear.from_linear(nn.Linear(32, 64), n=3))
+    report = compress(model, rel_tol=0.0, n=3)
+    assert report.matrices[0].kept_dense and isinstance(model[0], nn.Linear)
+
+
+def test_decompose_kwargs_are_forwarded():
+    report = compress(_mlp(5), budget=0.5, n=3, decompose_kwargs={"svd_dtype": "input"})
+    assert report.params <= 0.5 * report.dense_params
+    with pytest.raises(TypeError, match="no_such_option"):
+        compress(_mlp(5), budget=0.5, n=3, decompose_kwargs={"no_such_option": 1})
+
+
+def test_compress_in_rounds_reaches_the_budget_with_finetuning_between():
+    from mpo_core.compress import compress_in_rounds
+
+    torch.manual_seed(0)
+    teacher = _mlp(6)
+    model = _mlp(6)
+    x = torch.randn(256, 32)
+    with torch.no_grad():
+        y = teacher(x)
+    calls = []
+
+    def finetune(m, r):
+        layers = [l for l in m.modules() if isinstance(l, MPOLinear)]
+        assert layers and all(not l.central.requires_grad and all(a.requires_grad for a in l.auxiliary) for l in layers)
+        opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
+        for _ in range(30):
+            loss = nn.functional.mse_loss(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        calls.append(r)
+
+    def evaluate(m):
+        with torch.no_grad():
+            return float(nn.functional.mse_loss(m(x), y))
+
+    report = compress_in_rounds(model, 0.25, finetune, evaluate, rounds=3, n=3)
+    assert calls == [1, 2, 3]
+    budgets = [r.budget for r in report.rounds]
+    assert budgets == sorted(budgets, reverse=True) and budgets[-1] == report.budget
+    for r in report.rounds:
+        assert r.params <= r.budget and isinstance(r.metric, float)
+    assert report.rounds[-1].params <= 0.25 * report.rounds[-1].dense_params
+    assert "x dense" in str(report)
+    # one-shot truncation to the same budget, no fine-tuning, is worse than the rounds
+    one_shot = _mlp(6)
+    compress(one_shot, budget=0.25, n=3)
+    assert report.rounds[-1].metric < evaluate(one_shot)
+
+
+def test_unmeetable_budget_fails_before_touching_the_model():
+    from mpo_core.compress import compress_in_rounds
+
+    model = _mlp(7)
+    with pytest.raises(ValueError, match="cannot be met"):
+        compress_in_rounds(model, 10, lambda m, r: None, n=3)
+    assert not any(isinstance(m, MPOLinear) for m in model.modules())
+    with pytest.raises(ValueError, match="cannot be met"):
+        compress(model, budget=10, n=3)
+    assert not any(isinstance(m, MPOLinear) for m in model.modules())
+    with pytest.raises(ValueError, match="rounds"):
+        compress_in_rounds(model, 0.5, lambda m, r: None, rounds=0)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from mpo_core.nn import MPOLinear, mpo_ify, set_trainable
+from mpo_core.nn import MPOLinear, mpo_ify, set_trainable, unmpo_ify
 from mpo_core.shapes import full_ranks
 
 
@@ -224,6 +224,38 @@ def test_mpo_ify_errors():
         mpo_ify(model, include=[3])
     with pytest.raises(TypeError, match="nn.Linear"):
         MPOLinear.from_linear(nn.Conv1d(2, 2, 1), n=1)
+
+
+def test_patterns_suffixes_and_unmatched_pattern_errors():
+    model = nn.Sequential()
+    model.add_module("enc", nn.Sequential(nn.Linear(16, 16), nn.GELU()))
+    model.add_module("query", nn.Linear(16, 16))
+    model.add_module("head", nn.Linear(16, 4))
+    report = mpo_ify(model, include=["query", "enc.0"], n=2)   # a name, a suffix
+    assert [r.name for r in report.layers] == ["enc.0", "query"]
+    fresh = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match=r"pattern 'qurey' matched no linear module.*linear modules: 0, 1"):
+        mpo_ify(fresh, include=["0", "qurey"], n=2)
+    assert not any(isinstance(m, MPOLinear) for m in fresh.modules()), "nothing replaced on a bad pattern"
+    with pytest.raises(ValueError, match="matched no linear module"):
+        mpo_ify(fresh, include=lambda name, m: False, n=2)
+
+
+def test_unmpo_ify_merges_back_and_report_has_times(capsys):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8, bias=False))
+    x = torch.randn(4, 16)
+    ref = model(x)
+    report = mpo_ify(model, n=2, progress=True, decompose_kwargs={"svd_dtype": "float64"})
+    assert "mpo_ify" in capsys.readouterr().err, "tqdm bar on stderr"
+    assert all(r.seconds > 0 and r.origin == "linear" for r in report.layers) and "time s" in str(report)
+    model[0].train(False)
+    assert unmpo_ify(model) == ["0", "2"]
+    assert type(model[0]) is nn.Linear and model[2].bias is None and not model[0].training
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+    assert unmpo_ify(model) == []
+    with pytest.raises(TypeError, match="no_such_option"):
+        mpo_ify(model, n=2, decompose_kwargs={"no_such_option": 1})
 
 
 def test_from_cores_copies_any_chain_and_bias():
