@@ -739,6 +739,20 @@ def _student(cfg: DistillConfig, teacher: Teacher) -> nn.Module:
                            attention_dropout=cfg.dropout, **overrides)
 
 
+def _freeze_unused(student: nn.Module, cfg: DistillConfig) -> None:
+    """Freeze what no loss term trains (DDP needs a gradient for every trainable tensor): the
+    sentence-order head, the MLM head unless ``logits_weight > 0``, the embeddings and pooler unless
+    ``train_embeddings`` (the pooler then rides along: ``find_unused_parameters``)."""
+    frozen = [getattr(student, "sop_classifier", None)]
+    if not cfg.logits_weight:
+        frozen.append(getattr(student, "mlm", None))
+    if not cfg.train_embeddings:
+        frozen += [student.base_model.embeddings, student.base_model.pooler]
+    for module in frozen:
+        if module is not None:
+            module.requires_grad_(False)
+
+
 def _time_limit(minutes: float, world: int) -> Any:
     """An ``on_step`` hook ending the run (at the same step on every rank) once ``minutes`` have passed."""
     if not minutes:
@@ -787,10 +801,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     files = _corpus_files(cfg, out, rank, world)
     holdout = 0 if cfg.eval_corpus else cfg.holdout_every
-    if not cfg.train_embeddings:
-        base = student.base_model
-        for p in (*base.embeddings.parameters(), *base.pooler.parameters()):
-            p.requires_grad_(False)
+    _freeze_unused(student, cfg)
     held_stream = TextStream(cfg.eval_corpus or files, tok, cfg.max_seq_len, split="heldout",
                              holdout_every=cfg.holdout_every if not cfg.eval_corpus else 1, loop=False)
     held = heldout_batches(held_stream, cfg.batch_size, cfg.eval_sequences, tok.pad_token_id)
