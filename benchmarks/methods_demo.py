@@ -1,4 +1,5 @@
-"""MPOP, OPF and MPOE side by side on the bundled pydoc-topics task (tiny BERT-like model, CPU-sized).
+"""MPOP, OPF and MPOE side by side on the bundled pydoc-topics task (tiny BERT-like model, CPU-sized;
+the runs are ``examples/mpo_methods.py``'s).
 
 All three runs share one encoded task and one initialization seed, so every row is compared with
 the same dense full fine-tuning baseline (``acc / dense`` and ``params / dense`` are ratios to it).
@@ -13,10 +14,10 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.join(os.path.dirname(_HERE), "examples")]
 from _common import format_table, write_json  # noqa: E402
-
-from mpobert.methods import prepare_task, run_mpoe, run_mpop, run_opf  # noqa: E402
+from mpo_methods import add_model_options, model_sizes, prepare_task, run_mpoe, run_mpop, run_opf  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -24,14 +25,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps of every run (default %(default)s)")
     parser.add_argument("--aux-steps", type=int, default=150, help="MPOP auxiliary-only steps (default %(default)s)")
     parser.add_argument("--budget", type=float, default=0.3, help="MPOP budget, fraction of the encoder matrices (default %(default)s)")
-    parser.add_argument("--hidden", type=int, default=64, help="default %(default)s")
-    parser.add_argument("--intermediate", type=int, default=128, help="default %(default)s")
-    parser.add_argument("--layers", type=int, default=2, help="default %(default)s")
-    parser.add_argument("--max-seq-len", type=int, default=64, help="default %(default)s")
-    parser.add_argument("--seed", type=int, default=0, help="default %(default)s")
     parser.add_argument("--output", default="results/methods_demo.json", help="default %(default)s")
+    add_model_options(parser)
     args = parser.parse_args(argv)
-    sizes = dict(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers)
+    sizes = model_sizes(args)
     data = prepare_task(max_seq_len=args.max_seq_len, seed=args.seed)
     runs, timings = {}, {}
     for name, fn in (

@@ -1,11 +1,21 @@
-"""MPOP, OPF and MPOE end to end on the bundled pydoc-topics task (tiny BERT-like model, CPU, seconds each)."""
+"""MPOP, OPF and MPOE end to end on the bundled pydoc-topics task (examples/mpo_methods.py: tiny BERT-like
+model, the mpobert Trainer, CPU, seconds each)."""
 import argparse
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from mpobert.methods import BertLikeClassifier, add_subparsers, main, prepare_task, run_mpoe, run_mpop, run_opf
+_PATH = Path(__file__).resolve().parents[1] / "examples" / "mpo_methods.py"
+_spec = importlib.util.spec_from_file_location("mpo_methods", _PATH)
+methods = importlib.util.module_from_spec(_spec)
+sys.modules["mpo_methods"] = methods
+_spec.loader.exec_module(methods)
+BertLikeClassifier, add_subparsers, main = methods.BertLikeClassifier, methods.add_subparsers, methods.main
+prepare_task, run_mpoe, run_mpop, run_opf = methods.prepare_task, methods.run_mpoe, methods.run_mpop, methods.run_opf
 
 SIZES = dict(hidden=32, intermediate=64)
 
@@ -84,10 +94,10 @@ def test_cli_subcommands(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["params"]["opf_merged"] == result["params"]["dense_model"] and len(result["expanded_at_end"]) == 2
     assert "OPF" in capsys.readouterr().out
-    # the subcommands plug into another parser (python -m mpobert) with one call
+    # the subcommands plug into another parser with one call
     parser = argparse.ArgumentParser()
     add_subparsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["mpop", "--budget", "5000", "--output", str(tmp_path / "m.json")])
-    assert args.func.__name__ == "cmd_mpop" and args.budget == "5000" and args.config is None
+    assert args.func.__name__ == "cmd_mpop" and args.budget == "5000"
     args = parser.parse_args(["mpoe", "--experts", "2", "--central-grad", "bernoulli"])
     assert args.func.__name__ == "cmd_mpoe" and args.experts == 2

@@ -1,8 +1,11 @@
-"""The MPO method family on the bundled ``pydoc-topics`` task: MPOP, OPF and MPOE end to end.
+"""The MPO method family on a small dense BERT-like classifier: MPOP, OPF and MPOE end to end.
 
-Each ``run_*`` function trains a tiny BERT-like classifier (:class:`BertLikeClassifier`: plain
-``nn.Linear`` attention/FFN matrices, so every method starts from a dense model as in the papers)
-and returns a JSON-able dict of measured numbers:
+A script over the public APIs of ``mpo_core`` (``compress``, ``opf``, ``moe``) and ``mpobert``
+(data, evaluation, the :class:`~mpobert.train.Trainer`); not part of either package. The
+methods start from a dense model as in the papers, so the subject here is
+:class:`BertLikeClassifier` (plain ``nn.Linear`` attention/FFN matrices), not MPOBERT, whose
+matrices are MPOs from the start. Every fine-tuning runs on the one ``mpobert`` Trainer
+(AdamW, linear decay, grad-norm clip 1.0). Each ``run_*`` returns a JSON-able dict of measured numbers:
 
 * :func:`run_mpop` (Liu et al., ACL 2021): fine-tune fully, compress the encoder matrices to a global
   budget (:func:`mpo_core.compress.compress`), evaluate the truncated model, then fine-tune only the
@@ -16,8 +19,11 @@ and returns a JSON-able dict of measured numbers:
   FFN turned into an MPOE layer (:class:`mpo_core.moe.MPOEFeedForward`); reports accuracies, parameters
   against a plain MoE, and the experts' load.
 
-:func:`add_subparsers` adds the ``mpop``, ``opf`` and ``mpoe`` subcommands to the ``python -m mpobert``
-parser (each prints a table and writes JSON).
+Run one method on the bundled ``pydoc-topics`` task (prints a table, writes JSON)::
+
+    python examples/mpo_methods.py {mpop,opf,mpoe} --help
+
+``benchmarks/methods_demo.py`` runs all three side by side.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -36,18 +42,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpo_core import set_trainable
-from mpo_core.io import atomic_write
 from mpo_core.compress import compress
+from mpo_core.io import atomic_write
 from mpo_core.moe import MPOEFeedForward
 from mpo_core.opf import OverParameterization, sync_optimizer
-from mpobert.data import ExampleBatches, encode_examples, get_task, load_split, train_wordpiece, write_pydoc_topic_task
-from mpobert.data.glue import TaskSpec
-from mpobert.data.tokenizer import WordPieceTokenizer
+from mpobert import SequenceClassifierOutput
+from mpobert.data import (
+    ExampleBatches, TaskSpec, WordPieceTokenizer, encode_examples, get_task, load_split, train_wordpiece, write_pydoc_topic_task,
+)
 from mpobert.evaluation import evaluate_task, majority_baseline, predict_logits
-from mpobert.heads import SequenceClassifierOutput
-
-__all__ = ["TaskData", "prepare_task", "BertLikeClassifier", "train_classifier", "run_mpop", "run_opf", "run_mpoe",
-           "add_subparsers"]
+from mpobert.train import TrainConfig, Trainer
 
 ENCODER_MATRICES = "blocks.*"
 """Glob of the encoder's linear layers (attention and FFN) in :class:`BertLikeClassifier`."""
@@ -173,39 +177,25 @@ class BertLikeClassifier(nn.Module):
         return SequenceClassifierOutput(logits, loss)
 
 
-def _batches(data: TaskData, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    return iter(ExampleBatches(data.train, batch_size, seed=seed, pad_id=data.tokenizer.pad_id))
+def _batches(data: TaskData, batch_size: int, seed: int) -> ExampleBatches:
+    return ExampleBatches(data.train, batch_size, seed=seed, pad_id=data.tokenizer.pad_id)
 
 
 def _loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**batch).loss
 
 
-def train_classifier(model: nn.Module, data: TaskData, steps: int, lr: float = 2e-3, batch_size: int = 32,
-                     seed: int = 0, weight_decay: float = 0.01,
-                     hook: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None) -> list[float]:
-    """AdamW on the trainable parameters for ``steps`` batches (grad-norm clip 1.0); returns the losses.
+def fine_tune(model: nn.Module, data: TaskData, steps: int, lr: float = 2e-3, batch_size: int = 32, seed: int = 0,
+              on_step: Callable[[Trainer], None] | None = None) -> dict[str, Any]:
+    """Train ``model``'s trainable parameters for ``steps`` batches with the ``mpobert`` Trainer (AdamW,
+    linear decay, clip 1.0, CPU); returns its final metrics (``loss_first``, ``loss_last``, ...).
 
-    ``hook(step, model, optimizer)`` runs after every optimizer step (dynamic OPF swaps layers there
-    and syncs the optimizer in place).
+    ``on_step(trainer)`` runs after every optimizer step (dynamic OPF swaps layers there).
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    torch.manual_seed(seed)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    batches = _batches(data, batch_size, seed)
-    losses = []
-    for step in range(steps):
-        loss = _loss(model, next(batches))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
-        if hook is not None:
-            hook(step, model, opt)
-    return losses
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(output_dir=tmp, max_steps=steps, optimizer="adamw", lr=lr, seed=seed, log_every=0,
+                             progress="none", device="cpu")
+        return Trainer(model, _batches(data, batch_size, seed), config, on_step=on_step).train()
 
 
 def _evaluate(model: nn.Module, data: TaskData) -> dict[str, float]:
@@ -230,7 +220,7 @@ def run_mpop(data: TaskData, steps: int = 300, aux_steps: int = 150, budget: flo
     fraction of the lightweight fine-tuning and the :class:`~mpo_core.compress.CompressionReport`.
     """
     model = _model(data, seed, **sizes)
-    full_loss = train_classifier(model, data, steps, lr=lr, seed=seed)
+    full_run = fine_tune(model, data, steps, lr=lr, seed=seed)
     full = _evaluate(model, data)
     small = copy.deepcopy(model)
     report = compress(small, budget=budget, include=ENCODER_MATRICES, n=n)
@@ -239,7 +229,7 @@ def run_mpop(data: TaskData, steps: int = 300, aux_steps: int = 150, budget: flo
     set_trainable(small, "auxiliary")
     small.classifier.requires_grad_(True)
     trainable, total = _count(small, trainable=True), _count(small)
-    aux_loss = train_classifier(small, data, aux_steps, lr=lr, seed=seed + 1)
+    aux_run = fine_tune(small, data, aux_steps, lr=lr, seed=seed + 1)
     return {
         "method": "mpop", "steps": steps, "aux_steps": aux_steps, "budget": budget,
         "accuracy": {"full_finetune": full["accuracy"], "truncated": truncated["accuracy"],
@@ -247,13 +237,13 @@ def run_mpop(data: TaskData, steps: int = 300, aux_steps: int = 150, budget: flo
         "params": {"dense_model": _count(model), "compressed_model": total, "trainable_auxiliary_finetune": trainable,
                    "trainable_full_finetune": _count(model), "trainable_fraction": trainable / total,
                    "encoder_matrices_dense": report.dense_params, "encoder_matrices_compressed": report.params},
-        "final_loss": {"full_finetune": full_loss[-1], "auxiliary_finetune": aux_loss[-1]},
+        "final_loss": {"full_finetune": full_run["loss_last"], "auxiliary_finetune": aux_run["loss_last"]},
         "compression": report.to_dict(),
     }
 
 
 def run_opf(data: TaskData, steps: int = 300, k: int | float = 0.5, dynamic_every: int | None = None, n: int = 5,
-            ranks: int | None = None, lr: float = 2e-3, seed: int = 0, score_batches: int = 2,
+            min_bond: int | None = None, lr: float = 2e-3, seed: int = 0, score_batches: int = 2,
             **sizes: Any) -> dict[str, Any]:
     """OPF: dense fine-tuning vs over-parameterized fine-tuning of the top-``k`` matrices, merged back.
 
@@ -263,11 +253,11 @@ def run_opf(data: TaskData, steps: int = 300, k: int | float = 0.5, dynamic_ever
     """
     init = _model(data, seed, **sizes)
     dense = copy.deepcopy(init)
-    train_classifier(dense, data, steps, lr=lr, seed=seed)
+    fine_tune(dense, data, steps, lr=lr, seed=seed)
     dense_acc = _evaluate(dense, data)["accuracy"]
     model = copy.deepcopy(init)
-    opf = OverParameterization(model, include=ENCODER_MATRICES, n=n, ranks=ranks, seed=seed)
-    scoring = _batches(data, 32, seed + 100)
+    opf = OverParameterization(model, include=ENCODER_MATRICES, n=n, min_bond=min_bond, seed=seed)
+    scoring = iter(_batches(data, 32, seed + 100))
 
     def rescore() -> tuple[list[str], list[str]]:
         return opf.rescore([next(scoring) for _ in range(score_batches)], _loss, k)
@@ -276,14 +266,14 @@ def run_opf(data: TaskData, steps: int = 300, k: int | float = 0.5, dynamic_ever
     train_params = _count(model)
     swaps: list[dict[str, Any]] = []
 
-    def hook(step: int, m: nn.Module, opt: torch.optim.Optimizer) -> None:
-        if dynamic_every and (step + 1) % dynamic_every == 0 and step + 1 < steps:
+    def reselect(trainer: Trainer) -> None:
+        if dynamic_every and trainer.step % dynamic_every == 0 and trainer.step < steps:
             added, dropped = rescore()
             if added or dropped:
-                sync_optimizer(opt, m.parameters())
-                swaps.append({"step": step + 1, "added": added, "dropped": dropped})
+                sync_optimizer(trainer.optimizer, trainer.model.parameters())
+                swaps.append({"step": trainer.step, "added": added, "dropped": dropped})
 
-    train_classifier(model, data, steps, lr=lr, seed=seed, hook=hook)
+    fine_tune(model, data, steps, lr=lr, seed=seed, on_step=reselect)
     expanded = sorted(opf.expanded)
     (before,) = predict_logits(model, data.dev, 128, data.tokenizer.pad_id)
     opf_acc = _evaluate(model, data)["accuracy"]
@@ -307,10 +297,10 @@ def run_mpoe(data: TaskData, steps: int = 300, num_experts: int = 4, top_k: int 
     """MPOE: the dense model vs the same initialization with MPOE FFNs (experts from the dense FFN)."""
     init = _model(data, seed, balance_coef=balance_coef, **sizes)
     dense = copy.deepcopy(init)
-    train_classifier(dense, data, steps, lr=lr, seed=seed)
+    fine_tune(dense, data, steps, lr=lr, seed=seed)
     moe = copy.deepcopy(init)
     layer_reports = moe.use_mpoe(num_experts, top_k, n=n, seed=seed, central_grad=central_grad)
-    train_classifier(moe, data, steps, lr=lr, seed=seed)
+    fine_tune(moe, data, steps, lr=lr, seed=seed)
     counts = [torch.zeros(num_experts, dtype=torch.long) for _ in moe.blocks]
 
     def tally(c: torch.Tensor) -> Callable:
@@ -335,7 +325,7 @@ def run_mpoe(data: TaskData, steps: int = 300, num_experts: int = 4, top_k: int 
     }
 
 
-# ---------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------------- command line
 def _print_table(title: str, rows: list[tuple[str, Any]]) -> None:
     print(f"\n== {title} ==")
     width = max(len(k) for k, _ in rows)
@@ -356,7 +346,8 @@ def _finish(args: argparse.Namespace, result: dict[str, Any], title: str, starte
     return result
 
 
-def _sizes(args: argparse.Namespace) -> dict[str, int]:
+def model_sizes(args: argparse.Namespace) -> dict[str, int]:
+    """The :class:`BertLikeClassifier` sizes of :func:`add_model_options`."""
     return dict(hidden=args.hidden, layers=args.layers, intermediate=args.intermediate)
 
 
@@ -365,7 +356,7 @@ def cmd_mpop(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     data = prepare_task(args.data_dir, args.task, args.max_seq_len, args.vocab_size, args.seed)
     budget = int(args.budget) if str(args.budget).isdigit() else float(args.budget)
-    result = run_mpop(data, args.steps, args.aux_steps, budget, args.n, args.lr, args.seed, **_sizes(args))
+    result = run_mpop(data, args.steps, args.aux_steps, budget, args.n, args.lr, args.seed, **model_sizes(args))
     print("\n" + _compression_table(result["compression"]))
     return _finish(args, result, "MPOP", t0)
 
@@ -383,7 +374,8 @@ def cmd_opf(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     data = prepare_task(args.data_dir, args.task, args.max_seq_len, args.vocab_size, args.seed)
     k = int(args.k) if str(args.k).isdigit() else float(args.k)
-    result = run_opf(data, args.steps, k, args.dynamic_every or None, args.n, args.ranks, args.lr, args.seed, **_sizes(args))
+    result = run_opf(data, args.steps, k, args.dynamic_every or None, args.n, args.min_bond, args.lr, args.seed,
+                     **model_sizes(args))
     return _finish(args, result, "OPF", t0)
 
 
@@ -392,27 +384,32 @@ def cmd_mpoe(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     data = prepare_task(args.data_dir, args.task, args.max_seq_len, args.vocab_size, args.seed)
     result = run_mpoe(data, args.steps, args.experts, args.top_k, args.n, args.central_grad, args.balance_coef,
-                      args.lr, args.seed, **_sizes(args))
+                      args.lr, args.seed, **model_sizes(args))
     return _finish(args, result, "MPOE", t0)
 
 
-def add_subparsers(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``mpop``, ``opf`` and ``mpoe`` subcommands (each sets ``func``) to ``python -m mpobert``."""
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """``--hidden --layers --intermediate`` (:class:`BertLikeClassifier` sizes, read by :func:`model_sizes`),
+    ``--max-seq-len`` and ``--seed``."""
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size (default %(default)s)")
+    parser.add_argument("--layers", type=int, default=2, help="encoder layers (default %(default)s)")
+    parser.add_argument("--intermediate", type=int, default=128, help="FFN size (default %(default)s)")
+    parser.add_argument("--max-seq-len", type=int, default=64, help="tokens per sequence (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task split, init and training (default %(default)s)")
+
+
+def add_subparsers(subparsers: Any) -> None:
+    """Add the ``mpop``, ``opf`` and ``mpoe`` subcommands (each sets ``func``) to a parser."""
     def common(name: str, func: Callable, steps: int) -> argparse.ArgumentParser:
         p = subparsers.add_parser(name, help=func.__doc__.splitlines()[0], description=func.__doc__)
         p.set_defaults(func=func)
-        p.add_argument("--config", help="JSON (or YAML) file of option defaults (read by `python -m mpobert`)")
         p.add_argument("--output", default=f"results/methods/{name}.json", help="JSON result path (default %(default)s)")
         p.add_argument("--task", default="pydoc-topics", help="GLUE-format classification task (default %(default)s)")
         p.add_argument("--data-dir", help="task directory with train.tsv/dev.tsv (default for pydoc-topics: generated)")
         p.add_argument("--steps", type=int, default=steps, help="fine-tuning steps (default %(default)s)")
         p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default %(default)s)")
-        p.add_argument("--seed", type=int, default=0, help="default %(default)s")
-        p.add_argument("--max-seq-len", type=int, default=64, help="default %(default)s")
         p.add_argument("--vocab-size", type=int, default=1000, help="WordPiece vocabulary trained on the train split (default %(default)s)")
-        p.add_argument("--hidden", type=int, default=64, help="default %(default)s")
-        p.add_argument("--layers", type=int, default=2, help="default %(default)s")
-        p.add_argument("--intermediate", type=int, default=128, help="default %(default)s")
+        add_model_options(p)
         return p
 
     p = common("mpop", cmd_mpop, 300)
@@ -423,7 +420,7 @@ def add_subparsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--k", default="0.5", help="matrices to over-parameterize: a fraction in (0, 1] or an integer count (default %(default)s)")
     p.add_argument("--dynamic-every", type=int, default=0, help="re-select every N steps, 0 = static (default %(default)s)")
     p.add_argument("--n", type=int, default=5, help="cores per matrix (default %(default)s)")
-    p.add_argument("--ranks", type=int, help="pad every bond to at least this (default: full ranks)")
+    p.add_argument("--min-bond", type=int, help="pad every bond to at least this (default: full ranks)")
     p = common("mpoe", cmd_mpoe, 300)
     p.add_argument("--experts", type=int, default=4, help="default %(default)s")
     p.add_argument("--top-k", type=int, default=1, help="default %(default)s")
@@ -434,17 +431,15 @@ def add_subparsers(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mpobert.methods {mpop,opf,mpoe} ...`` (the same subcommands as in ``python -m mpobert``)."""
-    parser = argparse.ArgumentParser(prog="mpobert.methods", description=__doc__,
+    """``python examples/mpo_methods.py {mpop,opf,mpoe} ...``"""
+    parser = argparse.ArgumentParser(prog="mpo_methods", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_subparsers(parser.add_subparsers(dest="command", required=True, metavar="command"))
     args = parser.parse_args(argv)
-    if args.config:
-        parser.error("--config is read by `python -m mpobert <command>`; pass options directly here")
     try:
         args.func(args)
     except ValueError as exc:
-        print(f"mpobert.methods: error: {exc}")
+        print(f"mpo_methods: error: {exc}")
         return 2
     return 0
 
