@@ -36,12 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpo_core.io import atomic_write
+from mpobert.data import StreamBatches, pad_collate
 from mpobert.layers import attention_bool_mask
 from mpobert.options import nested, option
 from mpobert.train import TrainConfig, Trainer, setup_distributed
 
 __all__ = [
-    "TEACHER_FAMILIES", "Teacher", "load_teacher", "convert_student", "TextStream", "TextBatches", "DistillLoss",
+    "TEACHER_FAMILIES", "Teacher", "load_teacher", "convert_student", "TextStream", "DistillLoss",
     "Distiller", "DistillOutput", "evaluate_distillation", "format_comparison", "teacher_layer_list", "DistillConfig",
     "distill",
 ]
@@ -305,48 +306,6 @@ class TextStream:
                 return
             self._pos = {"epoch": epoch + 1, "file": 0, "offset": 0, "doc": 0, "skip": 0}
             produced = False
-
-
-def _collate(items: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    length = max(len(it["input_ids"]) for it in items)
-    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), length), dtype=torch.long)
-    for i, it in enumerate(items):
-        ids[i, : len(it["input_ids"])] = torch.tensor(it["input_ids"])
-        mask[i, : len(it["input_ids"])] = 1
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
-
-
-class TextBatches:
-    """Per-rank batches of a :class:`TextStream` (every rank walks the same global order), resumable."""
-
-    def __init__(self, stream: TextStream, batch_size: int, rank: int = 0, world_size: int = 1, pad_id: int = 0) -> None:
-        if not isinstance(stream, TextStream):
-            raise TypeError(f"stream must be a TextStream, got {type(stream).__name__}")
-        for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
-        self.stream, self.batch_size, self.rank, self.world_size, self.pad_id = stream, batch_size, rank, world_size, pad_id
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        it = iter(self.stream)
-        n = self.batch_size * self.world_size
-        while True:
-            items = [x for _, x in zip(range(n), it)]
-            if len(items) < n:
-                return
-            lo = self.rank * self.batch_size
-            yield _collate(items[lo : lo + self.batch_size], self.pad_id)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"stream": self.stream.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "stream" not in state:
-            raise ValueError(f"batch-source state lacks 'stream': {sorted(state)}")
-        self.stream.load_state_dict(dict(state["stream"]))
 
 
 # ---------------------------------------------------------------------------- loss
@@ -671,7 +630,7 @@ def heldout_batches(stream: TextStream, batch_size: int, max_sequences: int, pad
     items = [x for _, x in zip(range(max_sequences), stream)]
     if not items:
         raise ValueError("the held-out text yields no sequence")
-    return [_collate(items[i : i + batch_size], pad_id) for i in range(0, len(items), batch_size)]
+    return [pad_collate(items[i : i + batch_size], pad_id) for i in range(0, len(items), batch_size)]
 
 
 # ---------------------------------------------------------------------------- workflow
@@ -807,8 +766,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     held = heldout_batches(held_stream, cfg.batch_size, cfg.eval_sequences, tok.pad_token_id)
     student_params, teacher_params = student.parameter_report().total, teacher.num_params
     before = evaluate_distillation(student, teacher, held) if rank == 0 else None
-    batches = TextBatches(TextStream(files, tok, cfg.max_seq_len, split="train", holdout_every=holdout),
-                          cfg.batch_size, rank, world, tok.pad_token_id)
+    batches = StreamBatches(TextStream(files, tok, cfg.max_seq_len, split="train", holdout_every=holdout),
+                            cfg.batch_size, rank, world, tok.pad_token_id)
     model = Distiller(student, teacher, loss, seed=cfg.train.seed)
     fingerprint = {"teacher": os.path.abspath(cfg.teacher), "student": student.config.to_dict(), "loss": asdict(loss),
                    "batch_size": cfg.batch_size, "max_seq_len": cfg.max_seq_len, "train_embeddings": cfg.train_embeddings}

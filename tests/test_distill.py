@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from mpobert.data import StreamBatches
 from mpobert.distill import (
-    DistillLoss, Distiller, TextBatches, TextStream, convert_student, evaluate_distillation, format_comparison,
+    DistillLoss, Distiller, TextStream, convert_student, evaluate_distillation, format_comparison,
     heldout_batches, load_teacher, teacher_layer_list,
 )
 from mpobert.train import TrainConfig, Trainer
@@ -101,7 +102,7 @@ def test_exact_student_has_zero_loss(mlm_teacher, corpus, teacher_input_steps):
     loss = DistillLoss(hidden_weight=1, hidden_layers="0,1,2", cosine_weight=1, attention_weight=1, logits_weight=1,
                        teacher_input_steps=teacher_input_steps)
     model = Distiller(student, teacher, loss).train(bool(teacher_input_steps))  # local (teacher inputs) in training
-    batch = next(iter(TextBatches(TextStream([corpus], teacher.tokenizer, 24), 4, pad_id=teacher.tokenizer.pad_token_id)))
+    batch = next(iter(StreamBatches(TextStream([corpus], teacher.tokenizer, 24), 4, pad_id=teacher.tokenizer.pad_token_id)))
     out = model(**batch)
     assert set(out.terms) == {"hidden", "cosine", "attention", "logits"}
     assert all(abs(v) < 1e-5 for v in out.terms.values()), out.terms
@@ -123,7 +124,7 @@ def test_distillation_improves_shared_student(mlm_teacher, corpus, tmp_path):
     held = heldout_batches(TextStream([corpus], tok, 24, split="heldout", holdout_every=4, loop=False), 8, 32, tok.pad_token_id)
     before = evaluate_distillation(student, teacher, held)
     model = Distiller(student, teacher, DistillLoss(logits_weight=1.0, teacher_input_steps=20))
-    batches = TextBatches(TextStream([corpus], tok, 24, holdout_every=4), 8, pad_id=tok.pad_token_id)
+    batches = StreamBatches(TextStream([corpus], tok, 24, holdout_every=4), 8, pad_id=tok.pad_token_id)
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=40, optimizer="adamw", lr=3e-3, weight_decay=0.0,
                       progress="none", device="cpu", log_every=10)
     Trainer(model, batches, cfg).train()
@@ -147,7 +148,7 @@ def test_distill_resume_matches_uninterrupted(base_teacher, corpus, tmp_path):
         student = copy.deepcopy(base)
         if hook is not None:
             student.register_forward_hook(hook)
-        batches = TextBatches(TextStream([corpus], tok, 16, holdout_every=4), 4, pad_id=tok.pad_token_id)
+        batches = StreamBatches(TextStream([corpus], tok, 16, holdout_every=4), 4, pad_id=tok.pad_token_id)
         cfg = TrainConfig(output_dir=str(tmp_path / name), max_steps=6, optimizer="adamw", lr=1e-3, progress="none",
                           device="cpu", resume=resume, save_every=3)
         return student, Trainer(Distiller(student, teacher, DistillLoss()), batches, cfg)

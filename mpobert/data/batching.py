@@ -28,12 +28,14 @@ def _check_shard(batch_size: int, rank: int, world_size: int) -> None:
 
 
 class StreamBatches:
-    """Per-rank batches from a :class:`PretrainingStream`.
+    """Per-rank batches from a resumable stream of instances (:class:`PretrainingStream`,
+    :class:`mpobert.distill.TextStream`), collated by :func:`pad_collate`.
 
     Parameters
     ----------
-    stream : PretrainingStream
-        The instance stream (its position is this source's state).
+    stream : PretrainingStream or TextStream
+        The instance stream: iterable, with ``state_dict``/``load_state_dict`` (its position is
+        this source's state).
     batch_size : int
         Per-rank batch size.
     rank, world_size : int
@@ -43,8 +45,9 @@ class StreamBatches:
     """
 
     def __init__(self, stream: PretrainingStream, batch_size: int, rank: int = 0, world_size: int = 1, pad_id: int = 0) -> None:
-        if not isinstance(stream, PretrainingStream):
-            raise TypeError(f"stream must be a PretrainingStream, got {type(stream).__name__}")
+        if not all(hasattr(stream, a) for a in ("__iter__", "state_dict", "load_state_dict")):
+            raise TypeError(f"stream must be a resumable instance stream (PretrainingStream, TextStream), "
+                            f"got {type(stream).__name__}")
         _check_shard(batch_size, rank, world_size)
         self.stream, self.batch_size, self.rank, self.world_size, self.pad_id = stream, batch_size, rank, world_size, pad_id
 
