@@ -222,9 +222,10 @@ def weight_cache(module: nn.Module, process_group: object = None) -> Iterator[No
 
 
 def mpo_core_names(module: nn.Module) -> list[str]:
-    """Qualified names (``module.named_parameters()`` spelling) of every MPO core of ``module``'s layers."""
+    """Qualified names of every MPO core of ``module``'s layers, each alias of a shared core included
+    (a shared central is reachable under one name per layer and one in its owner)."""
     ids = {id(c) for layer in _layers(module) for c in layer.cores}
-    return [name for name, p in module.named_parameters() if id(p) in ids]
+    return [name for name, p in module.named_parameters(remove_duplicate=False) if id(p) in ids]
 
 
 def exclude_cores_from_ddp(module: nn.Module, broadcast: bool = True) -> list[str]:
@@ -237,8 +238,8 @@ def exclude_cores_from_ddp(module: nn.Module, broadcast: bool = True) -> list[st
     names = mpo_core_names(module)
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
     if broadcast and dist.is_initialized():
-        params = dict(module.named_parameters())
+        cores = {id(c): c for layer in _layers(module) for c in layer.cores}
         with torch.no_grad():
-            for name in names:
-                dist.broadcast(params[name].data, src=0)
+            for core in cores.values():
+                dist.broadcast(core.data, src=0)
     return names

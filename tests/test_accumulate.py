@@ -206,14 +206,16 @@ def test_no_grad_inside_builds_no_graph_and_matches():
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
 
 
-def test_core_names_are_the_shared_parameters_once():
+def test_core_names_cover_every_alias_of_a_shared_core():
     model = _model()
-    names = mpo_core_names(model)
-    params = dict(model.named_parameters())
-    ids = [id(params[n]) for n in names]
-    assert len(ids) == len(set(ids))
-    layer = model.encoder.layers[1].mpo["ffn_in"]
-    assert {id(c) for c in layer.cores} <= set(ids)
+    names = set(mpo_core_names(model))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    central = model.encoder.layers[1].mpo["ffn_in"].central
+    aliases = {n for n, p in params.items() if p is central}
+    assert len(aliases) == model.config.num_layers + 1 and aliases <= names  # every layer's name and the owner's
+    core_ids = {id(c) for m in model.modules() if isinstance(m, MPOLinear) for c in m.cores}
+    assert all(id(params[n]) in core_ids for n in names)
+    assert {n for n, p in params.items() if id(p) in core_ids} == names
 
 
 # ---------------------------------------------------------------- data parallel (2 gloo processes)
