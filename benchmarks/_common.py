@@ -1,4 +1,12 @@
-"""Shared pieces of the benchmarks: timing, a plain-text table, and the JSON report."""
+"""Shared pieces of the benchmarks: the one timer and the device description (from
+:mod:`mpo_core.gpu.timing`, shared with ``python -m mpo_core.check``), a plain-text table,
+and the JSON report.
+
+Every contender of a benchmark is timed by :func:`time_calls` (or :func:`time_call`): on a
+GPU with CUDA events around each call after warm-up calls, elsewhere with
+``time.perf_counter``; contenders interleaved call by call, each with the same warm-up
+and repeat count.
+"""
 from __future__ import annotations
 
 import json
@@ -7,15 +15,10 @@ from typing import Any, Sequence
 
 import torch
 
+from mpo_core.gpu.timing import device_description, device_info, time_call, time_calls
 from mpo_core.io import atomic_write
 
-
-def device_description(device: torch.device | str) -> str:
-    """A short human-readable name for ``device`` (GPU model or CPU architecture and threads)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
+__all__ = ["device_description", "device_info", "format_table", "time_call", "time_calls", "write_json"]
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

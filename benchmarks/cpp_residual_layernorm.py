@@ -9,7 +9,8 @@ For BERT shapes (rows 512..8192 x hidden 768/1024), in the same run and on the s
   requiring grad (``torch.autograd.grad``), the way a training step pays for it.
 
 ``ratio = torch / C++`` (> 1: the C++ path is faster), from ``--repeat`` timings of each,
-interleaved call by call (median, and min as the low-noise estimate on a shared machine).
+interleaved call by call by the one timer of ``benchmarks/_common.py`` (median, and min as
+the low-noise estimate on a shared machine).
 
     python benchmarks/cpp_residual_layernorm.py --quick
     python benchmarks/cpp_residual_layernorm.py --dtype bfloat16 --json results/cpp_residual_layernorm_bf16.json
@@ -20,34 +21,17 @@ import argparse
 import os
 import statistics
 import sys
-import time
-from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import device_description, format_table, write_json  # noqa: E402
+from _common import device_info, format_table, time_calls, write_json  # noqa: E402
 
 from mpo_core import extension  # noqa: E402
 
 EPS = 1e-12  # BERT's LayerNorm eps
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-
-
-def time_pair(fa: Callable[[], Any], fb: Callable[[], Any], repeat: int, warmup: int = 2) -> tuple[list[float], list[float]]:
-    """Wall times (s) of ``fa`` and ``fb``, interleaved call by call so that load from other
-    processes on a shared machine falls on both alike."""
-    for _ in range(warmup):
-        fa()
-        fb()
-    ta, tb = [], []
-    for _ in range(repeat):
-        for f, acc in ((fa, ta), (fb, tb)):
-            t0 = time.perf_counter()
-            f()
-            acc.append(time.perf_counter() - t0)
-    return ta, tb
 
 
 def bench_shape(C, rows: int, hidden: int, dtype: torch.dtype, repeat: int) -> list[dict]:
@@ -84,7 +68,8 @@ def bench_shape(C, rows: int, hidden: int, dtype: torch.dtype, repeat: int) -> l
 
     out = []
     for phase, tf, cf in (("fwd", torch_fwd, cpp_fwd), ("bwd", torch_bwd, cpp_bwd), ("fwd+bwd", torch_step, cpp_step)):
-        ta, tb = time_pair(tf, cf, repeat)
+        times = time_calls({"torch": tf, "cpp": cf}, "cpu", warmup=2, repeat=repeat)
+        ta, tb = times["torch"], times["cpp"]
         t_torch, t_cpp = statistics.median(ta), statistics.median(tb)
         out.append({
             "rows": rows, "hidden": hidden, "dtype": str(dtype).removeprefix("torch."), "phase": phase,
@@ -97,13 +82,15 @@ def bench_shape(C, rows: int, hidden: int, dtype: torch.dtype, repeat: int) -> l
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table and write the JSON report; returns the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="rows 512/2048, hidden 768 only")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="rows 512/2048, hidden 768 only")
+    size.add_argument("--tiny", action="store_true", help="64 rows x 768, 3 timings (smoke test)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     ap.add_argument("--repeat", type=int, default=None, help="timings per median (default 21, --quick 11)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)")
     ap.add_argument("--json", default=os.path.join("results", "cpp_residual_layernorm.json"))
     args = ap.parse_args(argv)
-    repeat = args.repeat if args.repeat is not None else (11 if args.quick else 21)
+    repeat = args.repeat if args.repeat is not None else (3 if args.tiny else 11 if args.quick else 21)
     if repeat < 1:
         ap.error(f"--repeat must be >= 1, got {repeat}")
     if args.threads is not None:
@@ -115,13 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         print("mpo_core._C is not built: pip install --no-build-isolation -e .", file=sys.stderr)
         return 1
 
-    shapes = [(512, 768), (2048, 768)] if args.quick else [(rows, hidden) for hidden in (768, 1024)
+    shapes = [(64, 768)] if args.tiny else [(512, 768), (2048, 768)] if args.quick else [(rows, hidden) for hidden in (768, 1024)
                                                           for rows in (512, 2048, 8192)]
     dtype = DTYPES[args.dtype]
     rows_out = []
     for rows, hidden in shapes:
         rows_out += bench_shape(C, rows, hidden, dtype, repeat)
-    device = device_description("cpu")
+    info = device_info("cpu")
+    device = info["device"]
     print(f"residual + LayerNorm on {device}, {args.dtype}, {repeat} interleaved timings each (median and min); "
           "ratio = torch / C++ (> 1: C++ faster)")
     print(format_table(rows_out, ["rows", "hidden", "dtype", "phase", "torch_ms", "cpp_ms", "ratio",
@@ -133,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, {
         "benchmark": "cpp_residual_layernorm",
         "device": device,
+        "device_info": info,
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
         "repeat": repeat,

@@ -15,8 +15,9 @@ machine (:mod:`mpo_core.gpu.aot`: registers, spills, shared memory as reported b
 4. one MPOBERT-12 training step (batch 32 x 512, bf16, forward + backward + LAMB): HBM
    bytes and FLOPs fused vs unfused, predicted step time on both devices, bytes saved.
 
-With a GPU, table 1 is also measured (ours and torch eager, Triton's ``do_bench``) and
-printed in its own table beside the model, with the ratio measured / model.
+With a GPU, table 1 is also measured (ours and torch eager, the one timer of
+``benchmarks/_common.py``: CUDA events after warm-up) and printed in its own table beside
+the model of that GPU (A100/H100), with the ratio measured / model.
 
     python benchmarks/gpu_model.py                    # everything (compiles ~100 cubins: 20 s warm, 2 min cold)
     python benchmarks/gpu_model.py --no-compile       # tables 1, 2, 4 only
@@ -32,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from _common import device_description, write_json  # noqa: E402
+from _common import device_info, write_json  # noqa: E402
 
 from mpo_core import gpu  # noqa: E402
 
@@ -89,10 +90,11 @@ def step_rows(dropout: bool) -> tuple[list[dict], dict]:
 
 
 def measured_fused_ops(model_rows: list[dict], dtype: torch.dtype) -> list[dict]:
-    """On a GPU: time ours and torch eager for every row of the fused-op model table; ratio to the model."""
-    from fused_ops import _eager, _fwd_bwd_times, _inputs, _ours
+    """On a GPU: time ours and torch eager (the one timer of benchmarks/_common.py, interleaved) for
+    every row of the fused-op model table; beside it the model of this GPU when there is one."""
+    from fused_ops import _eager, _fwd_bwd_times, _inputs, _ours, model_gpu
 
-    device = gpu.H100 if "H100" in device_description("cuda") else gpu.A100
+    device = model_gpu("cuda")
     rows = []
     for row in model_rows:
         if row["dir"] != "fwd":
@@ -101,12 +103,13 @@ def measured_fused_ops(model_rows: list[dict], dtype: torch.dtype) -> list[dict]
         inputs = _inputs(op, m, n, dtype, "cuda")
         for impl, make in (("fused", lambda: _ours(op, None)), ("torch", lambda: _eager(op))):
             t_fwd, t_bwd = _fwd_bwd_times(make(), inputs, "cuda")
-            model = {d: next(r for r in model_rows if r["op"] == op and r["hidden"] == n and r["dir"] == d)
-                     [f"us_{impl}_{device.name}"] for d in ("fwd", "bwd")}
             for direction, t in (("fwd", t_fwd), ("bwd", t_bwd)):
-                rows.append({"kind": "measured", "op": op, "dir": direction, "hidden": n, "impl": impl,
-                             "measured_us": t * 1e6, f"model_us_{device.name}": model[direction],
-                             "measured/model": t * 1e6 / model[direction]})
+                out = {"kind": "measured", "op": op, "dir": direction, "hidden": n, "impl": impl, "measured_us": t * 1e6}
+                if device is not None:
+                    model = next(r for r in model_rows if r["op"] == op and r["hidden"] == n and r["dir"] == direction)
+                    out["model_us"] = model[f"us_{impl}_{device.name}"]
+                    out["measured/model"] = t * 1e6 / out["model_us"]
+                rows.append(out)
     return rows
 
 
@@ -146,12 +149,16 @@ def main(argv: list[str] | None = None) -> dict:
     report.update(model_step=steps, model_step_saved=saved)
 
     if torch.cuda.is_available():
+        from fused_ops import model_gpu
+
         measured = measured_fused_ops(ops, torch.bfloat16)
-        print(f"\nMEASURED on {device_description('cuda')} beside the model (ratio measured/model)")
-        cols = ["op", "dir", "hidden", "impl", "measured_us", next(k for k in measured[0] if k.startswith("model_us")),
-                "measured/model"]
+        info = device_info("cuda")
+        modelled = getattr(model_gpu("cuda"), "name", None)
+        print(f"\nMEASURED on {info['device']} (sm_clock_MHz {info['sm_clock_MHz']}) beside the model of "
+              f"{modelled or 'no modelled GPU (A100/H100 only): measured only'}")
+        cols = ["op", "dir", "hidden", "impl", "measured_us"] + (["model_us", "measured/model"] if modelled else [])
         print(gpu.format_rows(measured, cols))
-        report.update(device=device_description("cuda"), measured_fused_ops=measured)
+        report.update(device=info["device"], device_info=info, measured_fused_ops=measured)
     write_json(args.json, report)
     print(f"\nwrote {args.json}")
     return report

@@ -1,0 +1,79 @@
+"""The one timer of the benchmarks and the acceptance check, and what they report about the device.
+
+On a GPU each call is bracketed by CUDA events after warm-up calls; elsewhere it is
+``time.perf_counter``. Contenders are interleaved call by call, so that load from other
+processes falls on all of them alike, each with the same warm-up and repeat count.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Any, Callable, Mapping
+
+import torch
+
+
+def device_description(device: torch.device | str) -> str:
+    """A short human-readable name for ``device`` (GPU model or CPU architecture and threads)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def device_info(device: torch.device | str) -> dict[str, Any]:
+    """What a benchmark reports about where it ran: name, and on a GPU the compute capability,
+    SM count, memory, and the clocks where the driver reports them (``torch.cuda.clock_rate``:
+    the current SM clock in MHz, through pynvml when it is installed)."""
+    device = torch.device(device)
+    info: dict[str, Any] = {"device": device_description(device), "type": device.type}
+    if device.type != "cuda":
+        info["threads"] = torch.get_num_threads()
+        return info
+    props = torch.cuda.get_device_properties(device)
+    info.update(capability=f"{props.major}.{props.minor}", sm_count=props.multi_processor_count,
+                memory_GiB=round(props.total_memory / 2**30, 1))
+    try:
+        info["sm_clock_MHz"] = torch.cuda.clock_rate(device)
+    except Exception as exc:  # pynvml missing or the driver does not say: report why, measure anyway
+        info["sm_clock_MHz"] = f"not readable ({type(exc).__name__})"
+    return info
+
+
+def time_calls(fns: Mapping[str, Callable[[], Any]], device: torch.device | str, *, warmup: int = 3,
+               repeat: int = 15) -> dict[str, list[float]]:
+    """Seconds of each call of every function in ``fns``, ``repeat`` rounds interleaved call by call
+    after ``warmup`` rounds.
+
+    On a CUDA device each call is bracketed by CUDA events on the current stream (the
+    device's time, launch overhead included), and the stream is synchronized before reading
+    them; on a CPU it is ``time.perf_counter`` around the call.
+    """
+    if warmup < 0 or repeat < 1:
+        raise ValueError(f"warmup must be >= 0 and repeat >= 1, got {warmup} and {repeat}")
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(device)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) * 1e-3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def time_call(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = 3, repeat: int = 15) -> float:
+    """Median seconds per call of ``fn`` (:func:`time_calls` with one contender)."""
+    return statistics.median(time_calls({"fn": fn}, device, warmup=warmup, repeat=repeat)["fn"])
