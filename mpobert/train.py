@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mpo_core.accumulate import exclude_cores_from_ddp, weight_cache
 from mpobert.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mpobert.optim import build_optimizer, warmup_linear_scheduler
 from mpobert.options import option
@@ -247,6 +248,7 @@ class Trainer:
         self.ddp = None
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
+            exclude_cores_from_ddp(self.model)  # their gradients come from weight_cache, all-reduced there
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
                                                            find_unused_parameters=find_unused_parameters)
         self.optimizer = build_optimizer(self.model, config.optimizer, config.lr, config.weight_decay)
@@ -340,19 +342,22 @@ class Trainer:
         net = self.ddp if self.ddp is not None else self.model
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
-        for micro in range(cfg.grad_accum):
-            try:
-                batch = next(it)
-            except StopIteration:
-                raise ValueError(f"the batch source ran out at step {self.step} (before max_steps={cfg.max_steps})") from None
-            mask = batch.get("attention_mask")
-            tokens += int(mask.sum()) if isinstance(mask, torch.Tensor) else int(batch["input_ids"].numel())
-            batch = _to_device(batch, self.device)
-            sync = self.ddp is None or micro == cfg.grad_accum - 1
-            with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self._autocast():
-                loss = _loss_of(net(**batch)).float() / cfg.grad_accum
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            loss_sum += loss.detach()
+        # each MPO weight is rebuilt once for the grad_accum micro-batches; the cores get their
+        # gradient when the context ends (before unscaling and clipping), all-reduced under DDP
+        with weight_cache(self.model, process_group=True if self.ddp is not None else None):
+            for micro in range(cfg.grad_accum):
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    raise ValueError(f"the batch source ran out at step {self.step} (before max_steps={cfg.max_steps})") from None
+                mask = batch.get("attention_mask")
+                tokens += int(mask.sum()) if isinstance(mask, torch.Tensor) else int(batch["input_ids"].numel())
+                batch = _to_device(batch, self.device)
+                sync = self.ddp is None or micro == cfg.grad_accum - 1
+                with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self._autocast():
+                    loss = _loss_of(net(**batch)).float() / cfg.grad_accum
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                loss_sum += loss.detach()
         if self.world_size > 1:
             dist.all_reduce(loss_sum)
             loss_sum /= self.world_size
