@@ -363,6 +363,52 @@ def profile_step(contender: Contender, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+def rebuild_rows(model: MPOBertModel, tokens: int, device: torch.device, clock: Callable[[], float],
+                 repeats: int) -> list[dict]:
+    """Rebuilding every MPO weight of ``model`` (batched over the layers sharing a central, and one
+    chain per layer) against the dense GEMMs of the same matrices on ``tokens`` tokens, forward and
+    forward + backward, measured (interleaved, median)."""
+    from mpo_core.accumulate import _build
+    from mpo_core.nn import MPOLinear
+    from mpo_core.rebuild import dense_matrix
+
+    layers = [m for m in model.modules() if isinstance(m, MPOLinear)]
+    xs = {(m.in_features, m.out_features): torch.randn(tokens, m.in_features, device=device) for m in layers}
+    dense = [torch.randn(m.in_features, m.out_features, device=device, requires_grad=True) for m in layers]
+
+    def batched():
+        return _build(layers)
+
+    def chain():
+        return [dense_matrix(list(m.cores)) for m in layers]
+
+    def gemms():
+        return [xs[(m.in_features, m.out_features)] @ w for m, w in zip(layers, dense)]
+
+    def with_backward(fn):
+        def go():
+            outs = fn()
+            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+            model.zero_grad(set_to_none=True)
+            for w in dense:
+                w.grad = None
+        return go
+
+    cases = {"rebuild batched": batched, "rebuild per layer": chain, f"dense GEMMs ({tokens} tokens)": gemms}
+    times = {(name, mode): [] for name in cases for mode in ("fwd", "fwd+bwd")}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name, fn in cases.items():
+            for mode, run_ in (("fwd", fn), ("fwd+bwd", with_backward(fn))):
+                with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
+                    t0 = clock()
+                    run_()
+                    times[(name, mode)].append(clock() - t0)
+    ref = {mode: statistics.median(times[(f"dense GEMMs ({tokens} tokens)", mode)][1:]) for mode in ("fwd", "fwd+bwd")}
+    return [{"what": name, "mode": mode, "seconds": statistics.median(times[(name, mode)][1:]),
+             "vs_dense_gemms": statistics.median(times[(name, mode)][1:]) / ref[mode]}
+            for name in cases for mode in ("fwd", "fwd+bwd")]
+
+
 def settings_from(args: argparse.Namespace, device: torch.device) -> list[Setting]:
     precisions = args.precision or (["fp32", "bf16"] if device.type == "cuda" else ["fp32"])
     pairs = args.pairs or [(k, tokens) for tokens in args.tokens for k in args.k]
@@ -398,7 +444,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     print(f"device: {device_description(device)}; timings measured ({args.clock} clock), interleaved, "
           f"median of {args.repeats}")
-    rows, checks = [], {}
+    rows, checks, rebuilds = [], {}, {}
     for preset in args.presets:
         cfg = PRESETS[preset](hidden_dropout=0.0, attention_dropout=0.0)
         mpobert = MPOBertModel(cfg)
@@ -410,6 +456,13 @@ def run(args: argparse.Namespace) -> dict:
             for m in models.values():
                 m.to(device)
         info = {name: (sum(p.numel() for p in unique_params(m)), allreduce_bytes(m)) for name, m in models.items()}
+        if args.rebuild:
+            for tokens in sorted({t for _, t in (args.pairs or [(1, t) for t in args.tokens])}):
+                rrows = rebuild_rows(mpobert, tokens, device, CLOCKS[args.clock], args.repeats)
+                print(f"\n{preset}: rebuilding every W vs the dense GEMMs of the same matrices, {tokens} tokens (measured)")
+                print(format_table(rrows, ["what", "mode", "seconds", "vs_dense_gemms"]), flush=True)
+                rebuilds[f"{preset} {tokens} tokens"] = rrows
+            continue
         for setting in settings_from(args, device):
             contenders = [Contender(name, m, setting, device, cfg.vocab_size, args.seed) for name, m in models.items()]
             if args.profile:
@@ -450,7 +503,7 @@ def run(args: argparse.Namespace) -> dict:
                                ["variant", "seconds", "vs_bert", "tokens_per_s", "peak_mb", "params_m",
                                 "allreduce_mb", "allreduce_vs_bert"]), flush=True)
             write_json(args.out, {"benchmark": "train_step", "partial": True, "rows": rows})
-    return {"rows": rows, "naive_check_max_abs_diff": checks, "device": device_description(device),
+    return {"rows": rows, "naive_check_max_abs_diff": checks, "rebuild": rebuilds, "device": device_description(device),
             "threads": torch.get_num_threads(), "args": vars(args)}
 
 
@@ -499,6 +552,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--profile", choices=VARIANTS, help="print a profile of one step of this variant instead of timing")
     ap.add_argument("--profile-rows", type=int, default=15)
+    ap.add_argument("--rebuild", action="store_true",
+                    help="instead of steps: rebuilding every W (batched / per layer) vs the dense GEMMs")
     ap.add_argument("--out", default=os.path.join("results", "train_step.json"))
     ap.add_argument("--plot", default=None, help="also save a figure of the ratios (needs matplotlib)")
     args = ap.parse_args(argv)
