@@ -82,6 +82,10 @@ class MPOBertConfig:
     depth_scaling_after : int
         Layers with 1-based index above this get depth-scaled auxiliaries (paper: ALBERT provides
         24 layers' worth of initialization).
+    share_biases_norms : bool
+        ``True`` (the paper): the biases and LayerNorms are shared by a group's layers with the
+        central cores; ``False``: every layer has its own (``L x`` (6 biases + 2 LayerNorms), e.g.
+        30k parameters at L=6, H=384), which a conversion from BERT then copies exactly.
     depth_scaling : {"algorithm1", "random"}
         How those layers' auxiliary cores start when converting a checkpoint: ``"algorithm1"``
         (the paper's appendix A.2): the source's own auxiliaries, each core multiplied by
@@ -119,6 +123,7 @@ class MPOBertConfig:
     classifier_dropout: float = 0.1
     depth_scaling_after: int = 24
     depth_scaling: str = "algorithm1"
+    share_biases_norms: bool = True
 
     def __post_init__(self) -> None:
         self.mpo_shapes = {int(k): tuple(int(s) for s in v) for k, v in dict(self.mpo_shapes).items()}
@@ -152,6 +157,8 @@ class MPOBertConfig:
             raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
         if self.num_layers % self.num_groups:
             raise ValueError(f"num_layers={self.num_layers} must be divisible by num_groups={self.num_groups}")
+        if not isinstance(self.share_biases_norms, bool):
+            raise TypeError(f"share_biases_norms must be a bool, got {self.share_biases_norms!r}")
         if self.depth_scaling not in DEPTH_SCALINGS:
             raise ValueError(f"depth_scaling must be one of {list(DEPTH_SCALINGS)}, got {self.depth_scaling!r}")
         if self.hidden_act not in HIDDEN_ACTS:

@@ -418,7 +418,7 @@ def student_attention_probs(student: nn.Module, hidden_in: torch.Tensor, attenti
     cfg = student.config
     lyr = student.base_model.encoder.layers[layer]
     b, s, _ = hidden_in.shape
-    q, k = ((lyr.project(m, hidden_in) + lyr.group.bias[m]).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+    q, k = ((lyr.project(m, hidden_in) + lyr.norms.bias[m]).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
             for m in ("q", "k"))
     scores = q @ k.transpose(-1, -2) / math.sqrt(cfg.head_dim)
     scores = scores.masked_fill(~attention_mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
@@ -651,6 +651,8 @@ class DistillConfig:
     max_seq_len: int = option(64, "tokens per sequence incl. specials")
     num_groups: int | None = option(None, "student: groups sharing a central (default 1: one central per matrix)")
     adapter_rank: int | None = option(None, "student: rank of the per-layer adapters (default: the config's, 8)")
+    unshare_biases_norms: bool = option(False, "student: every layer keeps its own biases and LayerNorms (copied "
+                                               "exactly; costs L x (6 biases + 2 LayerNorms))")
     central_from: str = option("mean", "student (BERT/RoBERTa): each group's central from the mean of its layers, "
                                        "or 'layer:K'")
     hidden_weight: float = option(1.0, "weight of the hidden-state term (relative squared error, summed over layers)")
@@ -695,7 +697,7 @@ def _student(cfg: DistillConfig, teacher: Teacher) -> nn.Module:
         return cls.from_pretrained(cfg.student, strict=False)
     overrides = {k: getattr(cfg, k) for k in ("num_groups", "adapter_rank") if getattr(cfg, k) is not None}
     return convert_student(teacher, central_from=cfg.central_from, hidden_dropout=cfg.dropout,
-                           attention_dropout=cfg.dropout, **overrides)
+                           attention_dropout=cfg.dropout, share_biases_norms=not cfg.unshare_biases_norms, **overrides)
 
 
 def _freeze_unused(student: nn.Module, cfg: DistillConfig) -> None:

@@ -45,6 +45,7 @@ __all__ = ["xavier_core_std", "depth_scale", "init_model", "read_hf_checkpoint",
            "InitReport", "fit_auxiliaries"]
 
 _ALS_SWEEPS = 4
+_NORMS = ("attn_ln.weight", "attn_ln.bias", "ffn_ln.weight", "ffn_ln.bias")
 
 
 def xavier_core_std(in_features: int, out_features: int, ranks: list[int]) -> float:
@@ -98,9 +99,10 @@ def init_model(model: nn.Module) -> None:
             central.normal_(0.0, xavier_core_std(lin.in_features, lin.out_features, lin.ranks))
         for weight in group.dense.values():
             nn.init.xavier_normal_(weight)
-        for bias in group.bias.values():
+    for norms in {id(layer.norms): layer.norms for layer in model.encoder.layers}.values():
+        for bias in norms.bias.values():
             bias.zero_()
-        for ln_w, ln_b in ((group.attn_ln_weight, group.attn_ln_bias), (group.ffn_ln_weight, group.ffn_ln_bias)):
+        for ln_w, ln_b in ((norms.attn_ln_weight, norms.attn_ln_bias), (norms.ffn_ln_weight, norms.ffn_ln_bias)):
             ln_w.fill_(1.0)
             ln_b.zero_()
     for l, layer in enumerate(model.encoder.layers):
@@ -223,10 +225,9 @@ def _layer_tensors(st: _State, cfg: MPOBertConfig, keys: dict[str, str]) -> dict
 
 
 def _set_group(group: nn.Module, src: dict[str, torch.Tensor], cfg: MPOBertConfig) -> dict[str, Any]:
-    """Set a group's shared tensors from one source layer; returns the MPOs of its MPO matrices."""
+    """Set a group's centrals (dense matrices) from one source layer; returns the MPOs of its MPO matrices."""
     mpos = {}
     for m in MATRICES:
-        group.bias[m].copy_(src[m + ".bias"])
         if m in group.central:
             fan_in, fan_out = cfg.matrix_dims(m)
             mpo = decompose(src[m], cfg.shape_for(fan_in), cfg.shape_for(fan_out), max_bond=cfg.max_bond)
@@ -234,11 +235,20 @@ def _set_group(group: nn.Module, src: dict[str, torch.Tensor], cfg: MPOBertConfi
             mpos[m] = mpo
         else:
             group.dense[m].copy_(src[m].T)
-    group.attn_ln_weight.copy_(src["attn_ln.weight"])
-    group.attn_ln_bias.copy_(src["attn_ln.bias"])
-    group.ffn_ln_weight.copy_(src["ffn_ln.weight"])
-    group.ffn_ln_bias.copy_(src["ffn_ln.bias"])
     return mpos
+
+
+def _set_biases_norms(model: nn.Module, layer_sources: list[dict[str, torch.Tensor]],
+                      group_sources: list[dict[str, torch.Tensor]]) -> None:
+    """Biases and LayerNorms: each group's from its source, or (unshared) each layer's from its own."""
+    shared = model.config.share_biases_norms
+    targets = model.encoder.groups if shared else [layer.norms for layer in model.encoder.layers]
+    for norms, src in zip(targets, group_sources if shared else layer_sources):
+        for m in MATRICES:
+            norms.bias[m].copy_(src[m + ".bias"])
+        for name in _NORMS:
+            ln, part = name.split(".")
+            getattr(norms, f"{ln}_{part}").copy_(src[name])
 
 
 def _set_auxiliaries(lin: nn.Module, cores: list[torch.Tensor]) -> None:
@@ -311,6 +321,7 @@ def from_albert(cls: type, path: str | os.PathLike, **overrides: Any) -> nn.Modu
                          "encoder.embedding_hidden_mapping_in")
         _copy_pooler(base, st, "pooler")
         group_mpos = [_set_group(g, src, config) for g in base.encoder.groups]  # ALBERT's one layer, in every group
+        _set_biases_norms(base, [src] * config.num_layers, [src] * config.num_groups)
         _init_layers(base, group_mpos, lambda l, m: None)
         model._load_albert_heads(raw)
     model.init_report = InitReport.measure(base, "albert", [src] * config.num_layers)
@@ -397,16 +408,14 @@ def from_bert(cls: type, path: str | os.PathLike, central_from: str = "mean", **
             return fit_auxiliaries(layers[l][m], mpo.cores, mpo.central_index)[0]
 
         _init_layers(base, group_mpos, fit)
-    # layers beyond BERT's depth are compared with their group's source
-    model.init_report = InitReport.measure(base, family, [layers[l] if l < n_bert else sources[cfg.group_of(l)]
-                                                          for l in range(cfg.num_layers)])
+        # layers beyond BERT's depth take (and are compared with) their group's source
+        per_layer = [layers[l] if l < n_bert else sources[cfg.group_of(l)] for l in range(cfg.num_layers)]
+        _set_biases_norms(base, per_layer, sources)
+    model.init_report = InitReport.measure(base, family, per_layer)
     return model
 
 
 # ---------------------------------------------------------------------- report
-_NORMS = ("attn_ln.weight", "attn_ln.bias", "ffn_ln.weight", "ffn_ln.bias")
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()).clamp_min(1e-300))
 
@@ -417,7 +426,8 @@ class InitReport:
     One row per layer and tensor (``"q"`` ... ``"ffn_out"``, ``"q.bias"`` ..., ``"attn_ln.weight"``
     ...): ``rel_error`` ``||T_model - T_source||_F / ||T_source||_F`` and ``norm_ratio``
     ``||T_model||_F / ||T_source||_F``. A weight's model value includes its adapter; biases and
-    LayerNorms are the group's shared ones, so their error is what sharing merges away. The
+    LayerNorms are the group's shared ones, so their error is what sharing merges away (zero with
+    ``share_biases_norms=False``, where each layer keeps its own). The
     source of layer ``l`` is ALBERT's one layer, or BERT's layer ``l`` (beyond BERT's depth: the
     group's source). ``report[(layer, tensor)]`` is the ``rel_error``.
     """
@@ -433,9 +443,9 @@ class InitReport:
         """Compare every layer of the MPOBERT base ``model`` with ``sources[l]`` (:func:`_layer_tensors` dicts)."""
         rows = []
         for l, (layer, src) in enumerate(zip(model.encoder.layers, sources)):
-            group = layer.group
+            group = layer.norms
             for m in MATRICES:
-                w = dense_matrix(list(layer.mpo[m].cores)) if m in layer.mpo else group.dense[m].T
+                w = dense_matrix(list(layer.mpo[m].cores)) if m in layer.mpo else layer.group.dense[m].T
                 if m in layer.adapters:
                     w = w + layer.adapters[m].U @ layer.adapters[m].D
                 rows.append({"layer": l, "tensor": m, "rel_error": _rel(w, src[m]),

@@ -20,7 +20,7 @@ from mpo_core.ops import bias_gelu, layer_norm, residual_layer_norm
 from mpo_core.shapes import capped_ranks
 from mpobert.config import MATRICES, MPOBertConfig
 
-__all__ = ["LowRankAdapter", "SharedGroup", "MPOBertLayer", "MPOBertEncoder", "MPOBertEmbeddings", "attention_bool_mask",
+__all__ = ["LowRankAdapter", "SharedGroup", "LayerBiasesNorms", "MPOBertLayer", "MPOBertEncoder", "MPOBertEmbeddings", "attention_bool_mask",
            "central_shape"]
 
 
@@ -68,20 +68,38 @@ class SharedGroup(nn.Module):
         For every matrix, its ``(out_features,)`` bias.
     attn_ln_weight, attn_ln_bias, ffn_ln_weight, ffn_ln_bias : nn.Parameter
         The post-attention and post-FFN LayerNorms.
+
+    The biases and LayerNorms are here only with ``config.share_biases_norms``; otherwise each
+    layer holds its own (:class:`LayerBiasesNorms`).
     """
 
     def __init__(self, config: MPOBertConfig) -> None:
         super().__init__()
-        h = config.hidden_size
         self.central = nn.ParameterDict({m: nn.Parameter(torch.empty(central_shape(config, m))) for m in config.mpo_matrices})
         self.dense = nn.ParameterDict({
             m: nn.Parameter(torch.empty(config.matrix_dims(m)[::-1])) for m in MATRICES if m not in config.mpo_matrices
         })
-        self.bias = nn.ParameterDict({m: nn.Parameter(torch.zeros(config.matrix_dims(m)[1])) for m in MATRICES})
-        self.attn_ln_weight = nn.Parameter(torch.ones(h))
-        self.attn_ln_bias = nn.Parameter(torch.zeros(h))
-        self.ffn_ln_weight = nn.Parameter(torch.ones(h))
-        self.ffn_ln_bias = nn.Parameter(torch.zeros(h))
+        if config.share_biases_norms:
+            _add_biases_norms(self, config)
+
+
+def _add_biases_norms(module: nn.Module, config: MPOBertConfig) -> None:
+    """Register the six matrices' biases (``module.bias``) and the two LayerNorms on ``module``."""
+    h = config.hidden_size
+    module.bias = nn.ParameterDict({m: nn.Parameter(torch.zeros(config.matrix_dims(m)[1])) for m in MATRICES})
+    module.attn_ln_weight = nn.Parameter(torch.ones(h))
+    module.attn_ln_bias = nn.Parameter(torch.zeros(h))
+    module.ffn_ln_weight = nn.Parameter(torch.ones(h))
+    module.ffn_ln_bias = nn.Parameter(torch.zeros(h))
+
+
+class LayerBiasesNorms(nn.Module):
+    """One layer's own biases and LayerNorms (``config.share_biases_norms = False``): the same
+    attributes as a :class:`SharedGroup`'s (``bias``, ``attn_ln_weight``, ...)."""
+
+    def __init__(self, config: MPOBertConfig) -> None:
+        super().__init__()
+        _add_biases_norms(self, config)
 
 
 def central_shape(config: MPOBertConfig, name: str) -> torch.Size:
@@ -122,6 +140,7 @@ class MPOBertLayer(nn.Module):
             layer = _mpo_linear(config, name)
             layer.share_core(layer.central_index, group.central[name])
             self.mpo[name] = layer
+        self.own = None if config.share_biases_norms else LayerBiasesNorms(config)
         self.adapters = nn.ModuleDict()
         if config.adapter_rank > 0:
             for name in config.adapter_matrices:
@@ -133,6 +152,11 @@ class MPOBertLayer(nn.Module):
         """The :class:`SharedGroup` this layer shares its central cores, biases and LayerNorms with."""
         return self._group[0]
 
+    @property
+    def norms(self) -> nn.Module:
+        """Where this layer's biases and LayerNorms live: its group, or its own :class:`LayerBiasesNorms`."""
+        return self.group if self.own is None else self.own
+
     def project(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``x @ W(l)`` for matrix ``name`` (no bias): MPO (or the group's dense matrix) plus the adapter."""
         y = self.mpo[name](x) if name in self.mpo else F.linear(x, self.group.dense[name])
@@ -142,7 +166,7 @@ class MPOBertLayer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``hidden``: ``(B, S, H)``; ``mask``: boolean ``(B, 1, 1, S)`` (True = attend) or ``None``."""
-        cfg, group = self.config, self.group
+        cfg, group = self.config, self.norms  # biases and LayerNorms: the group's, or this layer's own
         b, s, h = hidden.shape
         heads = [
             (self.project(m, hidden) + group.bias[m]).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)

@@ -59,7 +59,7 @@ class ParameterReport:
             (f"central cores (shared, {self.num_groups} group{'s' if self.num_groups > 1 else ''})", self.central),
             (f"auxiliary cores ({self.num_layers} layers, {self.auxiliary_per_layer:,.0f}/layer)", self.auxiliary),
             ("adapters U(l) D(l)", self.adapters),
-            ("shared biases / LayerNorms / dense", self.shared_other),
+            ("biases / LayerNorms / dense (per group, or per layer)", self.shared_other),
             ("pooler", self.pooler),
             ("task heads", self.heads),
         ]

@@ -217,7 +217,7 @@ def test_distill_command(mlm_teacher, corpus, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["distill", "--teacher", str(mlm_teacher), "--corpus", str(corpus), "--output-dir", str(out),
             "--max-steps", "4", "--batch-size", "4", "--max-seq-len", "16", "--eval-sequences", "8", "--holdout-every", "4",
-            "--teacher-input-steps", "2", "--logits-weight", "0.5", "--warmup-steps", "1", "--progress", "none",
+            "--teacher-input-steps", "2", "--logits-weight", "0.5", "--warmup-steps", "1", "--unshare-biases-norms", "--progress", "none",
             "--device", "cpu"]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -225,7 +225,7 @@ def test_distill_command(mlm_teacher, corpus, tmp_path, capsys):
     report = json.loads((out / "distill_report.json").read_text())
     assert report["train"]["steps"] == 4 and report["before"]["sequences"] == 8
     assert report["student"]["params"] > report["student"]["trainable"] > 0 and report["teacher"]["params"] > 0
-    assert report["loss"]["teacher_input_steps"] == 2
+    assert report["loss"]["teacher_input_steps"] == 2 and report["student"]["config"]["share_biases_norms"] is False
     assert len(report["after"]["layer_rel_error"]) == 3
     student = MPOBertForPreTraining.from_pretrained(out / "model")
     assert (out / "model" / "tokenizer_config.json").exists() and student.config.vocab_size == report["student"]["config"]["vocab_size"]

@@ -249,6 +249,11 @@ def test_from_bert_report_shared_biases_and_norms(tmp_path):
     assert {r["tensor"] for r in report.to_dict()["rows"]} >= {"q", "q.bias", "attn_ln.bias", "ffn_ln.weight"}
     exact = MPOBertModel.from_bert(path, num_groups=3, adapter_rank=0).init_report
     assert max(r["rel_error"] for r in exact.rows) < 1e-5
+    own = MPOBertModel.from_bert(path, adapter_rank=0, share_biases_norms=False)
+    for l in range(3):  # every layer keeps BERT's own biases and LayerNorms; the weights fit as before
+        assert own.encoder.layers[l].norms.bias["q"].tolist() == pytest.approx(q_bias[l].tolist(), abs=1e-7)
+        assert own.init_report[(l, "q.bias")] < 1e-6 and own.init_report[(l, "ffn_ln.weight")] < 1e-6
+        assert own.init_report[(l, "v")] == pytest.approx(report[(l, "v")], rel=1e-6)
 
 
 def test_from_roberta_matches_roberta(tmp_path):

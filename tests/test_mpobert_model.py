@@ -56,7 +56,7 @@ def _reference_forward(model: MPOBertModel, ids, mask, types) -> torch.Tensor:
     b, s, _ = h.shape
     neg = (1.0 - mask[:, None, None, :].float()) * -1e30
     for l in range(cfg.num_layers):
-        g = model.encoder.groups[cfg.group_of(l)]
+        g = model.encoder.layers[l].norms  # biases and LayerNorms: the group's, or the layer's own
         proj = {m: lambda t, m=m: t @ _layer_weight(model, l, m) + g.bias[m] for m in MATRICES}
         q, k, v = (proj[m](h).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2) for m in ("q", "k", "v"))
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(cfg.head_dim) + neg, dim=-1)
@@ -334,6 +334,33 @@ def test_mpobert48_plus_size():
     rep = count_parameters(MPOBertConfig.mpobert48_plus())
     assert abs(rep.base_model - 102e6) <= 0.01 * 102e6, rep.base_model
     assert rep.central == 3 * (4 * 1024 ** 2 + 2 * 1024 * 4096)  # exact MPO: central = dense entries
+
+
+def test_unshared_biases_and_norms(tmp_path):
+    """share_biases_norms=False: every layer owns its biases and LayerNorms (the groups hold none);
+    the forward matches the reference, the count grows by exactly (L - G) x their size, and a
+    checkpoint round-trips."""
+    torch.manual_seed(0)
+    cfg = MPOBertConfig.tiny(num_groups=2, share_biases_norms=False)
+    model = MPOBertModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".own." in name:
+                p.add_(0.1 * torch.randn_like(p))
+    layers = model.encoder.layers
+    assert layers[0].norms is layers[0].own and layers[0].norms is not layers[1].norms
+    assert not hasattr(model.encoder.groups[0], "bias")
+    ids, mask, types = _batch(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask, types).last_hidden_state, _reference_forward(model, ids, mask, types),
+                                   atol=2e-5, rtol=2e-5)
+    per = sum(cfg.matrix_dims(m)[1] for m in MATRICES) + 4 * cfg.hidden_size
+    shared = count_parameters(cfg.replace(share_biases_norms=True))
+    assert count_parameters(cfg).total - shared.total == (cfg.num_layers - cfg.num_groups) * per
+    model.save_pretrained(tmp_path)
+    loaded = MPOBertModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, mask, types).last_hidden_state, model(ids, mask, types).last_hidden_state)
 
 
 def test_report_structure_and_exact_counts():
