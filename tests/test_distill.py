@@ -259,3 +259,27 @@ def test_convert_prints_and_writes_init_errors(base_teacher, tmp_path, capsys):
     bad = tmp_path / "bad"
     assert main(["convert", "--from", "roberta", "--input", str(base_teacher), "--output", str(bad)]) == 2
     assert "is a bert checkpoint" in capsys.readouterr().err and not bad.exists()
+
+
+@pytest.mark.slow
+def test_distill_under_torchrun(mlm_teacher, corpus, tmp_path):
+    """Two gloo ranks: every trainable tensor gets a gradient (frozen heads, no unused-parameter
+    error), the ranks stay in step and rank 0 writes the report."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    out = tmp_path / "ddp"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "mpobert", "distill", "--teacher", str(mlm_teacher), "--corpus", str(corpus),
+                          "--output-dir", str(out), "--max-steps", "3", "--warmup-steps", "1", "--batch-size", "2",
+                          "--max-seq-len", "16", "--eval-sequences", "8", "--holdout-every", "4", "--teacher-input-steps", "1",
+                          "--logits-weight", "0.5", "--progress", "none", "--device", "cpu"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads((out / "distill_report.json").read_text())
+    assert report["train"]["steps"] == 3
+    assert json.loads((out / "final_metrics.json").read_text())["world_size"] == 2
