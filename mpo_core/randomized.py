@@ -1,202 +1,196 @@
-"""Randomized truncated splits with a certified discarded norm, for TT-SVD at LLM scale.
+"""Truncated splits without a full SVD, with a certified discarded norm, for TT-SVD at LLM scale.
 
 A split factors an unfolding ``A`` (``m x N``) as ``A ≈ left @ right`` with ``left`` having
-orthonormal columns. :func:`sketched_split` finds ``left`` without a full SVD:
+orthonormal columns and ``right = leftᵀ A``. Two routes find ``left``:
 
-* **Range finder**: randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4):
-  ``Y = A Ω`` with a Gaussian ``Ω`` of ``k = rank + oversample`` columns, then ``power_iters``
-  rounds of ``Q = qr(A qr(Aᵀ Q))``; each product re-orthonormalized (Householder QR).
-* **Projection**: ``B = Qᵀ A`` (``k x N``) and its SVD ``B = U_B S V_Bᵀ``; ``left = Q U_B[:, :r]``
-  and ``right = S_r V_B[:, :r]ᵀ = left.T @ A``.
-* **Whole range** (:func:`whole_range_split`): for a lopsided unfolding, the eigenvectors of
-  the Gram matrix of its smaller side give the exact dominant subspace at the cost of about
-  one GEMM pass; nothing truncated, the rotation ``Vᵀ A`` is done in place, block by block
-  (no second copy of ``A``).
+* :func:`sketched_split`, **randomized subspace iteration** (Halko, Martinsson & Tropp 2011,
+  Alg. 4.4): ``Y = A Ω`` with a Gaussian ``Ω`` of ``k = rank + oversample`` columns (drawn
+  block by block from a seeded generator), then ``power_iters`` rounds of ``Y ← A (Aᵀ Q)``
+  with ``Q = orth(Y)``; then Rayleigh-Ritz: the eigenvectors ``V`` of ``Qᵀ A Aᵀ Q`` (``k x k``)
+  order the basis and ``left = Q V_r``.
+* :func:`whole_range_split`, for a lopsided unfolding: the eigenvectors of the Gram matrix of
+  its smaller side (``A Aᵀ`` or ``Aᵀ A``) give the exact dominant subspace at about one GEMM
+  pass; nothing truncated on a wide ``A``, the rotation ``Vᵀ A`` is done in place.
 
-**Certified discarded norm.** With ``Q`` orthonormal, ``||A - left right||_F² =
-||(I - QQᵀ)A||_F² + Σ_{i >= r} ||row_i(U_Bᵀ B)||²``. The second sum is computed directly from
-the rotated rows (no cancellation). The first is ``||A||² - ||B||²`` when that difference is
-at least ``CANCELLATION_GUARD`` of ``||A||²``; below that the subtraction would lose most of
-its digits, so it is recomputed directly as ``||A - Q B||_F²`` in column blocks (one more
-pass). The sum is what the split reports; it is a bound on the split's error that needs no
-probabilistic argument (the randomness only affects how small it is).
+Every product with ``A`` streams it in column blocks, so the extra memory of a split is
+``right`` plus ``O((m + N) k)``, never a second copy of ``A``.
 
-With a threshold ``delta`` and no rank given, the sketch starts at ``INITIAL_RANK`` and
-doubles until the certified discarded norm is ``<= delta`` (or the sketch covers the
-smaller dimension, where the split is exact).
+**Certified discarded norm.** With ``left`` orthonormal, ``||A - left right||_F² = ||A||_F² -
+||right||_F²``. When that difference is at least ``CANCELLATION_GUARD`` of ``||A||²`` it is
+accurate; below, the subtraction would lose most of its digits, so it is recomputed directly
+as ``||A - left right||_F²`` in column blocks (one more pass). It is a bound on the split's
+error that needs no probabilistic argument: the randomness only affects how small it is. The
+rank is first chosen from the Ritz/Gram eigenvalues; with a threshold ``delta`` it grows while
+the certified norm misses it, and the sketch doubles (from ``INITIAL_RANK`` when no rank is
+given) when its ``k`` directions are not enough.
 
-Passes over ``A`` (reported in :class:`Split`): ``3 + 2 * power_iters`` for a sketched split
-(the squared norm, one sketch, two per power iteration, one projection); for a whole-range
-split two (Gram, projection) when wide and three (Gram, ``A V_r``, projection) when tall;
-``+1`` wherever the direct residual is needed. Orthonormalizations use CholeskyQR2 (BLAS-3)
-with a Householder fallback (:func:`orthonormalize`).
+Passes over ``A`` (reported in :class:`Split`): a sketched split costs ``4 + 2 * power_iters``
+(squared norm, sketch, two per power iteration, the Ritz Gram ``Qᵀ A``, the projection
+``leftᵀ A``); a whole-range split two when wide (Gram, projection or in-place rotation) and
+three when tall (Gram, ``A V_r``, projection); ``+1`` wherever the direct residual is needed.
+Orthonormalizations use CholeskyQR2 (BLAS-3, in place) with a Householder fallback.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-__all__ = ["Split", "sketched_split", "whole_range_split", "range_basis", "orthonormalize", "gemm_rounding_slack"]
+__all__ = ["Split", "sketched_split", "whole_range_split", "range_basis", "orthonormalize_", "gemm_rounding_slack"]
 
 OVERSAMPLE = 10
 POWER_ITERS = 1
 INITIAL_RANK = 32
 CANCELLATION_GUARD = 1e-6
 _CHOLQR_COND_LIMIT = 10.0  # second CholeskyQR round this well conditioned: output orthonormal to ~eps
-_BLOCK_ELEMENTS = 1 << 22  # columns per block in the streamed passes: about 32 MiB of float64
+_BLOCK_ELEMENTS = 1 << 20  # entries per streamed block of A: 8 MiB of float64
 
 
 @dataclass
 class Split:
     """One split ``A ≈ left @ right``.
 
-    ``singular_values``: the leading singular values found (all ``min(m, N)`` for a whole-range
-    split; the ``k`` singular values of ``Qᵀ A`` for a sketched one, each a lower bound of the
-    corresponding singular value of ``A``). ``discarded_sq``: the certified ``||A - left right||_F²``.
-    ``passes``: passes over ``A``. ``sketch``: the sketch size ``k`` (``None`` for a whole-range split).
+    ``singular_values``: the leading singular values found (square roots of the Gram
+    eigenvalues for a whole-range split, all ``min(m, N)``; the ``k`` Ritz values of a sketched
+    one, each a lower bound of the corresponding singular value of ``A``). ``discarded_sq``:
+    the certified ``||A - left right||_F²``. ``passes``: passes over ``A`` (``None``: LAPACK).
+    ``sketch``: the sketch size ``k`` (``None`` when no sketch was drawn).
     """
 
     left: torch.Tensor
     right: torch.Tensor
     singular_values: torch.Tensor
     discarded_sq: float
-    passes: int
+    passes: int | None
     sketch: int | None
 
 
-def _block_columns(rows: int, cols: int) -> int:
-    return max(1, min(cols, _BLOCK_ELEMENTS // max(rows, 1)))
+def _column_blocks(a: torch.Tensor, width: int = 0):
+    """Column slices of ``a`` holding about ``_BLOCK_ELEMENTS`` entries (of ``a`` and of a ``width``-row product)."""
+    step = max(1, min(a.shape[1], _BLOCK_ELEMENTS // max(a.shape[0], width, 1)))
+    return [slice(j, j + step) for j in range(0, a.shape[1], step)]
 
 
 def _sum_sq(x: torch.Tensor) -> float:
-    """``||x||_F²`` accumulated in float64 (no float64 copy of ``x`` for float32 input: per block)."""
+    """``||x||_F²`` accumulated in float64 (block by block for lower precisions: no float64 copy)."""
     if x.dtype == torch.float64:
         return float(torch.linalg.vector_norm(x)) ** 2
-    flat = x.reshape(x.shape[0], -1)
-    step = _block_columns(flat.shape[0], flat.shape[1])
-    return sum(float((flat[:, j:j + step].double() ** 2).sum()) for j in range(0, flat.shape[1], step))
+    x = x.reshape(x.shape[0], -1)
+    return sum(float((x[:, blk].double() ** 2).sum()) for blk in _column_blocks(x))
 
 
-def _row_sq(x: torch.Tensor) -> torch.Tensor:
-    return (x.double() ** 2).sum(dim=1)
+def orthonormalize_(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q, R)`` with ``y = Q R``, ``Q`` orthonormal, for a tall ``y`` (full column rank expected).
 
-
-def orthonormalize(y: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis of the columns of a tall ``y`` (full column rank expected).
-
-    CholeskyQR2 (two rounds of ``Y ← Y chol(YᵀY)⁻ᵀ``, BLAS-3 only; Fukaya et al. 2014) when
-    the second round's factor is well conditioned (then the result is orthonormal to working
-    precision); Householder QR otherwise (rank-deficient or ill-conditioned ``y``).
+    CholeskyQR2 (two rounds of ``Y ← Y chol(YᵀY)⁻ᵀ``, by row blocks in ``y``'s own storage;
+    Fukaya et al. 2014) when the second round's factor is well conditioned (``Q`` is then
+    orthonormal to working precision); otherwise Householder QR (a new tensor).
     """
-    q = y
+    r = None
     for _ in range(2):
-        chol, info = torch.linalg.cholesky_ex(q.mT @ q)
+        chol, info = torch.linalg.cholesky_ex(y.mT @ y)
         if int(info) != 0:
-            return torch.linalg.qr(y).Q
-        q = torch.linalg.solve_triangular(chol.mT, q, upper=True, left=False)
-    if float(torch.linalg.cond(chol)) > _CHOLQR_COND_LIMIT:
-        return torch.linalg.qr(y).Q
-    return q
+            break
+        inv_t = torch.linalg.solve_triangular(chol, torch.eye(chol.shape[0], dtype=y.dtype, device=y.device),
+                                              upper=False).mT
+        step = max(1, _BLOCK_ELEMENTS // max(y.shape[1], 1))
+        for i in range(0, y.shape[0], step):
+            y[i:i + step] = y[i:i + step] @ inv_t
+        r = chol.mT if r is None else chol.mT @ r
+    else:
+        if float(torch.linalg.cond(chol)) <= _CHOLQR_COND_LIMIT:
+            return y, r
+    q, r2 = torch.linalg.qr(y)
+    return q, r2 if r is None else r2 @ r
 
 
 def range_basis(a: torch.Tensor, k: int, power_iters: int, generator: torch.Generator) -> torch.Tensor:
-    """Orthonormal ``m x k`` basis of the dominant range of ``a`` (randomized subspace iteration)."""
-    omega = torch.randn(a.shape[1], k, generator=generator, dtype=a.dtype, device=a.device)
-    y = a @ omega
-    del omega
+    """Orthonormal ``m x k`` basis of the dominant range of ``a`` (randomized subspace iteration, streamed)."""
+    blocks = _column_blocks(a, k)
+    y = a.new_zeros(a.shape[0], k)
+    for blk in blocks:
+        chunk = a[:, blk]
+        omega = torch.randn(chunk.shape[1], k, generator=generator, dtype=a.dtype, device=a.device)
+        y.addmm_(chunk, omega)
     for _ in range(power_iters):
-        y = a @ orthonormalize(a.mT @ orthonormalize(y))
-    return orthonormalize(y)
+        q = orthonormalize_(y)[0]
+        y = a.new_zeros(a.shape[0], k)
+        for blk in blocks:
+            chunk = a[:, blk]
+            y.addmm_(chunk, chunk.mT @ q)
+    return orthonormalize_(y)[0]
 
 
-def _residual_sq(a: torch.Tensor, q: torch.Tensor, b: torch.Tensor, a_sq: float, b_sq: float) -> tuple[float, int]:
-    """``||(I - QQᵀ) a||_F²`` and the passes it cost: by difference, or directly when that cancels."""
-    diff = a_sq - b_sq
+def _project(a: torch.Tensor, left: torch.Tensor, a_sq: float) -> tuple[torch.Tensor, float, int]:
+    """``right = leftᵀ a``, its certified ``||a - left right||_F²``, and the passes that cost."""
+    right = left.mT @ a
+    diff = a_sq - _sum_sq(right)
     if diff >= CANCELLATION_GUARD * a_sq:
-        return diff, 0
-    step = _block_columns(a.shape[0], a.shape[1])
-    total = 0.0
-    for j in range(0, a.shape[1], step):
-        total += float((torch.addmm(a[:, j:j + step], q, b[:, j:j + step], alpha=-1).double() ** 2).sum())
-    return total, 1
-
-
-def _rank_for(tail_sq: list[float], cap: int, delta: float | None) -> int:
-    """Smallest rank ``r <= cap`` with ``tail_sq[r] <= delta²`` (``cap`` when none or no ``delta``), >= 1."""
-    if delta is None:
-        return max(cap, 1)
-    limit = delta * delta
-    for r in range(min(cap, len(tail_sq) - 1) + 1):
-        if tail_sq[r] <= limit:
-            return max(r, 1)
-    return max(cap, 1)
-
-
-def _tails(base_sq: float, row_sq: torch.Tensor) -> list[float]:
-    """``tails[r] = base_sq + Σ_{i >= r} row_sq[i]`` for ``r = 0 .. len(row_sq)``."""
-    rev = torch.cumsum(torch.flip(row_sq.double(), [0]), 0)
-    tails = torch.cat([torch.flip(rev, [0]), rev.new_zeros(1)]) + base_sq
-    return tails.tolist()
+        return right, diff, 1
+    direct = sum(_sum_sq(torch.addmm(a[:, blk], left, right[:, blk], alpha=-1)) for blk in _column_blocks(a))
+    return right, direct, 2
 
 
 def _eig_desc(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (clamped at 0) and eigenvectors of a symmetric PSD ``gram``, largest first."""
+    """Eigenvalues (clamped at 0, float64) and eigenvectors of a symmetric PSD ``gram``, largest first."""
     evals, v = torch.linalg.eigh(gram)
-    return evals.flip(-1).clamp_min(0), v.flip(-1)
+    return evals.flip(-1).double().clamp_min(0), v.flip(-1)
 
 
-def _rotate_inplace(b: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``b ← vᵀ b`` in place, by column blocks (``v`` square)."""
-    vt = v.mT.contiguous()
-    step = _block_columns(b.shape[0], b.shape[1])
-    for j in range(0, b.shape[1], step):
-        block = b[:, j:j + step]
-        block.copy_(vt @ block)
-    return b
+def _rank_for(evals: torch.Tensor, base_sq: float, cap: int, delta: float | None) -> int:
+    """Smallest ``r`` in ``[1, cap]`` with ``base_sq + sum(evals[r:]) <= delta²`` (``cap`` without ``delta``)."""
+    if delta is None:
+        return cap
+    tails = torch.flip(torch.cumsum(torch.flip(evals, [0]), 0), [0]).tolist() + [0.0]
+    for r in range(1, cap + 1):
+        if base_sq + tails[min(r, len(tails) - 1)] <= delta * delta:
+            return r
+    return cap
 
 
-def _detach_rows(x: torch.Tensor, r: int) -> torch.Tensor:
-    """The first ``r`` rows of ``x``, copied when they are only part of it (so the rest can be freed)."""
-    return x if r == x.shape[0] else x[:r].clone()
-
-
-def _certified_projection(a, left, a_sq, passes) -> tuple[torch.Tensor, float, int]:
-    """``right = leftᵀ a`` and its certified ``||a - left right||_F²`` (difference, or direct when it cancels)."""
-    right = left.mT @ a
-    disc, extra = _residual_sq(a, left, right, a_sq, _sum_sq(right))
-    return right, disc, passes + 1 + extra
+def _certify(a, basis: Callable[[int], torch.Tensor], r: int, cap: int, delta, a_sq, passes):
+    """Project on ``basis(r)``; while ``delta`` is missed and ``r < cap``, grow ``r`` by an eighth."""
+    while True:
+        left = basis(r)
+        right, disc, extra = _project(a, left, a_sq)
+        passes += extra
+        if delta is None or disc <= delta * delta or r >= cap:
+            return left, right, disc, passes
+        r = min(cap, r + max(1, r // 8))
 
 
 def whole_range_split(a: torch.Tensor, max_rank: int, delta: float | None) -> Split:
     """Exact split of a lopsided ``a`` from the Gram matrix of its smaller side; may **overwrite** ``a``.
 
-    The eigenvectors ``V`` of the small Gram matrix (``a aᵀ`` when wide, ``aᵀ a`` when tall)
-    give the dominant subspace; the rank is the smallest ``<= max_rank`` whose eigenvalue
-    tail meets ``delta``, grown while the certified discarded norm does not. Wide and nothing
-    truncated: ``a ← Vᵀ a`` in place (``right`` is ``a`` itself, discarded norm 0). Otherwise
-    ``left = V_r`` (wide) or ``orthonormalize(a V_r)`` (tall) and ``right = leftᵀ a`` with the
-    certified discarded norm of :func:`_certified_projection`. ``singular_values`` are the
-    square roots of the Gram eigenvalues (inaccurate below ``sqrt(eps)`` times the largest).
+    The eigenvectors ``V`` of ``a aᵀ`` (wide) or ``aᵀ a`` (tall) span the dominant subspace;
+    the rank is the smallest ``<= max_rank`` whose eigenvalue tail meets ``delta``, grown while
+    the certified norm does not. Wide with nothing truncated: ``a ← Vᵀ a`` in place, discarded
+    norm 0; tall with nothing truncated: ``a ← orth(a V)`` in place, ``right = R Vᵀ``, discarded
+    norm 0. Otherwise ``left = V_r`` (wide) or ``orthonormalize_(a V_r)`` (tall). The
+    ``singular_values`` are inaccurate below ``sqrt(eps)`` times the largest.
     """
     rows, cols = a.shape
     wide = rows <= cols
     evals, v = _eig_desc(a @ a.mT if wide else a.mT @ a)
-    a_sq = float(evals.double().sum())
-    small = min(rows, cols)
-    cap = max(1, min(max_rank, small))
-    r = _rank_for(_tails(0.0, evals), cap, delta)
+    a_sq = float(evals.sum())
+    cap = max(1, min(max_rank, rows, cols))
+    r = _rank_for(evals, 0.0, cap, delta)
     if wide and r == rows:
-        return Split(v, _rotate_inplace(a, v), evals.sqrt(), 0.0, passes=2, sketch=None)
-    passes = 1
-    while True:
-        left = v[:, :r].contiguous() if wide else orthonormalize(a @ v[:, :r])
-        passes += 0 if wide else 1
-        right, disc, passes = _certified_projection(a, left, a_sq, passes)
-        if delta is None or disc <= delta * delta or r >= cap:
-            return Split(left, right, evals.sqrt(), disc, passes=passes, sketch=None)
-        r = min(cap, r + max(1, r // 8))
+        vt = v.mT.contiguous()
+        for blk in _column_blocks(a):
+            a[:, blk] = vt @ a[:, blk]
+        return Split(v, a, evals.sqrt(), 0.0, passes=2, sketch=None)
+    if not wide and r == cols:  # left = orth(a V) in a's storage, right = R Vᵀ: no copy of a
+        step = max(1, _BLOCK_ELEMENTS // cols)
+        for i in range(0, rows, step):
+            a[i:i + step] = a[i:i + step] @ v
+        left, tri = orthonormalize_(a)
+        return Split(left, tri @ v.mT, evals.sqrt(), 0.0, passes=3, sketch=None)
+    basis = (lambda q: v[:, :q].contiguous()) if wide else (lambda q: orthonormalize_(a @ v[:, :q])[0])
+    left, right, disc, passes = _certify(a, basis, r, cap, delta, a_sq, 1 if wide else 2)
+    return Split(left, right, evals.sqrt(), disc, passes=passes, sketch=None)
 
 
 def sketched_split(
@@ -211,16 +205,14 @@ def sketched_split(
     """Randomized split of ``a`` with a certified discarded norm (see the module docstring).
 
     ``max_rank`` caps the kept rank (``None``: up to ``min(m, N)``); ``delta`` is the largest
-    allowed discarded norm (``None``: keep ``max_rank``). With ``delta``, the sketch grows until
-    the certified norm meets it or the rank reaches the cap. Returns ``None`` when the sketch
-    would cover the smaller dimension: the caller then splits exactly.
+    allowed discarded norm (``None``: keep ``max_rank``). With ``delta``, the rank grows until
+    the certified norm meets it or reaches the cap. Returns ``None`` when the sketch would
+    cover the smaller dimension: the caller then splits exactly (:func:`whole_range_split`).
     """
-    m, n_cols = a.shape
-    small = min(m, n_cols)
+    small = min(a.shape)
     cap = small if max_rank is None else min(max_rank, small)
     want = cap if max_rank is not None else min(INITIAL_RANK, cap)
-    a_sq = None
-    passes = 0
+    a_sq, passes = None, 0
     while True:
         k = want + oversample
         if k >= small:
@@ -228,17 +220,18 @@ def sketched_split(
         if a_sq is None:
             a_sq, passes = _sum_sq(a), 1
         q = range_basis(a, k, power_iters, generator)
-        b = q.mT @ a
+        ritz = q.new_zeros(k, k)
+        for blk in _column_blocks(a, k):
+            b = q.mT @ a[:, blk]
+            ritz.addmm_(b, b.mT)
+        evals, v = _eig_desc(ritz)
         passes += 2 + 2 * power_iters
-        range_sq, extra = _residual_sq(a, q, b, a_sq, _sum_sq(b))
-        passes += extra
-        evals, v = _eig_desc(b @ b.mT)
-        rotated = _rotate_inplace(b, v)
-        row_sq = _row_sq(rotated)
-        tails = _tails(range_sq, row_sq)
-        r = _rank_for(tails, min(cap, k), delta)
-        if delta is None or tails[r] <= delta * delta or want >= cap:
-            return Split(q @ v[:, :r], _detach_rows(rotated, r), row_sq.sqrt(), tails[r], passes, sketch=k)
+        range_sq = max(a_sq - float(evals.sum()), 0.0)  # estimate for the rank choice only; certified below
+        kept_cap = min(cap, k)
+        r = _rank_for(evals, range_sq, kept_cap, delta)
+        left, right, disc, passes = _certify(a, lambda q_: q @ v[:, :q_], r, kept_cap, delta, a_sq, passes)
+        if delta is None or disc <= delta * delta or want >= cap:
+            return Split(left, right, evals.sqrt(), disc, passes, sketch=k)
         want = min(2 * want, cap)
 
 
