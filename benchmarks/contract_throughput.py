@@ -133,7 +133,7 @@ def run_case(rows, cols, bond, tokens, mode, dtype, device, measure, skip_factor
     variants = {"linear": fwd_bwd(lambda: F.linear(x, weight, lin_bias), [x, weight, lin_bias])}
     plan = explain(x, cores, bias)
     best_model = plan.chosen.seconds
-    strategies = ["dense", "sequential"] + (["fused"] if fused_mod.fused_available(device) else [])
+    strategies = ["dense", "sequential"] + (["fused"] if fused_mod.fused_available(device, dtype) else [])
     model_ms, skipped = {}, []
     for s in strategies:
         sp = explain(x, cores, bias, strategy=s)
@@ -241,7 +241,7 @@ def main(argv=None) -> dict:
     rows_out = []
     if args.plot:
         check_plot_backend()
-    cols = ["dense", "sequential"] + (["fused"] if fused_mod.fused_available(device) else []) + ["auto", "module(no_grad)"]
+    cols = ["dense", "sequential"] + (["fused"] if fused_mod.fused_available(device, dtype) else []) + ["auto", "module(no_grad)"]
     cols += ["tntorch"] if tntorch is not None else []
     header = f"{'shape':>10} {'bond':>5} {'comp':>6} {'tokens':>6} {'mode':>8} {'linear ms':>10} " + \
         " ".join(f"{c:>15}" for c in cols) + f" {'tnt/auto':>8} {'auto tok/s':>11} {'auto TF/s':>9} {'pick ok':>7}  auto picked"
