@@ -259,6 +259,16 @@ def test_convert_prints_and_writes_init_errors(base_teacher, tmp_path, capsys):
     bad = tmp_path / "bad"
     assert main(["convert", "--from", "roberta", "--input", str(base_teacher), "--output", str(bad)]) == 2
     assert "is a bert checkpoint" in capsys.readouterr().err and not bad.exists()
+    # the converted directory as the student of a distillation (--student instead of converting again)
+    run = tmp_path / "run"
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the list value .\nthe class name .\n\na key error .\nan index loop .\n", encoding="utf-8")
+    assert main(["distill", "--teacher", str(base_teacher), "--student", str(out), "--corpus", str(corpus),
+                 "--output-dir", str(run), "--max-steps", "1", "--warmup-steps", "0", "--batch-size", "1",
+                 "--holdout-every", "2", "--progress", "none", "--device", "cpu"]) == 0
+    report = json.loads((run / "distill_report.json").read_text())
+    assert report["student"]["config"] == json.loads((out / "config.json").read_text()) and report["train"]["steps"] == 1
+    assert report["before"]["layer_rel_error"][0] < 1e-6  # embeddings copied exactly by the conversion
 
 
 @pytest.mark.slow
