@@ -1,0 +1,89 @@
+"""Every benchmark runs: it imports, ``--help`` works, and a tiny CPU run writes its JSON report.
+
+A benchmark added to ``benchmarks/`` without a smoke run here fails ``test_every_benchmark_has_a_smoke_run``.
+Timings of these runs mean nothing (tiny shapes, one or a few calls); only that the code path runs.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpo_core.check import BENCHMARK_RUNS, Checker, run_benchmarks
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+# Each benchmark's tiny run ({json} is the report path), shared with ``python -m mpo_core.check --tiny``.
+SMOKE = {name: runs[1] for name, runs in BENCHMARK_RUNS.items()}
+SLOW = {"decompose_speed", "lightweight_vs_lora", "methods_demo", "train_step", "contract_throughput", "op_overhead"}
+
+
+def _load(name: str):
+    """Import ``benchmarks/<name>.py`` as a module (it puts benchmarks/ on sys.path itself)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_benchmark_has_a_smoke_run():
+    found = {p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_")}
+    assert found == set(SMOKE), f"benchmarks without a smoke run: {sorted(found - set(SMOKE))}; " \
+                                f"smoke runs without a benchmark: {sorted(set(SMOKE) - found)}"
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE), ids=str)
+def test_help(name, capsys):
+    module = _load(name)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(SMOKE)],
+                         ids=str)
+def test_tiny_run_writes_json(name, tmp_path):
+    """The tiny run in a subprocess, as ``python -m mpo_core.check --tiny`` runs it: exit 0 and a JSON report."""
+    c = Checker("cpu", timed=False)
+    run_benchmarks(c, [name], tiny=True, out_dir=tmp_path)
+    assert [r.ok for r in c.results] == [True], c.results[0].note
+    report = json.loads((tmp_path / f"{name}.json").read_text())
+    assert isinstance(report, dict) and report, f"{name} wrote an empty report"
+
+
+# ----------------------------------------------------------------------------- the shared timer
+sys.path.insert(0, str(BENCH))
+import _common  # noqa: E402
+
+
+def test_time_calls_interleaves_and_measures():
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    times = _common.time_calls(fns, "cpu", warmup=1, repeat=3)
+    assert order == ["a", "b"] * 4  # one warm-up round, then three timed rounds, interleaved
+    assert set(times) == {"a", "b"} and all(len(t) == 3 and min(t) >= 0 for t in times.values())
+    slow = _common.time_call(lambda: sum(range(200_000)), "cpu", warmup=0, repeat=3)
+    fast = _common.time_call(lambda: None, "cpu", warmup=0, repeat=3)
+    assert slow > fast
+    with pytest.raises(ValueError, match="repeat >= 1"):
+        _common.time_calls(fns, "cpu", repeat=0)
+
+
+def test_device_info_cpu():
+    info = _common.device_info("cpu")
+    assert info["type"] == "cpu" and info["threads"] == torch.get_num_threads() and "CPU" in info["device"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_time_calls_cuda_events():
+    x = torch.randn(2048, 2048, device="cuda")
+    times = _common.time_calls({"mm": lambda: x @ x}, "cuda", repeat=5)["mm"]
+    assert statistics.median(times) > 0
+    assert "capability" in _common.device_info("cuda")
