@@ -163,3 +163,30 @@ def test_bad_input(tmp_path):
         LightweightModel.from_pretrained(distil, tmp_path)          # another family
     with pytest.raises(ValueError, match="already holds MPOLinear"):
         get_lightweight_model(model.base_model, LightweightConfig(**CONFIG))
+
+
+def test_save_mpo_model_is_all_or_nothing(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from mpo_core import compress
+    from mpo_core.lightweight import load_mpo_model, save_mpo_model
+
+    model = bert()
+    compress(model, budget=0.5, include=["query", "value"])
+    save_mpo_model(model, tmp_path / "ckpt")
+    saved = sorted(os.listdir(tmp_path / "ckpt"))
+    assert {"config.json", "model.safetensors", "mpo_layout.json"} <= set(saved)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        save_mpo_model(model, tmp_path / "ckpt")
+    assert sorted(os.listdir(tmp_path / "ckpt")) == saved and sorted(os.listdir(tmp_path)) == ["ckpt"]
+    monkeypatch.undo()
+    again = load_mpo_model(transformers.BertForSequenceClassification, tmp_path / "ckpt")
+    assert float((logits(again) - logits(model)).abs().max()) < 1e-6
+    with pytest.raises(ValueError, match="no MPOLinear"):
+        save_mpo_model(bert(), tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
