@@ -426,3 +426,26 @@ def test_decompose_on_cuda():
     mpo = decompose(w, (4, 3, 4), (3, 4, 5), rel_tol=0.1)
     assert mpo.device.type == "cuda" and mpo.dtype == torch.float32
     assert mpo.relative_error(w) <= 0.1 + 1e-5
+
+
+@pytest.mark.slow
+def test_decompose_speed_llm_tiny_run(tmp_path):
+    """``benchmarks/decompose_speed.py --llm`` on a tiny configuration: every contender ran in its subprocess,
+    at the ranks ours chose, with the certified bound >= the error and the one-pass floor measured."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "decompose_speed.py"
+    spec = importlib.util.spec_from_file_location("benchmark_decompose_speed_llm", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "llm.json"
+    payload = bench.main(["--llm", "--shapes", "96x128", "--n", "2", "--bonds", "4", "--rel-tols", "none",
+                          "--repeat", "1", "--threads", "1", "--contenders", "randomized,numpy", "--json", str(out)])
+    rows = {r["contender"]: r for r in payload["rows"]}
+    assert set(rows) == {"randomized", "numpy"} and json.loads(out.read_text())["rows"]
+    assert rows["randomized"]["ranks"] == rows["numpy"]["ranks"] == "[1, 4, 1]"
+    assert rows["randomized"]["err"] <= rows["randomized"]["bound"] * (1 + 1e-9)
+    assert rows["randomized"]["err"] <= 1.05 * rows["numpy"]["err"]
+    assert rows["randomized"]["passes"] > 1 and rows["numpy"]["floor_s"] > 0 and rows["numpy"]["peak_x"] > 0
