@@ -11,6 +11,7 @@
 ``compiled``       a compiled kernel and its resources (``CompiledKernel``), the verdict, the report
 ``aot``            Triton AOT compile of the registry for sm_80 / sm_90 (``python -m mpo_core.gpu.aot``)
 ``nvcc``           nvcc compile of ``csrc/cuda/*.cu`` (``python -m mpo_core.gpu.nvcc``)
+``timing``         the one timer of the benchmarks and the acceptance check (CUDA events / ``perf_counter``)
 =================  ==========================================================================
 
 The model names are re-exported here (``from mpo_core import gpu; gpu.linear_rows()``);
