@@ -198,6 +198,9 @@ def weight_cache(module: nn.Module, process_group: object = None) -> Iterator[No
         built = _build(track) if track else []
         with torch.no_grad():
             frozen_w = _build(frozen) if frozen else []
+    # nn.Linear's (out, in) layout: the GEMM MPOLinear runs with it is F.linear's
+    built = [w.T.contiguous() for w in built]
+    frozen_w = [w.T.contiguous() for w in frozen_w]
     leaves = [w.detach().requires_grad_() for w in built]
     versions = _versions(track)
     for layer, w in zip(track, leaves):

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mpo_core.contract import check_strategy, contract, dense_weight, explain
+from mpo_core.contract.plan import token_bucket
 from mpo_core.cost import device_model, gemm_cost
 from mpo_core.decompose import decompose
 from mpo_core.mpo import validate_cores
@@ -67,8 +69,9 @@ class MPOLinear(nn.Module):
         The dense module type :func:`dense_module` / :func:`unmpo_ify` rebuild (``"conv1d"``:
         transformers' ``Conv1D``, set by :meth:`from_linear`).
     step_weight : torch.Tensor or None
-        Set only inside :func:`mpo_core.accumulate.weight_cache`: the dense ``(in, out)`` weight
-        built once for the optimizer step; the forward then is one GEMM with it.
+        Set only inside :func:`mpo_core.accumulate.weight_cache`: the dense weight built once for
+        the optimizer step, ``(out_features, in_features)`` like ``nn.Linear.weight``; the forward
+        then is ``nn.Linear``'s GEMM with it.
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class MPOLinear(nn.Module):
         self.origin = "linear"
         self._cached: tuple[tuple, torch.Tensor] | None = None
         self.step_weight: torch.Tensor | None = None
+        self._gemm_choice: dict[tuple, bool] = {}
         self.reset_parameters()
 
     # ------------------------------------------------------------------ structure
@@ -257,17 +261,27 @@ class MPOLinear(nn.Module):
         key = tuple((c.data_ptr(), c._version, c.dtype, c.device) for c in self.cores)
         if self._cached is None or self._cached[0] != key:
             with torch.no_grad():
-                self._cached = (key, dense_weight(list(self.cores)))
+                self._cached = (key, dense_weight(list(self.cores)).T.contiguous())
         return self._cached[1]
 
     def _gemm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``x @ w + bias`` with a dense ``(in_features, out_features)`` ``w``: one GEMM, like ``nn.Linear``."""
-        x2d = x.reshape(-1, self.in_features)
-        y = x2d @ w if self.bias is None else torch.addmm(self.bias, x2d, w)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        """``x @ w.T + bias`` with a dense ``(out_features, in_features)`` ``w``: ``nn.Linear``'s GEMM and
+        layout (the ``(in, out)`` layout measured up to 1.27x slower at 1-8 tokens on CPU)."""
+        return F.linear(x, w, self.bias)
 
     def _gemm_beats_plan(self, x: torch.Tensor) -> bool:
-        """With ``W`` cached, a GEMM is modelled at least as fast as the planned strategy."""
+        """With ``W`` cached, a GEMM is modelled at least as fast as the planned strategy.
+
+        Decided once per token bucket, dtype, device type, autocast state and device model
+        (the planner's checks cost more than a small GEMM)."""
+        dev = x.device.type
+        key = (token_bucket(x.numel() // self.in_features), x.dtype, dev, torch.is_autocast_enabled(dev), device_model(dev))
+        choice = self._gemm_choice.get(key)
+        if choice is None:
+            choice = self._gemm_choice[key] = self._model_gemm_beats_plan(x)
+        return choice
+
+    def _model_gemm_beats_plan(self, x: torch.Tensor) -> bool:
         plan = explain(x, list(self.cores), self.bias, strategy=self.strategy)
         if plan.strategy == "dense":
             return True
