@@ -377,10 +377,10 @@ def rebuild_rows(model: MPOBertModel, tokens: int, device: torch.device, clock: 
     dense = [torch.randn(m.in_features, m.out_features, device=device, requires_grad=True) for m in layers]
 
     def batched():
-        return _build(layers)
+        return [block for block, _ in _build(layers)]
 
     def chain():
-        return [dense_matrix(list(m.cores)) for m in layers]
+        return [dense_matrix(list(m.cores)).T.contiguous() for m in layers]
 
     def gemms():
         return [xs[(m.in_features, m.out_features)] @ w for m, w in zip(layers, dense)]

@@ -127,22 +127,22 @@ def _group_key(layer: MPOLinear) -> tuple:
             cores[0].dtype, cores[0].device)
 
 
-def _build(layers: list[MPOLinear]) -> list[torch.Tensor]:
-    """Each layer's dense ``(in, out)`` weight, with graph; layers sharing a central built together."""
+def _build(layers: list[MPOLinear]) -> list[tuple[torch.Tensor, list[int]]]:
+    """The layers' dense weights in ``nn.Linear``'s ``(out, in)`` layout, with graph, as blocks
+    ``(weights (G, out, in), indices of the G layers)``: layers sharing a central are built together,
+    and their block is back-propagated as one tensor (no per-layer slicing in the backward)."""
     groups: dict[tuple, list[int]] = {}
     for i, layer in enumerate(layers):
         groups.setdefault(_group_key(layer), []).append(i)
-    weights: list[torch.Tensor | None] = [None] * len(layers)
+    blocks = []
     for idx in groups.values():
         c = layers[idx[0]].central_index
         if len(idx) > 1 and 0 < c < layers[idx[0]].n - 1:
             stacked = shared_central_weights([list(layers[i].cores) for i in idx], c)
-            for pos, i in enumerate(idx):
-                weights[i] = stacked[pos]
+            blocks.append((stacked.transpose(1, 2).contiguous(), idx))
         else:
-            for i in idx:
-                weights[i] = dense_matrix(list(layers[i].cores))
-    return weights
+            blocks.extend((dense_matrix(list(layers[i].cores)).T.contiguous()[None], [i]) for i in idx)
+    return blocks
 
 
 def _versions(layers: list[MPOLinear]) -> list[tuple[int, ...]]:
@@ -197,16 +197,18 @@ def weight_cache(module: nn.Module, process_group: object = None) -> Iterator[No
     with torch.autocast(device_type, enabled=False):
         built = _build(track) if track else []
         with torch.no_grad():
-            frozen_w = _build(frozen) if frozen else []
-    # nn.Linear's (out, in) layout: the GEMM MPOLinear runs with it is F.linear's
-    built = [w.T.contiguous() for w in built]
-    frozen_w = [w.T.contiguous() for w in frozen_w]
-    leaves = [w.detach().requires_grad_() for w in built]
+            frozen_blocks = _build(frozen) if frozen else []
+    leaves: list[torch.Tensor | None] = [None] * len(track)
+    for block, idx in built:
+        data = block.detach()
+        for pos, i in enumerate(idx):
+            leaves[i] = data[pos].requires_grad_()
     versions = _versions(track)
     for layer, w in zip(track, leaves):
         layer.step_weight = w
-    for layer, w in zip(frozen, frozen_w):
-        layer.step_weight = w
+    for block, idx in frozen_blocks:
+        for pos, i in enumerate(idx):
+            frozen[i].step_weight = block[pos]
     try:
         yield
     finally:
@@ -214,8 +216,13 @@ def weight_cache(module: nn.Module, process_group: object = None) -> Iterator[No
             layer.step_weight = None
     if _versions(track) != versions:
         raise RuntimeError("a core changed inside weight_cache (step the optimizer after the context ends)")
-    outs = [w for w, leaf in zip(built, leaves) if leaf.grad is not None]
-    grads = [leaf.grad for leaf in leaves if leaf.grad is not None]
+    outs, grads = [], []
+    for block, idx in built:
+        got = [leaves[i].grad for i in idx]
+        if all(g is None for g in got):
+            continue
+        outs.append(block)
+        grads.append(torch.stack([g if g is not None else torch.zeros_like(leaves[i]) for g, i in zip(got, idx)]))
     if outs:
         torch.autograd.backward(outs, grads)
     if process_group is not None:
