@@ -19,7 +19,10 @@ Without a GPU it first prints the GPU model table of :func:`mpo_core.gpu.tables.
 HBM bytes and roofline time on A100-80GB / H100 SXM at BERT shapes, 16384 tokens, bf16).
 
 Run ``python benchmarks/contract_throughput.py`` (CPU default: under 3 minutes on 2 cores),
-``--quick`` for a smoke run, ``--full`` for every bond and token count (the GPU default);
+``--quick`` for a smoke run, ``--full`` for every bond and token count 1-16384 (the GPU default);
+``--no-skip`` measures every strategy (the planner statistic is over the contested cases: more
+than one strategy measured); ``--calibrated`` plans with this machine's measured cost model
+(:mod:`mpo_core.cost.calibration`); the last line is the worst ``MPOLinear`` inference ratio.
 ``--out PATH`` (alias ``--json``) for the JSON, ``--plot PATH`` for a figure (needs matplotlib).
 """
 from __future__ import annotations
@@ -51,6 +54,7 @@ except ImportError:  # optional comparison
 ALL_MATRICES = [(768, 768), (768, 3072), (3072, 768), (1024, 1024), (1024, 4096), (4096, 1024)]
 ALL_BONDS = ["full", "2x", "4x", "8x", "16x"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ALL_TOKENS = [1, 8, 128, 512, 2048, 8192, 16384]
 PICK_SLACK = 1.10  # the planner's pick counts as right when within 10% of the fastest measured strategy
 
 
@@ -200,12 +204,16 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 2 shapes, 1 token count")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 shapes, 1 and 128 tokens")
     ap.add_argument("--full", action="store_true", help="every bond and token count (the GPU default)")
     ap.add_argument("--tokens", type=int, nargs="+", help="override the token counts")
     ap.add_argument("--bonds", nargs="+", choices=ALL_BONDS, help="override the bond settings")
     ap.add_argument("--skip-factor", type=float, default=8.0,
                     help="do not run a strategy modelled slower than this times the best (default 8)")
+    ap.add_argument("--no-skip", action="store_true",
+                    help="measure every strategy whatever its modelled time (the planner statistic over all of them)")
+    ap.add_argument("--calibrated", action="store_true",
+                    help="plan with this machine's measured cost model (mpo_core.cost.calibration, cached)")
     ap.add_argument("--min-time", type=float, default=None, help="seconds of repeats per measurement")
     ap.add_argument("--out", "--json", dest="out", default=os.path.join("results", "contract_throughput.json"),
                     help="JSON report path (--json is an alias; default results/contract_throughput.json)")
@@ -219,12 +227,18 @@ def main(argv=None) -> dict:
     on_cpu = device.type == "cpu"
     matrices = ALL_MATRICES
     bonds = ["full", "4x", "16x"]
-    tokens = [128, 512] if on_cpu else [128, 512, 2048, 8192, 16384]
+    tokens = [1, 8, 128, 512] if on_cpu else ALL_TOKENS
     if args.quick:
-        matrices, tokens = [(768, 768), (1024, 4096)], [128]
+        matrices, tokens = [(768, 768), (1024, 4096)], [1, 128]
     if args.full or not on_cpu:
-        bonds, tokens = ALL_BONDS, [128, 512, 2048, 8192, 16384]
+        bonds, tokens = ALL_BONDS, ALL_TOKENS
     bonds, tokens = args.bonds or bonds, args.tokens or tokens
+    if args.no_skip:
+        args.skip_factor = math.inf
+    if args.calibrated:
+        from mpo_core.cost.calibration import use_calibration
+
+        print(f"# planning with the calibrated cost model: {use_calibration(device).name}")
     min_time = args.min_time if args.min_time is not None else (0.05 if on_cpu else 0.2)
     measure = timer(device, min_time, min_reps=2 if on_cpu and not args.full else 3)
     tnt_choice = args.tntorch or ("fwd" if on_cpu and not args.full else "all")
@@ -297,6 +311,11 @@ def main(argv=None) -> dict:
                  f"({sum(x['auto_within_10pct_of_fastest'] for x in contested)} of {len(contested)} where more than one "
                  f"strategy ran; elsewhere the others were modelled > --skip-factor slower)")
     print(f"# {pick_line}")
+    inference = [x["ratio_vs_linear"]["module(no_grad)"] for x in rows_out if "module(no_grad)" in x["ratio_vs_linear"]]
+    if inference:
+        worst = max(inference)
+        print(f"# MPOLinear inference (no_grad) / F.linear (measured): max {worst:.2f}x over {len(inference)} cases, "
+              f"{sum(v <= 1.05 for v in inference)} within 1.05x")
     out = {
         "device": str(device), "device_name": device_description(device), "processor": platform.processor(),
         "dtype": args.dtype, "threads": torch.get_num_threads(),
