@@ -1,6 +1,6 @@
 """Fused MPO matmul: ``act(x @ W + b)`` with ``W`` rebuilt tile by tile on chip.
 
-Design (the cost model lives in :func:`mpo_core.ops.mpo_linear.mpo_linear_cost`)
+Design (the cost model lives in :func:`mpo_core.cost.mpo_linear_cost`)
 ---------------------------------------------------------------------------------
 ``ops`` cuts the MPO at its first or last bond ``D`` into a *small* factor (one end
 core) and a *big* one (the other ``n-1`` cores, pre-contracted by torch), so that
