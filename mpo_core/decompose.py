@@ -80,7 +80,8 @@ def _route(method: str, rows: int, cols: int, cap: int | None, truncating: bool,
     keep = small if cap is None else min(cap, small)
     whole_flops = small * small * large + (2 if rows <= cols else 6) * small * keep * large
     if cap is not None and cap + oversample <= AUTO_SKETCH_FRACTION * small:
-        sketch_flops = (2 * power_iters + 2) * 2 * rows * cols * (cap + oversample)
+        # sketch, 2 per power iteration, Ritz Gram: k columns each; the projection: the kept ones
+        sketch_flops = 2 * rows * cols * ((2 * power_iters + 2) * (cap + oversample) + keep)
         if sketch_flops < whole_flops:
             return "sketch"
     return "whole"
