@@ -10,6 +10,11 @@ pydoc corpus, then fine-tuned on the bundled ``pydoc-topics`` classification tas
   the closest to the auxiliaries';
 - ``full``: every parameter trains (reference).
 
+Then MPOP on the fully fine-tuned model (``--mpop-rounds``, 0 to skip): ``compress_in_rounds`` to
+``--mpop-budget`` of the target matrices' entries, one epoch of auxiliary (+ head) fine-tuning per
+round, dev accuracy per round; against one-shot truncation to the same budget, before and after
+the same number of fine-tuning epochs.
+
 Same data order, steps and learning rates for every contender, one timer (``time.perf_counter``)
 around each training loop; dev accuracy after the last epoch (best over ``--lrs`` per contender,
 every run listed in the JSON). ``saved KiB`` is the size of what each method's ``save_pretrained``
@@ -33,7 +38,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import format_table, write_json  # noqa: E402
 
+from mpo_core.compress import compress, compress_in_rounds  # noqa: E402
 from mpo_core.lightweight import LightweightConfig, get_lightweight_model  # noqa: E402
+from mpo_core.nn import set_trainable  # noqa: E402
 from mpobert.data import (  # noqa: E402
     encode_examples, load_split, mask_tokens, pad_collate, pydoc_paragraphs, train_wordpiece, write_pydoc_topic_task,
 )
@@ -123,7 +130,7 @@ def contenders(base, n: int):
     def head_only():
         model = copy.deepcopy(base)
         for name, p in model.named_parameters():
-            p.requires_grad_(any(name.startswith(h) or f".{h}." in name for h in HEAD))
+            p.requires_grad_(_is_head(name))
         return model, None
 
     def full():
@@ -134,7 +141,7 @@ def contenders(base, n: int):
         return wrapped, wrapped.save_pretrained
 
     probe, _ = mpo()
-    head = sum(p.numel() for name, p in base.named_parameters() if any(name.startswith(h) or f".{h}." in name for h in HEAD))
+    head = sum(p.numel() for name, p in base.named_parameters() if _is_head(name))
     aux = probe.get_nb_trainable_parameters()[0] - head
     per_rank = sum(m.in_features + m.out_features for name, m in base.named_modules()
                    if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in TARGETS))
@@ -146,6 +153,35 @@ def contenders(base, n: int):
         return model, model.save_pretrained
 
     return {"head only": head_only, "MPO auxiliary": mpo, f"LoRA r={rank}": lora, "full": full}, aux, rank * per_rank, head
+
+
+def _is_head(name: str) -> bool:
+    return any(name.startswith(h) or f".{h}." in name for h in HEAD)
+
+
+def mpop(model, train: list[dict], dev: list[dict], budget: float, rounds: int, n: int, lr: float, batch: int,
+         seed: int) -> tuple[list[dict], dict]:
+    """MPOP in rounds vs one-shot on a fine-tuned model: per-round rows and the one-shot numbers."""
+
+    def aux_and_head(m, r: int, epochs: int = 1) -> None:
+        for name, p in m.named_parameters():
+            if ".cores." not in name:        # cores: set_trainable(model, "auxiliary") already chose
+                p.requires_grad_(_is_head(name))
+        finetune(m, train, dev, lr, epochs, batch, seed + r)
+
+    shot = copy.deepcopy(model)
+    report = compress(shot, budget=budget, include=TARGETS, n=n)
+    before_ft = evaluate(shot, dev)
+    set_trainable(shot, "auxiliary")
+    aux_and_head(shot, 0, epochs=rounds)
+    one_shot = {"entries_vs_dense": report.params / report.dense_params, "kept_dense": sum(m.kept_dense for m in report.matrices),
+                "acc_no_finetune": before_ft, "acc_after_finetune": evaluate(shot, dev), "finetune_epochs": rounds}
+    rounds_report = compress_in_rounds(copy.deepcopy(model), budget, aux_and_head, lambda m: evaluate(m, dev),
+                                       rounds=rounds, include=TARGETS, n=n)
+    rows = [{"round": r.round, "budget": r.budget, "entries vs dense": r.params / r.dense_params, "kept dense": r.kept_dense,
+             "sum rel err^2": r.total_relative_sq_error, "dev acc": r.metric, "ft s": r.finetune_seconds}
+            for r in rounds_report.rounds]
+    return rows, one_shot
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -163,9 +199,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=32, help="default %(default)s")
     parser.add_argument("--lrs", default="3e-3", help="learning rates tried for the adapters and the head (default %(default)s)")
     parser.add_argument("--full-lr", type=float, default=1e-3, help="learning rate of full fine-tuning (default %(default)s)")
+    parser.add_argument("--mpop-budget", type=float, default=0.5,
+                        help="MPOP budget, fraction of the target matrices' entries (default %(default)s)")
+    parser.add_argument("--mpop-rounds", type=int, default=3, help="MPOP truncate/fine-tune rounds, 0 skips (default %(default)s)")
+    parser.add_argument("--contenders", default="head,mpo,lora,full", help="which of head,mpo,lora,full run (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="default %(default)s")
     parser.add_argument("--output", default="results/lightweight_vs_lora.json", help="default %(default)s")
     args = parser.parse_args(argv)
+    chosen = {"head": "head only", "mpo": "MPO auxiliary", "lora": "LoRA", "full": "full"}
+    unknown = [c for c in args.contenders.split(",") if c not in chosen]
+    if unknown:
+        parser.error(f"--contenders: unknown {unknown}; choose from {sorted(chosen)}")
+    wanted = [chosen[c] for c in args.contenders.split(",")]
+    if args.mpop_rounds > 0 and "full" not in wanted:
+        parser.error("--mpop-rounds needs the 'full' contender (MPOP starts from the fully fine-tuned model)")
     lrs = [float(v) for v in args.lrs.split(",")]
     transformers.logging.set_verbosity_error()
 
@@ -185,11 +232,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     builders, aux, lora_params, head = contenders(base, args.n)
     runs, rows = [], []
+    tuned_full = None
     for name, build in builders.items():
+        if not any(name.startswith(w) for w in wanted):
+            continue
         best = None
         for lr in ([args.full_lr] if name == "full" else lrs):
             model, save = build()
             result = finetune(model, train, dev, lr, args.epochs, args.batch, args.seed)
+            if name == "full":
+                tuned_full = model
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             result.update(contender=name, trainable=trainable, adapted_matrices_trainable=trainable - head
                           if name != "full" else trainable, saved_kib=_saved_kib(save) if save else None)
@@ -204,7 +256,16 @@ def main(argv: list[str] | None = None) -> dict:
           f"MLM pretraining {args.pretrain_steps} steps ({pretrain_s:.0f} s, final loss {mlm_loss:.2f})")
     print(f"equal trainable count: MPO auxiliaries {aux} vs LoRA {lora_params} (+ head {head} for both)")
     print(format_table(rows, ["contender", "trainable", "adapter params", "lr", "dev acc", "train s", "ms/step", "saved KiB"]))
-    payload = {"args": vars(args), "task": {"train": len(train), "dev": len(dev), "classes": len(labels), "majority": majority},
+    mpop_rows, one_shot = [], None
+    if args.mpop_rounds > 0:
+        mpop_rows, one_shot = mpop(tuned_full, train, dev, args.mpop_budget, args.mpop_rounds, args.n, lrs[0], args.batch,
+                                   args.seed)
+        print(f"MPOP on the fully fine-tuned model (dev acc {rows[-1]['dev acc']:.3f}), budget {args.mpop_budget} of the "
+              f"target matrices, {args.mpop_rounds} rounds of truncation + 1 epoch auxiliary/head fine-tuning:")
+        print(format_table(mpop_rows, ["round", "budget", "entries vs dense", "kept dense", "sum rel err^2", "dev acc", "ft s"]))
+        print(f"one-shot to the same budget: dev acc {one_shot['acc_no_finetune']:.3f} without fine-tuning, "
+              f"{one_shot['acc_after_finetune']:.3f} after {args.mpop_rounds} epochs of auxiliary/head fine-tuning")
+    payload = {"args": vars(args), "mpop_rounds": mpop_rows, "mpop_one_shot": one_shot, "task": {"train": len(train), "dev": len(dev), "classes": len(labels), "majority": majority},
                "pretrain": {"steps": args.pretrain_steps, "seconds": pretrain_s, "final_loss": mlm_loss},
                "equal_count": {"mpo_auxiliary": aux, "lora": lora_params, "head": head}, "summary": rows, "runs": runs}
     write_json(args.output, payload)
