@@ -16,8 +16,10 @@
 // - each thread is a ucontext fiber that runs until it reaches a barrier (__syncthreads, or the
 //   warp-level exchange of __shfl_xor_sync) or returns. The scheduler runs passes over the live
 //   fibers of all resident blocks in a fresh random order; in every other pass each fiber runs
-//   only with probability 1/2, so warps drift apart between barriers as far as the barriers let
-//   them;
+//   only with probability 1/2, so warps drift apart between barriers;
+// - when a __syncthreads releases a block of several warps, one of its warps is frozen with
+//   probability 1/2: it does not run until the other warps can make no progress without it, so
+//   they run as far ahead as the barriers let them (shared memory reused too early shows);
 // - every block's shared memory, static and dynamic, starts filled with 0xFF bytes (NaN as
 //   float, half and bfloat16) and is private to the block.
 // The random choices come from one generator seeded by $MPO_EMU_SEED (default 0x5EED), so a run
@@ -79,6 +81,7 @@ struct Block {
   std::vector<Fiber> fibers;
   std::function<void()> body;
   unsigned live = 0;
+  int frozen_warp = -1;  // a warp held back until the others stall (-1: none)
 };
 
 inline Block* current_block = nullptr;  // the block of the running fiber
@@ -113,6 +116,9 @@ inline void arrive_and_wait(Barrier& bar) {
   if (++bar.arrived == bar.expected) {
     bar.arrived = 0;
     ++bar.generation;
+    Block& b = *running->block;
+    if (&bar == &b.all && b.warps.size() > 1 && rng()() % 2 == 0)
+      b.frozen_warp = static_cast<int>(rng()() % b.warps.size());
   }
   // Yield even when this arrival released the barrier: the order after a barrier is the scheduler's.
   do yield();
@@ -231,15 +237,24 @@ struct Launch {
             if (!f.done) pass.push_back(&f);
       std::shuffle(pass.begin(), pass.end(), random);
       const unsigned long before = progress;
+      bool frozen = false;
+      for (auto& b : resident) frozen |= b && b->frozen_warp >= 0;
       for (Fiber* f : pass) {
         if (!full && coin(random)) continue;
         Block& b = *f->block;
+        if (static_cast<int>(f->linear_tid / 32) == b.frozen_warp) continue;
         current_block = &b;
         running = f;
         threadIdx = f->thread_idx;
         blockIdx = b.idx;
         swapcontext(&scheduler, &f->context);
         b.live -= f->done;
+      }
+      if (frozen && progress == before) {  // the others wait for a frozen warp: let it run
+        for (auto& b : resident)
+          if (b) b->frozen_warp = -1;
+        full = false;  // the next pass is a full one
+        continue;
       }
       if (full && progress == before) {
         std::fprintf(stderr, "host_emulation: deadlock: %zu threads of resident blocks wait forever\n", pass.size());
