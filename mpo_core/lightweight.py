@@ -401,6 +401,15 @@ def load_mpo_model(model_class: type, save_directory: str | os.PathLike) -> nn.M
         raise TypeError(f"model_class must be a transformers model class (with config_class), got {model_class!r}")
     with open(layout_path) as fh:
         layout = json.load(fh)
+    config_path = os.path.join(save_directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found: save_mpo_model writes it for models with a transformers config")
+    with open(config_path) as fh:
+        saved_type = json.load(fh).get("model_type")
+    expected_type = getattr(config_class, "model_type", None)
+    if expected_type and saved_type != expected_type:
+        raise ValueError(f"{save_directory} holds a {saved_type!r} model; {model_class.__name__} expects {expected_type!r}: "
+                         f"a checkpoint of the wrong family")
     model = model_class(config_class.from_pretrained(save_directory))
     for name, rec in layout.items():
         try:

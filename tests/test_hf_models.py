@@ -157,7 +157,7 @@ def test_whole_mpo_model_saves_and_reloads(tmp_path, family):
     with pytest.raises(FileNotFoundError, match="mpo_layout.json"):
         load_mpo_model(type(model), tmp_path / "missing")
     other = transformers.DistilBertModel if family == "bert" else transformers.BertModel
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="wrong family"):
         load_mpo_model(other, tmp_path / "ckpt")
 
 
