@@ -38,6 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MPO_MATMUL_TESTS = ("tests/test_mpo_matmul.py",)
 FUSED_OPS_TESTS = ("tests/test_fused_ops.py",)
 EMULATED_TESTS = ("tests/test_cpp_ext.py", "-k", "emulated")
+EMULATED_LAYERNORM = ("tests/test_cpp_ext.py", "-k", "emulated and layernorm")
+EMULATED_DROPOUT = ("tests/test_cpp_ext.py", "-k", "emulated and dropout")
+EMULATED_BIAS_GELU = ("tests/test_cpp_ext.py", "-k", "emulated and bias_gelu")
 CPU_EXT_TESTS = ("tests/test_cpp_ext.py", "-k", "cpu")
 
 
@@ -113,27 +116,27 @@ MUTATIONS: list[Mutation] = [
        "v = lane <= static_cast<int>(blockDim.x >> 5) ? scratch[lane] : 0.0f;", EMULATED_TESTS),
     _m("cuda/dropout-scale", "dropped scale", "csrc/cuda/common.cuh",
        "v[4 * q + 1] = unit_float(b.y) < keep_prob ? v[4 * q + 1] * scale : 0.0f;",
-       "v[4 * q + 1] = unit_float(b.y) < keep_prob ? v[4 * q + 1] : 0.0f;", EMULATED_TESTS),
+       "v[4 * q + 1] = unit_float(b.y) < keep_prob ? v[4 * q + 1] : 0.0f;", EMULATED_DROPOUT),
     _m("cuda/layernorm-forward-centering-sign", "sign", "csrc/cuda/layernorm.cu",
-       "const float d = v[c][j] - mean;", "const float d = v[c][j] + mean;", EMULATED_TESTS),
+       "const float d = v[c][j] - mean;", "const float d = v[c][j] + mean;", EMULATED_LAYERNORM),
     _m("cuda/layernorm-backward-sign", "sign", "csrc/cuda/layernorm.cu",
        "out[j] = rstd * (g[c][j] - (sum_g + xhat[c][j] * sum_gx) * inv_n);",
-       "out[j] = rstd * (g[c][j] + (sum_g + xhat[c][j] * sum_gx) * inv_n);", EMULATED_TESTS),
+       "out[j] = rstd * (g[c][j] + (sum_g + xhat[c][j] * sum_gx) * inv_n);", EMULATED_LAYERNORM),
     _m("cuda/layernorm-backward-barrier", "missing barrier", "csrc/cuda/layernorm.cu",
        "  __syncthreads();\n  for (int col = threadIdx.y * blockDim.x + threadIdx.x;",
-       "  for (int col = threadIdx.y * blockDim.x + threadIdx.x;", EMULATED_TESTS),
+       "  for (int col = threadIdx.y * blockDim.x + threadIdx.x;", EMULATED_LAYERNORM),
     _m("cuda/layernorm-backward-program-order", "wrong program order", "csrc/cuda/layernorm.cu",
        "for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < a.rows;",
        "for (int64_t row = static_cast<int64_t>(threadIdx.y); row < a.rows;", EMULATED_TESTS),
     _m("cuda/bias_gelu-dbias-accumulation", "dropped accumulation", "csrc/cuda/bias_gelu.cu",
-       "      acc[j] += g[j];", "      acc[j] = g[j];", EMULATED_TESTS),
+       "      acc[j] += g[j];", "      acc[j] = g[j];", EMULATED_BIAS_GELU),
     _m("cuda/bias_gelu-erf-grad-sign", "sign", "csrc/cuda/bias_gelu.cu",
-       "u * kInvSqrt2Pi * expf(-0.5f * u * u)", "u * kInvSqrt2Pi * expf(0.5f * u * u)", EMULATED_TESTS),
+       "u * kInvSqrt2Pi * expf(-0.5f * u * u)", "u * kInvSqrt2Pi * expf(0.5f * u * u)", EMULATED_BIAS_GELU),
     _m("cuda/column_sums-barrier", "missing barrier", "csrc/cuda/util.cu",
        "  partial[threadIdx.y][threadIdx.x] = s;\n  __syncthreads();\n", "  partial[threadIdx.y][threadIdx.x] = s;\n",
-       EMULATED_TESTS),
+       EMULATED_BIAS_GELU),
     _m("cuda/column_sums-last-lane", "loop bound off by one", "csrc/cuda/util.cu",
-       "for (int y = 0; y < kLanesPerColumn; ++y)", "for (int y = 0; y < kLanesPerColumn - 1; ++y)", EMULATED_TESTS),
+       "for (int y = 0; y < kLanesPerColumn; ++y)", "for (int y = 0; y < kLanesPerColumn - 1; ++y)", EMULATED_BIAS_GELU),
     # ---- C++ CPU kernel (extension rebuilt in the copy)
     _m("cpu/layernorm-backward-sign", "sign", "csrc/residual_layernorm_cpu.cpp",
        "dhr[j] = narrow<T>(rs * (g - (sum_g + xhat * sum_gx) * inv_n));",
