@@ -206,8 +206,9 @@ def test_bias_gelu_half_io(dtype, activation):
 
 
 def test_bias_gelu_many_rows_split_over_programs():
-    # more row blocks than backward programs: each program loops over several blocks
-    x, _, _, b, dy = _make((300, 3), torch.float32, "bias")
+    # more row blocks than backward programs: each program loops over several blocks (n = 3: blocks of
+    # 1024 rows, so 5000 rows are 5 blocks for 4 programs on CPU; dbias accumulates over the loop)
+    x, _, _, b, dy = _make((5000, 3), torch.float32, "bias")
     _check(_gelu("triton", "gelu"), _gelu_ref("gelu"), [x, b], dy, torch.float32, grad_scale=20.0)
 
 
