@@ -368,7 +368,7 @@ def rebuild_rows(model: MPOBertModel, tokens: int, device: torch.device, clock: 
     """Rebuilding every MPO weight of ``model`` (batched over the layers sharing a central, and one
     chain per layer) against the dense GEMMs of the same matrices on ``tokens`` tokens, forward and
     forward + backward, measured (interleaved, median)."""
-    from mpo_core.accumulate import _build
+    from mpo_core.accumulate import build_weight_blocks
     from mpo_core.nn import MPOLinear
     from mpo_core.rebuild import dense_matrix
 
@@ -377,7 +377,7 @@ def rebuild_rows(model: MPOBertModel, tokens: int, device: torch.device, clock: 
     dense = [torch.randn(m.in_features, m.out_features, device=device, requires_grad=True) for m in layers]
 
     def batched():
-        return [block for block, _ in _build(layers)]
+        return [block for block, _ in build_weight_blocks(layers)]
 
     def chain():
         return [dense_matrix(list(m.cores)).T.contiguous() for m in layers]

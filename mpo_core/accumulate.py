@@ -45,7 +45,7 @@ from mpo_core.cost import device_model
 from mpo_core.nn import MPOLinear
 from mpo_core.rebuild import dense_matrix, rebuild
 
-__all__ = ["weight_cache", "shared_central_weights", "exclude_cores_from_ddp", "mpo_core_names"]
+__all__ = ["weight_cache", "build_weight_blocks", "shared_central_weights", "exclude_cores_from_ddp", "mpo_core_names"]
 
 
 def _layers(module: nn.Module) -> list[MPOLinear]:
@@ -127,7 +127,7 @@ def _group_key(layer: MPOLinear) -> tuple:
             cores[0].dtype, cores[0].device)
 
 
-def _build(layers: list[MPOLinear]) -> list[tuple[torch.Tensor, list[int]]]:
+def build_weight_blocks(layers: list[MPOLinear]) -> list[tuple[torch.Tensor, list[int]]]:
     """The layers' dense weights in ``nn.Linear``'s ``(out, in)`` layout, with graph, as blocks
     ``(weights (G, out, in), indices of the G layers)``: layers sharing a central are built together,
     and their block is back-propagated as one tensor (no per-layer slicing in the backward)."""
@@ -195,9 +195,9 @@ def weight_cache(module: nn.Module, process_group: object = None) -> Iterator[No
     frozen = [layer for layer in layers if layer not in track]
     device_type = layers[0].cores[0].device.type if layers else "cpu"
     with torch.autocast(device_type, enabled=False):
-        built = _build(track) if track else []
+        built = build_weight_blocks(track) if track else []
         with torch.no_grad():
-            frozen_blocks = _build(frozen) if frozen else []
+            frozen_blocks = build_weight_blocks(frozen) if frozen else []
     leaves: list[torch.Tensor | None] = [None] * len(track)
     for block, idx in built:
         data = block.detach()

@@ -161,11 +161,11 @@ def _certify(a, basis: Callable[[int], torch.Tensor], r: int, cap: int, delta, a
         r = min(cap, r + max(1, r // 8))
 
 
-def whole_range_split(a: torch.Tensor, max_rank: int, delta: float | None) -> Split:
+def whole_range_split(a: torch.Tensor, max_bond: int, delta: float | None) -> Split:
     """Exact split of a lopsided ``a`` from the Gram matrix of its smaller side; may **overwrite** ``a``.
 
     The eigenvectors ``V`` of ``a aᵀ`` (wide) or ``aᵀ a`` (tall) span the dominant subspace;
-    the rank is the smallest ``<= max_rank`` whose eigenvalue tail meets ``delta``, grown while
+    the rank is the smallest ``<= max_bond`` whose eigenvalue tail meets ``delta``, grown while
     the certified norm does not. Wide with nothing truncated: ``a ← Vᵀ a`` in place, discarded
     norm 0; tall with nothing truncated: ``a ← orth(a V)`` in place, ``right = R Vᵀ``, discarded
     norm 0. Otherwise ``left = V_r`` (wide) or ``orthonormalize_(a V_r)`` (tall). The
@@ -175,7 +175,7 @@ def whole_range_split(a: torch.Tensor, max_rank: int, delta: float | None) -> Sp
     wide = rows <= cols
     evals, v = _eig_desc(a @ a.mT if wide else a.mT @ a)
     a_sq = float(evals.sum())
-    cap = max(1, min(max_rank, rows, cols))
+    cap = max(1, min(max_bond, rows, cols))
     r = _rank_for(evals, 0.0, cap, delta)
     if wide and r == rows:
         vt = v.mT.contiguous()
@@ -195,7 +195,7 @@ def whole_range_split(a: torch.Tensor, max_rank: int, delta: float | None) -> Sp
 
 def sketched_split(
     a: torch.Tensor,
-    max_rank: int | None,
+    max_bond: int | None,
     delta: float | None,
     *,
     oversample: int = OVERSAMPLE,
@@ -204,14 +204,14 @@ def sketched_split(
 ) -> Split | None:
     """Randomized split of ``a`` with a certified discarded norm (see the module docstring).
 
-    ``max_rank`` caps the kept rank (``None``: up to ``min(m, N)``); ``delta`` is the largest
-    allowed discarded norm (``None``: keep ``max_rank``). With ``delta``, the rank grows until
+    ``max_bond`` caps the kept rank (``None``: up to ``min(m, N)``); ``delta`` is the largest
+    allowed discarded norm (``None``: keep ``max_bond``). With ``delta``, the rank grows until
     the certified norm meets it or reaches the cap. Returns ``None`` when the sketch would
     cover the smaller dimension: the caller then splits exactly (:func:`whole_range_split`).
     """
     small = min(a.shape)
-    cap = small if max_rank is None else min(max_rank, small)
-    want = cap if max_rank is not None else min(INITIAL_RANK, cap)
+    cap = small if max_bond is None else min(max_bond, small)
+    want = cap if max_bond is not None else min(INITIAL_RANK, cap)
     a_sq, passes = None, 0
     while True:
         k = want + oversample
