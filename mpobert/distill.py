@@ -41,6 +41,7 @@ from torch import nn
 
 from mpo_core.io import atomic_write
 from mpobert.data import StreamBatches, pad_collate
+from mpobert.data.pretraining import corpus_files
 from mpobert.layers import attention_bool_mask
 from mpobert.options import nested, option
 from mpobert.train import TrainConfig, Trainer, setup_distributed
@@ -219,14 +220,7 @@ class TextStream:
 
     def __init__(self, files: Sequence[str | os.PathLike], tokenizer: Any, max_seq_len: int = 128, split: str = "train",
                  holdout_every: int = 20, loop: bool = True) -> None:
-        if isinstance(files, (str, os.PathLike)):
-            files = [files]
-        self.files = [Path(f) for f in files]
-        if not self.files:
-            raise ValueError("files must name at least one text file")
-        for f in self.files:
-            if not f.is_file():
-                raise ValueError(f"corpus file {str(f)!r} does not exist")
+        self.files = corpus_files(files)
         if not isinstance(max_seq_len, int) or max_seq_len < 4:
             raise ValueError(f"max_seq_len must be an int >= 4, got {max_seq_len!r}")
         if split not in ("train", "heldout"):

@@ -142,6 +142,19 @@ def sop_instances(
     return out
 
 
+def corpus_files(files: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """``files`` (one path or several) as a list of existing text files; a ValueError naming the problem otherwise."""
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise ValueError("files must name at least one corpus file")
+    for f in paths:
+        if not f.is_file():
+            raise ValueError(f"corpus file {str(f)!r} does not exist")
+    return paths
+
+
 class PretrainingStream(IterableDataset):
     """MLM + SOP instances streamed from plain-text corpus files, with a resumable position.
 
@@ -177,14 +190,7 @@ class PretrainingStream(IterableDataset):
         loop: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(files, (str, os.PathLike)):
-            files = [files]
-        self.files = [Path(f) for f in files]
-        if not self.files:
-            raise ValueError("files must name at least one corpus file")
-        for f in self.files:
-            if not f.is_file():
-                raise ValueError(f"corpus file {str(f)!r} does not exist")
+        self.files = corpus_files(files)
         if not isinstance(tokenizer, WordPieceTokenizer):
             raise TypeError(f"tokenizer must be a WordPieceTokenizer, got {type(tokenizer).__name__}")
         if not isinstance(max_seq_len, int) or max_seq_len < 5:
