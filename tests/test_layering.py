@@ -15,6 +15,7 @@ The checker is tested on small synthetic trees first, so a broken checker cannot
 from __future__ import annotations
 
 import ast
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,12 @@ class Import:
     line: int
 
 
+@functools.lru_cache(maxsize=None)
+def parse(path: Path) -> ast.Module:
+    """The syntax tree of one source file (read once: both the import and the attribute checks walk it)."""
+    return ast.parse(path.read_text(), filename=str(path))
+
+
 def module_name(path: Path, root: Path) -> str:
     parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -74,7 +81,7 @@ def read_imports(modules: dict[str, Path]) -> list[Import]:
     """Every import between modules of the tree (module-level and in-function)."""
     found = []
     for name, path in modules.items():
-        tree = ast.parse(path.read_text(), filename=str(path))
+        tree = parse(path)
         is_package = path.name == "__init__.py"
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -157,10 +164,6 @@ def _is_private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
 
-def _package_of(module: str) -> str:
-    return module.rsplit(".", 1)[0] if "." in module else ""
-
-
 def private_violations(imports: list[Import], modules: dict[str, Path]) -> list[str]:
     out = []
     for imp in imports:
@@ -175,7 +178,7 @@ def private_violations(imports: list[Import], modules: dict[str, Path]) -> list[
                 out.append(f"{imp.importer}:{imp.line} imports private name {name} from {imp.target}")
     # ``alias._name`` where alias is a module imported from the tree
     for name, path in modules.items():
-        tree = ast.parse(path.read_text(), filename=str(path))
+        tree = parse(path)
         is_package = path.name == "__init__.py"
         aliases: dict[str, str] = {}
         for node in ast.walk(tree):
