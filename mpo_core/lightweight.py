@@ -29,14 +29,13 @@ base weights) are saved with :func:`save_mpo_model` and loaded with :func:`load_
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -1,6 +1,5 @@
 """Cost-model calibration: measured rates are positive, cached as JSON, reloaded, installed for planning."""
 import pytest
-import torch
 
 from mpo_core.cost import DEFAULT_MODELS, DeviceModel, device_model, set_device_model
 from mpo_core.cost import calibration

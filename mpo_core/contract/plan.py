@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 import torch
 
-from mpo_core.contract.sequential import SeqStep, all_orders, named_orders, plan_sequential
+from mpo_core.contract.sequential import all_orders, named_orders, plan_sequential
 from mpo_core.cost import device_model, gemm_cost, mpo_linear_cost
 from mpo_core.rebuild import MergeTree, plan_merge
 
@@ -36,7 +36,7 @@ class Candidate:
     seconds : float
         Modelled time.
     steps : tuple
-        Executable schedule (sequential: :class:`SeqStep` s; otherwise empty).
+        Executable schedule (sequential: :class:`~mpo_core.contract.sequential.SeqStep` s; otherwise empty).
     """
 
     strategy: str
