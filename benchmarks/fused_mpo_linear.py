@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import device_info, format_table, time_calls, write_json  # noqa: E402
 
 from mpo_core.gpu import A100, H100, linear_cost, sequence_seconds  # noqa: E402
-from mpo_core.gpu.devices import device_for_arch  # noqa: E402
+from mpo_core.gpu.devices import model_of_device  # noqa: E402
 from mpo_core.gpu.shapes import MPO_MODES as MODES  # noqa: E402
 from mpo_core.ops.mpo_linear import mpo_linear  # noqa: E402
 from mpo_core.rebuild import dense_matrix  # noqa: E402
@@ -92,11 +92,8 @@ def _random_cores(in_shape, out_shape, ranks, dtype, device, seed: int = 0) -> l
 def measured_table(tokens_list, max_bond: int, dtype: torch.dtype, device: str, repeat: int, warmup: int = 3,
                    cases=CASES) -> list[dict]:
     """Time the fused and the dense path, interleaved, on every (shape, bonds, tokens); with the model
-    time of this GPU beside them when :func:`mpo_core.gpu.devices.device_for_arch` knows it."""
-    model_gpu = None
-    if device == "cuda":
-        major, minor = torch.cuda.get_device_capability()
-        model_gpu = device_for_arch(10 * major + minor)
+    time of this GPU beside them when :func:`mpo_core.gpu.devices.model_of_device` knows it."""
+    model_gpu = model_of_device(device)
     b = torch.tensor([], dtype=dtype).element_size()
     rows = []
     for k_dim, n_dim in cases:

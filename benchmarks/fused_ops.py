@@ -110,11 +110,8 @@ def copy_bandwidth(device: str) -> float:
 
 
 def model_gpu(device: str) -> gpu.Gpu | None:
-    """The modelled GPU this device is (by compute capability), or ``None`` (CPU, or no model for it)."""
-    if torch.device(device).type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return gpu.devices.device_for_arch(10 * major + minor)
+    """The modelled GPU this device is (by name and compute capability), or ``None`` (CPU, or no model for it)."""
+    return gpu.devices.model_of_device(device)
 
 
 def measured_table(candidates: dict[str, Callable[[str], Callable[..., torch.Tensor]]], op_list, cases,

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 import mpo_core
 from mpo_core._backends import extension
 from mpo_core.gpu import nvcc as nvcc_tools
+from mpo_core.gpu.philox import KNOWN_ANSWERS, cuda_keep_mask, philox4x32_10
 
 AFFINE = ["both", "weight", "bias", "none"]
 # Relative accuracy per dtype: tight for float64/float32 (the statistics and sums run in that
@@ -250,50 +251,15 @@ def test_cpu_bad_arguments_raise_early(C):
 
 
 # ---------------------------------------------------------------------------------------------
-# Dropout mask reference: Philox4x32-10 in numpy (the kernels' csrc/cuda/philox.cuh).
-
-_M32 = np.uint64(0xFFFFFFFF)
-
-
-def philox4x32_10(counter, key):
-    """Philox4x32-10 of 4 counter words and 2 key words (numpy uint arrays or ints)."""
-    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) for c in counter)
-    k0, k1 = (np.asarray(k, dtype=np.uint64) for k in key)
-    m0, m1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
-    w0, w1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
-    for _ in range(10):
-        p0, p1 = m0 * c0, m1 * c2  # < 2^64: exact in uint64
-        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & _M32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & _M32
-        k0, k1 = (k0 + w0) & _M32, (k1 + w1) & _M32
-    return c0, c1, c2, c3
-
-
-def dropout_keep_mask(numel, p, seed, offset):
-    """Keep mask of flat elements 0..numel-1, as LayerNormForwardArgs in kernels.h defines it."""
-    e = np.arange(numel, dtype=np.uint64)
-    block = e >> np.uint64(2)
-    seed, offset = seed % 2**64, offset % 2**64
-    words = philox4x32_10(
-        (block & _M32, block >> np.uint64(32), offset & 0xFFFFFFFF, offset >> 32),
-        (seed & 0xFFFFFFFF, seed >> 32),
-    )
-    bits = np.choose((e & np.uint64(3)).astype(np.int64), [np.broadcast_to(w, e.shape) for w in words])
-    u = (bits >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24)
-    return u < np.float32(1.0 - float(np.float32(p)))
+# Dropout mask reference: Philox4x32-10 in numpy (mpo_core.gpu.philox; the kernels' csrc/cuda/philox.cuh).
 
 
 def test_numpy_philox_reference_matches_random123_known_answers():
-    kat = [
-        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-    ]
-    for counter, key, want in kat:
+    for counter, key, want in KNOWN_ANSWERS:
         assert tuple(int(w) for w in philox4x32_10(counter, key)) == want
-    keep = dropout_keep_mask(40000, 0.3, seed=5, offset=11)
-    assert abs(keep.mean() - 0.7) < 4 * (0.21 / 40000) ** 0.5
-    assert dropout_keep_mask(16, 0.0, 1, 2).all() and not dropout_keep_mask(16, 1.0, 1, 2).any()
+    keep = cuda_keep_mask(1, 40000, 0.3, seed=5, offset=11)
+    assert abs(keep.double().mean() - 0.7) < 4 * (0.21 / 40000) ** 0.5
+    assert cuda_keep_mask(1, 16, 0.0, 1, 2).all() and not cuda_keep_mask(1, 16, 1.0, 1, 2).any()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,7 +507,7 @@ def test_cuda_dropout_mask_is_philox_and_backward_recomputes_it(kernels, dtype, 
     zero = torch.zeros_like(r)
     w = torch.randn(n, generator=g).to(device, dtype)
     b = torch.randn(n, generator=g).to(device, dtype)
-    keep = torch.from_numpy(dropout_keep_mask(rows * n, p, seed, offset)).view(rows, n).to(device)
+    keep = cuda_keep_mask(rows, n, p, seed, offset).to(device)
     scale = 1.0 / (1.0 - float(np.float32(p)))
 
     # x = 0: h is exactly the dropped-out r, so the mask is observed bit for bit.

@@ -19,7 +19,7 @@ import torch
 
 from mpo_core.cost import Cost, DeviceModel
 
-__all__ = ["A100", "DEVICES", "Gpu", "H100", "MODEL_DTYPE", "device_for_arch", "occupancy", "roofline_seconds",
+__all__ = ["A100", "DEVICES", "Gpu", "H100", "MODEL_DTYPE", "device_for_arch", "model_for", "model_of_device", "occupancy", "roofline_seconds",
            "sequence_seconds"]
 
 MODEL_DTYPE = torch.bfloat16
@@ -56,11 +56,42 @@ H100 = Gpu("H100-SXM", 90, _model("H100-SXM", 989e12, 67e12, 3.35e12), sm_count=
            smem_per_sm=228 * 1024, smem_per_block=227 * 1024)
 DEVICES = {d.name: d for d in (A100, H100)}
 """The modelled GPUs by name."""
+NAME_RULES = {"A100-80GB": ("A100", ("40GB",)), "H100-SXM": ("H100", ("PCIE", "NVL"))}
+"""Per modelled GPU: the word its device name must contain, and words of variants it does not model."""
 
 
 def device_for_arch(arch: int) -> Gpu | None:
     """The modelled GPU of compute capability ``arch`` (80: A100, 90: H100), ``None`` for others."""
     return next((d for d in DEVICES.values() if d.arch == arch), None)
+
+
+def model_for(name: str, capability: tuple[int, int]) -> Gpu | None:
+    """The modelled GPU a device reporting ``name`` (``torch.cuda.get_device_name``) and ``capability``
+    is, or ``None`` ("no model") for any other GPU.
+
+    Matched on both, and on the variant the entry's rates are for (:data:`NAME_RULES`): an H200 or
+    GH200 (9.0) is not an H100, nor is an H100 PCIe or NVL (2.0 / 3.9 TB/s, not SXM's 3.35); an
+    A100 40GB (1.6 TB/s) is not the 80GB; an L4 or RTX 4090 (8.9) has no entry.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if len(capability) != 2 or not all(isinstance(v, int) for v in capability):
+        raise ValueError(f"capability must be (major, minor) ints, got {capability!r}")
+    arch = 10 * capability[0] + capability[1]
+    words = name.upper().replace("-", " ").split()
+    for gpu in DEVICES.values():
+        word, excluded = NAME_RULES[gpu.name]
+        if gpu.arch == arch and word in words and not any(w.startswith(x) for w in words for x in excluded):
+            return gpu
+    return None
+
+
+def model_of_device(device: torch.device | str) -> Gpu | None:
+    """:func:`model_for` of a torch device: its modelled GPU, ``None`` for a CPU or a GPU without a model."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return model_for(torch.cuda.get_device_name(device), tuple(torch.cuda.get_device_capability(device)))
 
 
 def roofline_seconds(cost: Cost, device: Gpu) -> float:
