@@ -176,7 +176,11 @@ def test_cost_model_picks_dense_for_many_tokens_at_full_rank(device_type):
     shape = (4, 4, 4, 4, 3)
     plan = make_plan(shape, shape, ranks, 4096, device_type, torch.float32, "auto", None, False, None, False)
     assert plan.strategy == "dense"
-    assert plan.chosen.seconds == min(c.seconds for c in plan.candidates)
+    # why, in FLOPs counted here: W is rebuilt once (a few % on top of the 4096x768x768 GEMM), while bonds
+    # of 256 make every sequential order at least 100x that
+    gemm = 2 * 4096 * 768 * 768
+    assert gemm < plan.chosen.flops < 1.2 * gemm
+    assert min(c.flops for c in plan.candidates if c.strategy == "sequential") > 100 * plan.chosen.flops
 
 
 @pytest.mark.parametrize("device_type", ["cpu", "cuda"])
@@ -186,7 +190,9 @@ def test_cost_model_picks_sequential_for_small_ranks_and_few_tokens(device_type)
     shape = (4, 4, 4, 4, 3)
     plan = make_plan(shape, shape, ranks, 8, device_type, torch.float32, "auto", None, False, None, False)
     assert plan.strategy == "sequential"
-    assert plan.chosen.seconds == min(c.seconds for c in plan.candidates)
+    # the dense route pays the GEMM plus at least the rebuild's last merge (768 x 768 entries over bond 4)
+    (dense,) = [c for c in plan.candidates if c.strategy == "dense"]
+    assert dense.flops >= 2 * 8 * 768 * 768 + 2 * 768 * 768 * 4
     assert plan.chosen.flops < 2 * 8 * 768 * 768  # fewer FLOPs than even the dense GEMM alone
 
 

@@ -3,7 +3,6 @@
 for ``mpo_core._C``, and the real one where it is built), and ``torch.compile``."""
 from __future__ import annotations
 
-import os
 import types
 
 import pytest
@@ -233,10 +232,8 @@ def test_cpp_glue_through_a_torch_stand_in(fake_ext, affine, with_residual):
 
 def test_real_extension_if_built():
     """The C++ CPU residual + LayerNorm through mpo_core.ops, when mpo_core._C exists."""
-    if extension() is None:
-        assert not os.environ.get("CI") or not os.path.exists("csrc/bindings.cpp"), \
-            "mpo_core._C is not built in CI although csrc/ exists"
-        return
+    if extension() is None:  # under CI=true a skip fails (conftest): CI must have built the extension
+        pytest.skip("mpo_core._C is not built (MPO_CORE_NO_EXT=1, or the build failed: see pip install -e .)")
     for dtype in (torch.float32, torch.float64):
         x = torch.randn(7, 33, dtype=dtype, requires_grad=True)
         r = torch.randn(7, 33, dtype=dtype, requires_grad=True)
