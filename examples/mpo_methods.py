@@ -45,6 +45,7 @@ from mpo_core import set_trainable
 from mpo_core.compress import compress
 from mpo_core.io import atomic_write
 from mpo_core.moe import MPOEFeedForward
+from mpo_core.nn import num_parameters
 from mpo_core.opf import OverParameterization, sync_optimizer
 from mpobert import SequenceClassifierOutput
 from mpobert.data import (
@@ -202,10 +203,6 @@ def _evaluate(model: nn.Module, data: TaskData) -> dict[str, float]:
     return evaluate_task(model, data.dev, data.spec, 128, data.tokenizer.pad_id)
 
 
-def _count(model: nn.Module, trainable: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
-
-
 def _model(data: TaskData, seed: int, **sizes: Any) -> BertLikeClassifier:
     torch.manual_seed(seed)
     width = max(len(f["input_ids"]) for f in data.train + data.dev)
@@ -228,14 +225,14 @@ def run_mpop(data: TaskData, steps: int = 300, aux_steps: int = 150, budget: flo
     small.requires_grad_(False)
     set_trainable(small, "auxiliary")
     small.classifier.requires_grad_(True)
-    trainable, total = _count(small, trainable=True), _count(small)
+    trainable, total = num_parameters(small, trainable=True), num_parameters(small)
     aux_run = fine_tune(small, data, aux_steps, lr=lr, seed=seed + 1)
     return {
         "method": "mpop", "steps": steps, "aux_steps": aux_steps, "budget": budget,
         "accuracy": {"full_finetune": full["accuracy"], "truncated": truncated["accuracy"],
                      "auxiliary_finetune": _evaluate(small, data)["accuracy"], "majority": data.majority["accuracy"]},
-        "params": {"dense_model": _count(model), "compressed_model": total, "trainable_auxiliary_finetune": trainable,
-                   "trainable_full_finetune": _count(model), "trainable_fraction": trainable / total,
+        "params": {"dense_model": num_parameters(model), "compressed_model": total, "trainable_auxiliary_finetune": trainable,
+                   "trainable_full_finetune": num_parameters(model), "trainable_fraction": trainable / total,
                    "encoder_matrices_dense": report.dense_params, "encoder_matrices_compressed": report.params},
         "final_loss": {"full_finetune": full_run["loss_last"], "auxiliary_finetune": aux_run["loss_last"]},
         "compression": report.to_dict(),
@@ -263,7 +260,7 @@ def run_opf(data: TaskData, steps: int = 300, k: int | float = 0.5, dynamic_ever
         return opf.rescore([next(scoring) for _ in range(score_batches)], _loss, k)
 
     rescore()
-    train_params = _count(model)
+    train_params = num_parameters(model)
     swaps: list[dict[str, Any]] = []
 
     def reselect(trainer: Trainer) -> None:
@@ -283,7 +280,7 @@ def run_opf(data: TaskData, steps: int = 300, k: int | float = 0.5, dynamic_ever
         "method": "opf", "steps": steps, "k": k, "dynamic_every": dynamic_every,
         "accuracy": {"dense_finetune": dense_acc, "opf_before_merge": opf_acc,
                      "opf_merged": _evaluate(model, data)["accuracy"], "majority": data.majority["accuracy"]},
-        "params": {"dense_model": _count(dense), "opf_training": train_params, "opf_merged": _count(model)},
+        "params": {"dense_model": num_parameters(dense), "opf_training": train_params, "opf_merged": num_parameters(model)},
         "merge_max_abs_logit_diff": float(np.abs(before - after).max()),
         "expanded_at_end": expanded, "swaps": swaps,
         "merged_is_dense": all(type(mod) is nn.Linear for name, mod in model.named_modules()
@@ -318,8 +315,8 @@ def run_mpoe(data: TaskData, steps: int = 300, num_experts: int = 4, top_k: int 
     return {
         "method": "mpoe", "steps": steps, "num_experts": num_experts, "top_k": top_k, "central_grad": central_grad,
         "accuracy": {"dense_finetune": _evaluate(dense, data)["accuracy"], "mpoe": acc, "majority": data.majority["accuracy"]},
-        "params": {"dense_model": _count(dense), "mpoe_model": _count(moe),
-                   "plain_moe_model": _count(dense) - dense_ffn + sum(r["plain_moe"] for r in layer_reports),
+        "params": {"dense_model": num_parameters(dense), "mpoe_model": num_parameters(moe),
+                   "plain_moe_model": num_parameters(dense) - dense_ffn + sum(r["plain_moe"] for r in layer_reports),
                    "per_layer": layer_reports[0]},
         "dev_expert_load": [(c.double() / c.sum()).tolist() for c in counts],
     }

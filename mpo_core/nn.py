@@ -28,7 +28,7 @@ from mpo_core.decompose import decompose
 from mpo_core.mpo import validate_cores
 from mpo_core.shapes import BondSpec, capped_ranks, resolve_shapes
 
-__all__ = ["Include", "MPOLinear", "MPOifyReport", "dense_module", "is_linear", "linear_weight", "mpo_ify", "name_matcher",
+__all__ = ["Include", "MPOLinear", "MPOifyReport", "dense_module", "is_linear", "linear_weight", "mpo_ify", "name_matcher", "num_parameters",
            "progress_bar", "replace_module", "select_modules", "set_trainable", "shape_kwargs", "unmpo_ify"]
 
 
@@ -421,8 +421,10 @@ class MPOifyReport:
         return "\n".join(lines)
 
 
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def num_parameters(model: nn.Module, trainable: bool = False) -> int:
+    """Parameters of ``model``, each tensor once (shared and tied ones are not counted again);
+    ``trainable``: only those with ``requires_grad``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
 Include = Union[str, Sequence[str], Callable[[str, nn.Module], bool], None]
@@ -554,7 +556,7 @@ def mpo_ify(
         cannot be decomposed as asked. The model is unchanged when a pattern matches nothing.
     """
     targets = select_modules(model, include)
-    before = _count(model)
+    before = num_parameters(model)
     report = MPOifyReport(before, before)
     for name, linear in progress_bar(targets, "mpo_ify", progress):
         weight = linear_weight(linear)
@@ -577,7 +579,7 @@ def mpo_ify(
             weight.numel() + (linear.bias.numel() if linear.bias is not None else 0),
             layer.num_params, float(layer.error_bound), diff / norm if norm > 0 else diff, seconds, layer.origin,
         ))
-    report.params_after = _count(model)
+    report.params_after = num_parameters(model)
     return report
 
 

@@ -1,4 +1,4 @@
-"""Command line of MPOBERT: ``python -m mpobert {pretrain,finetune,evaluate,convert,params,demo}``.
+"""Command line of MPOBERT: ``python -m mpobert {pretrain,finetune,evaluate,convert,params,demo,distill}``.
 
 This module only parses: each subcommand is a workflow of :mod:`mpobert.workflows` whose
 options are generated from its settings dataclass (:func:`mpobert.options.add_options`; the
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mpobert import distill, workflows
+from mpobert import workflows
 from mpobert.options import add_options, from_namespace
 from mpobert.train import NonFiniteLossError
 
@@ -44,7 +44,7 @@ COMMANDS = {
     "convert": Command(workflows.convert, workflows.ConvertConfig),
     "params": Command(workflows.params, workflows.ParamsConfig),
     "demo": Command(workflows.demo, workflows.DemoConfig),
-    "distill": Command(distill.distill, distill.DistillConfig),
+    "distill": Command(workflows.distill, workflows.DistillConfig),
 }
 """The subcommands of ``python -m mpobert``; a new one is a workflow + settings class and a line here."""
 

@@ -6,6 +6,8 @@
 * :func:`convert` (:class:`ConvertConfig`): a local Hugging Face ALBERT/BERT/RoBERTa checkpoint to an MPOBERT directory
 * :func:`params` (:class:`ParamsConfig`): the parameter table of a model directory or a config
 * :func:`demo` (:class:`DemoConfig`): tokenizer, pretraining and fine-tuning on bundled data, end to end
+* :func:`distill` (:class:`DistillConfig`): a Hugging Face BERT/ALBERT/RoBERTa teacher into its MPOBERT
+  conversion (defined in :mod:`mpobert.distill.workflow` with the teacher-matching pieces it assembles)
 
 Each returns a JSON-able dict. The settings classes declare their fields with
 :func:`mpobert.options.option`; ``python -m mpobert`` (:mod:`mpobert.cli`) generates its options
@@ -26,12 +28,14 @@ from typing import Any
 import torch
 
 from mpo_core.io import atomic_write
+from mpo_core.nn import num_parameters
 from mpobert.config import MPOBertConfig
 from mpobert.data import (
     ExampleBatches, MultiTaskBatches, PretrainingStream, StreamBatches, WordPieceTokenizer, encode_examples, few_shot,
     get_task, load_split, read_squad, split_sentences, squad_features, train_wordpiece, write_corpus, write_pydoc_topic_task,
 )
 from mpobert.data.corpus import pydoc_documents
+from mpobert.distill.workflow import DistillConfig, distill
 from mpobert.evaluation import evaluate_pretraining, evaluate_squad, evaluate_task, majority_baseline
 from mpobert.heads import MPOBertForPreTraining, MPOBertForQuestionAnswering, MPOBertForSequenceClassification
 from mpobert.model import MPOBertModel, MPOBertPreTrainedModel
@@ -40,7 +44,8 @@ from mpobert.options import nested, option
 from mpobert.train import OPTIMIZERS, PROGRESS_MODES, TrainConfig, Trainer, setup_distributed
 
 __all__ = ["PRESETS", "TOKENIZER_FILE", "model_config", "PretrainConfig", "FinetuneConfig", "EvaluateConfig",
-           "ConvertConfig", "ParamsConfig", "DemoConfig", "pretrain", "finetune", "evaluate", "convert", "params", "demo"]
+           "ConvertConfig", "ParamsConfig", "DemoConfig", "DistillConfig", "pretrain", "finetune", "evaluate", "convert",
+           "params", "demo", "distill"]
 
 PRESETS = {"tiny": MPOBertConfig.tiny, "mpobert12": MPOBertConfig.mpobert12, "mpobert24": MPOBertConfig.mpobert24,
            "mpobert48": MPOBertConfig.mpobert48, "mpobert48_plus": MPOBertConfig.mpobert48_plus}
@@ -185,10 +190,6 @@ def _save_model(model: MPOBertPreTrainedModel, tok: WordPieceTokenizer, director
     tok.save(directory / TOKENIZER_FILE)
 
 
-def _n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # ---------------------------------------------------------------------------- pretrain
 def _pretrain_tokenizer(cfg: PretrainConfig, corpus: list[str], out: Path, rank: int, world: int) -> WordPieceTokenizer:
     """The given tokenizer, the one a previous run saved in ``out``, or one trained on ``corpus`` by rank 0."""
@@ -235,7 +236,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         eval_fn = lambda m: evaluate_pretraining(m, eval_batches)  # noqa: E731
     fingerprint = {"model": model.config.to_dict(), "batch_size": cfg.batch_size, "max_seq_len": cfg.max_seq_len}
     trainer = Trainer(model, batches, cfg.train, eval_fn=eval_fn, fingerprint=fingerprint)
-    _say(rank, f"[pretrain] {_n_params(model):,} parameters, vocab {tok.vocab_size}, global batch "
+    _say(rank, f"[pretrain] {num_parameters(model):,} parameters, vocab {tok.vocab_size}, global batch "
                f"{cfg.batch_size * cfg.train.grad_accum * world}, {cfg.train.max_steps} steps on {trainer.device}")
     final = trainer.train()
     if rank == 0:

@@ -209,6 +209,40 @@ def _teacher_dir_vocab(tmp_path, extra_words: int):
     return path
 
 
+def test_transformers_student_matches_and_heals(mlm_teacher, corpus, tmp_path):
+    """Any transformers model is a student (the healing path): a copy of the teacher has zero loss and
+    agrees exactly; the same model with MPO-factorized linears (lossy) gets closer to the teacher by training."""
+    from mpo_core.nn import mpo_ify, set_trainable
+    from mpobert.distill import HFStudent, Teacher, as_student
+
+    teacher = load_teacher(mlm_teacher)
+    tok = teacher.tokenizer
+    held = heldout_batches(TextStream([corpus], tok, 24, split="heldout", holdout_every=4, loop=False), 8, 32, tok.pad_token_id)
+    same = transformers.BertForMaskedLM.from_pretrained(mlm_teacher)
+    assert isinstance(as_student(same), HFStudent)
+    out = Distiller(same, teacher, DistillLoss(logits_weight=1.0))(**held[0])
+    assert set(out.terms) == {"hidden", "cosine", "logits"} and all(abs(v) < 1e-5 for v in out.terms.values()), out.terms
+    metrics = evaluate_distillation(same, teacher, held)
+    assert metrics["sentence_cosine"] > 1 - 1e-5 and max(metrics["layer_rel_error"]) < 1e-4
+    assert metrics["mlm_agreement"] == 1.0
+
+    wrapped = Teacher.wrap(copy.deepcopy(same), tok)  # an in-memory original as the teacher
+    assert (wrapped.has_mlm, wrapped.num_layers, wrapped.family) == (True, 2, "bert")
+    torch.manual_seed(0)
+    mpo_ify(same, include=["*.intermediate.dense", "*.output.dense"], n=3, max_bond=4)
+    set_trainable(same, "auxiliary")
+    before = evaluate_distillation(same, wrapped, held)
+    with pytest.raises(ValueError, match="runs its layers on given inputs"):
+        Distiller(same, wrapped, DistillLoss(teacher_input_steps=2))
+    model = Distiller(same, wrapped, DistillLoss())
+    batches = StreamBatches(TextStream([corpus], tok, 24, holdout_every=4), 8, pad_id=tok.pad_token_id)
+    cfg = TrainConfig(output_dir=str(tmp_path / "heal"), max_steps=20, optimizer="adamw", lr=3e-3, weight_decay=0.0,
+                      progress="none", device="cpu", log_every=10)
+    Trainer(model, batches, cfg).train()
+    after = evaluate_distillation(same, wrapped, held)
+    assert after["layer_rel_error"][-1] < before["layer_rel_error"][-1], (before, after)
+
+
 # ---------------------------------------------------------------------------- command line
 def test_distill_command(mlm_teacher, corpus, tmp_path, capsys):
     from mpobert import MPOBertForPreTraining

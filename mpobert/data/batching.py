@@ -29,7 +29,7 @@ def _check_shard(batch_size: int, rank: int, world_size: int) -> None:
 
 class StreamBatches:
     """Per-rank batches from a resumable stream of instances (:class:`PretrainingStream`,
-    :class:`mpobert.distill.TextStream`), collated by :func:`pad_collate`.
+    :class:`mpobert.data.text.TextStream`), collated by :func:`pad_collate`.
 
     Parameters
     ----------

@@ -155,6 +155,29 @@ def corpus_files(files: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return paths
 
 
+def read_documents(path: str | os.PathLike, offset: int = 0) -> Iterator[tuple[int, int, list[str]]]:
+    """The documents of a corpus file from byte ``offset`` on: ``(start_offset, next_offset, lines)`` each.
+
+    A document is a run of non-empty lines (stripped); blank lines separate documents. The offsets
+    are byte positions, so a stream that remembers ``start_offset`` resumes at that document.
+    """
+    with open(path, "rb") as f:
+        f.seek(offset)
+        start, lines = offset, []
+        pos = offset
+        for raw in iter(f.readline, b""):
+            pos += len(raw)
+            line = raw.decode("utf-8").strip()
+            if line:
+                lines.append(line)
+            else:
+                if lines:
+                    yield start, pos, lines
+                start, lines = pos, []
+        if lines:
+            yield start, pos, lines
+
+
 class PretrainingStream(IterableDataset):
     """MLM + SOP instances streamed from plain-text corpus files, with a resumable position.
 
@@ -219,24 +242,6 @@ class PretrainingStream(IterableDataset):
             raise ValueError(f"stream state offset {state['offset']} lies outside {str(self.files[state['file']])!r}")
         self._pos = {k: int(v) for k, v in state.items()}
 
-    def _documents(self, file_idx: int, offset: int) -> Iterator[tuple[int, int, list[str]]]:
-        """Yield ``(start_offset, next_offset, sentences)`` for each document from ``offset`` on."""
-        with open(self.files[file_idx], "rb") as f:
-            f.seek(offset)
-            start, lines = offset, []
-            pos = offset
-            for raw in iter(f.readline, b""):
-                pos += len(raw)
-                line = raw.decode("utf-8").strip()
-                if line:
-                    lines.append(line)
-                else:
-                    if lines:
-                        yield start, pos, lines
-                    start, lines = pos, []
-            if lines:
-                yield start, pos, lines
-
     def document_instances(self, epoch: int, file_idx: int, offset: int, sentences: Sequence[str]) -> list[dict[str, Any]]:
         """The (deterministic) instances of the document starting at ``offset`` in file ``file_idx``."""
         rng = random.Random(f"{self.seed}:{epoch}:{file_idx}:{offset}")
@@ -253,7 +258,7 @@ class PretrainingStream(IterableDataset):
         produced_this_epoch = self._pos["file"] > 0 or self._pos["offset"] > 0
         while True:
             epoch, file_idx = self._pos["epoch"], self._pos["file"]
-            for start, nxt, sentences in self._documents(file_idx, self._pos["offset"]):
+            for start, nxt, sentences in read_documents(self.files[file_idx], self._pos["offset"]):
                 instances = self.document_instances(epoch, file_idx, start, sentences)
                 skip = self._pos["skip"] if start == self._pos["offset"] else 0
                 for k in range(skip, len(instances)):
