@@ -12,17 +12,23 @@ Contenders (same hidden size, layers, heads and intermediate size; dropout off e
     ``transformers.BertModel``: every layer its own dense matrices.
 ``albert``
     ``transformers.AlbertModel``: one set of dense matrices shared by every layer.
+    Both dense baselines run MPOBERT's activation through torch's fused op
+    (:data:`DENSE_ACT`: ``gelu_pytorch_tanh`` for tanh-GELU, ``gelu`` for erf-GELU), never
+    transformers' Python-level ``gelu_new``, and transformers' SDPA attention.
 ``naive``
     MPOBERT written the way the public MPOBERT code runs it: every forward rebuilds each
     dense ``W`` from its cores in float32 with plain ``torch.tensordot`` left to right,
-    ``nn.LayerNorm`` and ``nn.GELU`` unfused, no caching. It holds a copy of the
-    ``mpobert`` model's tensors, so both compute the same function (checked at start-up).
+    ``nn.LayerNorm`` and ``nn.GELU`` unfused, no caching. Attention is
+    ``F.scaled_dot_product_attention`` like every other contender, so the difference is the
+    MPO path alone. It holds a copy of the ``mpobert`` model's tensors, so both compute the same
+    function: checked at start-up, a difference above :data:`NAIVE_TOL` stops the run.
 
 One optimizer step is ``k`` micro-batches of forward + backward (loss: mean square of the
 last hidden state and the pooled output, divided by ``k``), then gradient clipping and the
 optimizer (``torch.optim.AdamW`` or :class:`mpobert.optim.LAMB`). Every contender is timed by
-the same timer (``time.perf_counter``; CUDA events on CUDA), repeats are interleaved
-(contender A, B, C, D, then again), and each row reports the median step time, its ratio to
+the one timer of :mod:`mpo_core.gpu.timing` (CUDA events on a GPU, ``perf_counter`` or
+``process_time`` on a CPU) after one warm-up step each, repeats interleaved (contender A, B,
+C, D, then again), and each row reports the median step time, its ratio to
 ``bert`` in the same run, tokens/s, the peak memory of the step (CPU: resident-set growth
 allocated-heap growth sampled every 2 ms; CUDA: ``max_memory_allocated``), the unique parameters and the bytes a
 data-parallel step all-reduces (the gradients of every trainable parameter, a shared one
@@ -48,20 +54,27 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks._common import device_description, format_table, write_json  # noqa: E402
 from mpo_core.accumulate import weight_cache  # noqa: E402
-from mpobert import MPOBertConfig, MPOBertModel  # noqa: E402
 from mpo_core.activation import gelu_approximate  # noqa: E402
+from mpo_core.gpu.timing import CLOCKS, time_calls  # noqa: E402
+from mpobert import MPOBertConfig, MPOBertModel  # noqa: E402
 from mpobert.optim import LAMB  # noqa: E402
 
 PRESETS = {"mpobert12": MPOBertConfig.mpobert12, "mpobert24": MPOBertConfig.mpobert24, "tiny": MPOBertConfig.tiny}
 VARIANTS = ("mpobert", "mpobert_percall", "bert", "albert", "naive")
 OPTIMIZERS = ("adamw", "lamb")
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+DENSE_ACT = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
+"""transformers' ``hidden_act`` of the dense baselines per MPOBERT activation: torch's fused GELU
+(``F.gelu(approximate="tanh")`` / ``F.gelu``), the function MPOBERT computes, as fast as torch runs it."""
+NAIVE_TOL = 1e-4
+"""Largest max |difference| of the last hidden states (LayerNorm outputs, order 1) of ``naive`` and
+``mpobert`` at start-up, float32: the two rebuild ``W`` in different orders (measured ~1e-6)."""
 
 
 # ---------------------------------------------------------------- the naive MPOBERT
@@ -142,8 +155,7 @@ class NaiveMPOBert(nn.Module):
         h = self.proj(self.emb_ln(x))
         for l in range(cfg.num_layers):
             q, k, v = (self._project(l, m, h).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2) for m in "qkv")
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(cfg.head_dim)
-            ctx = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, cfg.hidden_size)
+            ctx = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, cfg.hidden_size)
             h = self.ln[0](h + self._project(l, "attn_out", ctx))
             h = self.ln[1](h + self._project(l, "ffn_out", self.gelu(self._project(l, "ffn_in", h))))
         return h, torch.tanh(self.pooler(h[:, 0]))
@@ -160,7 +172,7 @@ def build_variant(name: str, cfg: MPOBertConfig, mpobert: MPOBertModel) -> nn.Mo
 
     shape = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                  num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-                 hidden_act=cfg.hidden_act, max_position_embeddings=cfg.max_position_embeddings,
+                 hidden_act=DENSE_ACT[cfg.activation], max_position_embeddings=cfg.max_position_embeddings,
                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, layer_norm_eps=cfg.layer_norm_eps)
     if name == "bert":
         return transformers.BertModel(transformers.BertConfig(**shape))
@@ -258,31 +270,24 @@ class PeakHeap:
         return self.peak - self.base
 
 
-def timed(fn: Callable[[], None], device: torch.device, clock: Callable[[], float]) -> tuple[float, int]:
-    """``(seconds, peak bytes)`` of one call of ``fn`` (same timer for every contender).
-
-    ``clock`` is ``time.perf_counter`` (wall) or ``time.process_time`` (CPU time of this process:
-    on a shared, loaded machine, with one thread, it does not count the time other processes hold the cores).
-    """
+@contextlib.contextmanager
+def peak_memory(device: torch.device, sink: list[int]):
+    """Appends to ``sink`` the peak memory growth over the ``with`` block (CUDA: ``max_memory_allocated``
+    over the allocated bytes before it; CPU: :class:`PeakHeap`); entered around each timed step."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
+        yield
         torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1e3, torch.cuda.max_memory_allocated(device) - base
-    if not os.path.exists("/proc/self/statm"):
-        t0 = clock()
-        fn()
-        return clock() - t0, 0
-    with PeakHeap() as mem:
-        t0 = clock()
-        fn()
-        seconds = clock() - t0
-    return seconds, mem.growth
+        sink.append(torch.cuda.max_memory_allocated(device) - base)
+    elif not os.path.exists("/proc/self/statm"):
+        yield
+        sink.append(0)
+    else:
+        with PeakHeap() as mem:
+            yield
+        sink.append(mem.growth)
 
 
 @dataclass
@@ -341,13 +346,18 @@ class Contender:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def check_naive(mpobert: MPOBertModel, naive: NaiveMPOBert, vocab: int) -> float:
-    """Max abs difference of the two models' last hidden states on a small batch (float32)."""
+def check_naive(mpobert: MPOBertModel, naive: NaiveMPOBert, vocab: int, tol: float = NAIVE_TOL) -> float:
+    """Max abs difference of the two models' last hidden states on a small batch (float32);
+    a ``RuntimeError`` when it exceeds ``tol`` (the two would not compute the same function)."""
     ids = torch.randint(1, vocab, (2, 16))
     with torch.no_grad():
         a = mpobert(input_ids=ids).last_hidden_state
         b = naive(ids)[0]
-    return float((a - b).abs().max())
+    diff = float((a - b).abs().max())
+    if not diff <= tol:
+        raise RuntimeError(f"naive and mpobert differ by {diff:.3e} > {tol:.0e} on the same input: "
+                           "the naive model does not compute MPOBERT's function")
+    return diff
 
 
 def profile_step(contender: Contender, rows: int = 15) -> str:
@@ -362,8 +372,7 @@ def profile_step(contender: Contender, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
-def rebuild_rows(model: MPOBertModel, tokens: int, device: torch.device, clock: Callable[[], float],
-                 repeats: int) -> list[dict]:
+def rebuild_rows(model: MPOBertModel, tokens: int, device: torch.device, clock: str, repeats: int) -> list[dict]:
     """Rebuilding every MPO weight of ``model`` (batched over the layers sharing a central, and one
     chain per layer) against the dense GEMMs of the same matrices on ``tokens`` tokens, forward and
     forward + backward, measured (interleaved, median)."""
@@ -393,19 +402,19 @@ def rebuild_rows(model: MPOBertModel, tokens: int, device: torch.device, clock: 
                 w.grad = None
         return go
 
+    def no_grad(fn):
+        def go():
+            with torch.no_grad():
+                fn()
+        return go
+
     cases = {"rebuild batched": batched, "rebuild per layer": chain, f"dense GEMMs ({tokens} tokens)": gemms}
-    times = {(name, mode): [] for name in cases for mode in ("fwd", "fwd+bwd")}
-    for _ in range(repeats + 1):  # the first round warms up
-        for name, fn in cases.items():
-            for mode, run_ in (("fwd", fn), ("fwd+bwd", with_backward(fn))):
-                with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
-                    t0 = clock()
-                    run_()
-                    times[(name, mode)].append(clock() - t0)
-    ref = {mode: statistics.median(times[(f"dense GEMMs ({tokens} tokens)", mode)][1:]) for mode in ("fwd", "fwd+bwd")}
-    return [{"what": name, "mode": mode, "seconds": statistics.median(times[(name, mode)][1:]),
-             "vs_dense_gemms": statistics.median(times[(name, mode)][1:]) / ref[mode]}
-            for name in cases for mode in ("fwd", "fwd+bwd")]
+    fns = {f"{name}|{mode}": run_ for name, fn in cases.items()
+           for mode, run_ in (("fwd", no_grad(fn)), ("fwd+bwd", with_backward(fn)))}
+    med = {key: statistics.median(ts) for key, ts in time_calls(fns, device, warmup=1, repeat=repeats, clock=clock).items()}
+    ref = {mode: med[f"dense GEMMs ({tokens} tokens)|{mode}"] for mode in ("fwd", "fwd+bwd")}
+    return [{"what": name, "mode": mode, "seconds": med[f"{name}|{mode}"],
+             "vs_dense_gemms": med[f"{name}|{mode}"] / ref[mode]} for name in cases for mode in ("fwd", "fwd+bwd")]
 
 
 def settings_from(args: argparse.Namespace, device: torch.device) -> list[Setting]:
@@ -457,7 +466,7 @@ def run(args: argparse.Namespace) -> dict:
         info = {name: (sum(p.numel() for p in unique_params(m)), allreduce_bytes(m)) for name, m in models.items()}
         if args.rebuild:
             for tokens in sorted({t for _, t in (args.pairs or [(1, t) for t in args.tokens])}):
-                rrows = rebuild_rows(mpobert, tokens, device, CLOCKS[args.clock], args.repeats)
+                rrows = rebuild_rows(mpobert, tokens, device, args.clock, args.repeats)
                 print(f"\n{preset}: rebuilding every W vs the dense GEMMs of the same matrices, {tokens} tokens (measured)")
                 print(format_table(rrows, ["what", "mode", "seconds", "vs_dense_gemms"]), flush=True)
                 rebuilds[f"{preset} {tokens} tokens"] = rrows
@@ -470,15 +479,10 @@ def run(args: argparse.Namespace) -> dict:
                         print(f"\nprofile of one step: {preset} {c.name} {setting.label()}")
                         print(profile_step(c, args.profile_rows))
                 continue
-            for c in contenders:  # warm-up: allocator, plans, optimizer state
-                c.step()
-            times = {c.name: [] for c in contenders}
-            mems = {c.name: [] for c in contenders}
-            for _ in range(args.repeats):
-                for c in contenders:
-                    seconds, peak = timed(c.step, device, CLOCKS[args.clock])
-                    times[c.name].append(seconds)
-                    mems[c.name].append(peak)
+            mems: dict[str, list[int]] = {c.name: [] for c in contenders}
+            # one warm-up step each (allocator, plans, optimizer state), then interleaved timed steps
+            times = time_calls({c.name: c.step for c in contenders}, device, warmup=1, repeat=args.repeats,
+                               clock=args.clock, around=lambda name: peak_memory(device, mems[name]))
             ref = statistics.median(times["bert"]) if "bert" in times else None
             for c in contenders:
                 med = statistics.median(times[c.name])

@@ -55,6 +55,46 @@ def test_tiny_run_writes_json(name, tmp_path):
     assert [r.ok for r in c.results] == [True], c.results[0].note
     report = json.loads((tmp_path / f"{name}.json").read_text())
     assert isinstance(report, dict) and report, f"{name} wrote an empty report"
+    if name == "train_step":  # every contender ran, and naive passed its start-up equivalence check
+        assert {r["variant"] for r in report["rows"]} == set(_load("train_step").VARIANTS)
+        assert report["naive_check_max_abs_diff"]["tiny"] <= _load("train_step").NAIVE_TOL
+
+
+# ----------------------------------------------------------------------------- train_step's contenders
+def test_train_step_dense_baselines_run_mpobert_activation_through_torch_gelu():
+    """BERT and ALBERT compute MPOBERT's GELU with torch's fused op, not transformers' Python gelu_new."""
+    import torch.nn.functional as F
+    from transformers.activations import ACT2FN
+
+    from mpo_core.activation import gelu_approximate
+    from mpobert import MPOBertModel
+
+    ts = _load("train_step")
+    x = torch.randn(4096, dtype=torch.float32) * 3
+    for hidden_act in ("gelu_new", "gelu"):
+        cfg = ts.PRESETS["tiny"](hidden_dropout=0.0, attention_dropout=0.0, hidden_act=hidden_act)
+        mpobert = MPOBertModel(cfg)
+        want = F.gelu(x, approximate=gelu_approximate(cfg.activation))  # what MPOBERT's fused GELU computes
+        bert, albert = ts.build_variant("bert", cfg, mpobert), ts.build_variant("albert", cfg, mpobert)
+        acts = [bert.encoder.layer[0].intermediate.intermediate_act_fn,
+                albert.encoder.albert_layer_groups[0].albert_layers[0].activation]
+        for act in acts:
+            assert torch.equal(act(x), want), type(act).__name__
+    assert not torch.equal(ACT2FN["gelu_new"](x), F.gelu(x, approximate="tanh"))  # the test can tell them apart
+
+
+def test_train_step_naive_check_has_a_tolerance():
+    from mpobert import MPOBertModel
+
+    ts = _load("train_step")
+    cfg = ts.PRESETS["tiny"](hidden_dropout=0.0, attention_dropout=0.0)
+    mpobert = MPOBertModel(cfg)
+    naive = ts.NaiveMPOBert(mpobert)
+    assert ts.check_naive(mpobert, naive, cfg.vocab_size) <= ts.NAIVE_TOL
+    with torch.no_grad():
+        next(iter(naive.central.values())).mul_(1.01)  # a naive model off by 1% in one shared core
+    with pytest.raises(RuntimeError, match="naive and mpobert differ"):
+        ts.check_naive(mpobert, naive, cfg.vocab_size)
 
 
 # ----------------------------------------------------------------------------- the shared timer
@@ -73,6 +113,32 @@ def test_time_calls_interleaves_and_measures():
     assert slow > fast
     with pytest.raises(ValueError, match="repeat >= 1"):
         _common.time_calls(fns, "cpu", repeat=0)
+
+
+def test_time_calls_clock_and_around():
+    from mpo_core.gpu.timing import time_calls
+
+    entered = []
+
+    class Probe:
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            entered.append(self.name)
+
+        def __exit__(self, *exc):
+            entered.append("/" + self.name)
+
+    sleep = {"sleep": lambda: __import__("time").sleep(0.02)}
+    wall = time_calls(sleep, "cpu", warmup=0, repeat=2)["sleep"]
+    cpu = time_calls(sleep, "cpu", warmup=0, repeat=2, clock="cpu", around=Probe)["sleep"]
+    assert min(wall) >= 0.02 and max(cpu) < 0.01  # process_time does not count a sleep
+    assert entered == ["sleep", "/sleep"] * 2  # around each timed call only, not the warm-up
+    with pytest.raises(ValueError, match="clock must be one of"):
+        time_calls(sleep, "cpu", clock="gpu")
+    with pytest.raises(ValueError, match="is for CPU runs"):
+        time_calls(sleep, "cuda", clock="cpu")
 
 
 def test_device_info_cpu():

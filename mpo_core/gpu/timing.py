@@ -6,10 +6,11 @@ processes falls on all of them alike, each with the same warm-up and repeat coun
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ContextManager, Mapping
 
 import torch
 
@@ -41,39 +42,59 @@ def device_info(device: torch.device | str) -> dict[str, Any]:
     return info
 
 
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+"""CPU clocks: ``wall`` (``perf_counter``) or ``cpu`` (``process_time``: this process's CPU time, for a
+loaded shared machine with one thread). On a GPU the clock is always CUDA events."""
+
+
 def time_calls(fns: Mapping[str, Callable[[], Any]], device: torch.device | str, *, warmup: int = 3,
-               repeat: int = 15) -> dict[str, list[float]]:
+               repeat: int = 15, clock: str = "wall",
+               around: Callable[[str], ContextManager[Any]] | None = None) -> dict[str, list[float]]:
     """Seconds of each call of every function in ``fns``, ``repeat`` rounds interleaved call by call
     after ``warmup`` rounds.
 
     On a CUDA device each call is bracketed by CUDA events on the current stream (the
     device's time, launch overhead included), and the stream is synchronized before reading
-    them; on a CPU it is ``time.perf_counter`` around the call.
+    them; on a CPU it is the ``clock`` of :data:`CLOCKS` around the call. ``around(name)``, when
+    given, is a context manager entered around each timed call of ``name``, outside the timed
+    span (e.g. a peak-memory probe).
     """
     if warmup < 0 or repeat < 1:
         raise ValueError(f"warmup must be >= 0 and repeat >= 1, got {warmup} and {repeat}")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
     cuda = torch.device(device).type == "cuda"
+    if cuda and clock != "wall":
+        raise ValueError(f"clock {clock!r} is for CPU runs: on a GPU calls are timed with CUDA events")
+    now = CLOCKS[clock]
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize(device)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times[name].append(start.elapsed_time(end) * 1e-3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+            with contextlib.nullcontext() if around is None else around(name):
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    torch.cuda.synchronize(device)
+                    start.record()
+                    fn()
+                    end.record()
+                    end.synchronize()
+                    times[name].append(start.elapsed_time(end) * 1e-3)
+                else:
+                    t0 = now()
+                    fn()
+                    times[name].append(now() - t0)
     return times
 
 
-def time_call(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = 3, repeat: int = 15) -> float:
+def time_call(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = 3, repeat: int = 15,
+              clock: str = "wall") -> float:
     """Median seconds per call of ``fn`` (:func:`time_calls` with one contender)."""
-    return statistics.median(time_calls({"fn": fn}, device, warmup=warmup, repeat=repeat)["fn"])
+    return statistics.median(time_calls({"fn": fn}, device, warmup=warmup, repeat=repeat, clock=clock)["fn"])
+
+
+def median_seconds(fns: Mapping[str, Callable[[], Any]], device: torch.device | str, **kwargs: Any) -> dict[str, float]:
+    """The median of :func:`time_calls` per contender (same arguments)."""
+    return {name: statistics.median(ts) for name, ts in time_calls(fns, device, **kwargs).items()}
