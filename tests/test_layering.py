@@ -34,6 +34,8 @@ FORBIDDEN = (
     ("mpo_core.kernels", "mpo_core.nn", "kernels never import nn modules"),
     ("mpo_core.ops", "mpo_core.contract", "ops never import the contraction planner"),
     ("mpo_core.ops", "mpo_core.nn", "ops never import nn modules"),
+    ("mpo_core.nn.linear", "mpo_core.nn.surgery", "the layer never imports the model surgery built on it"),
+    ("mpo_core.nn.dense", "mpo_core.nn.linear", "what a dense linear module is does not depend on the MPO layer"),
 )
 # Runtime modules may not import the GPU tooling; the tooling (and the acceptance check) may.
 TOOLING = "mpo_core.gpu"
