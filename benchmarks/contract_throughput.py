@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +44,7 @@ from mpo_core.contract import fused as fused_mod  # noqa: E402
 from mpo_core.nn import MPOLinear  # noqa: E402
 from mpo_core.shapes import capped_ranks, core_params, factorize, full_ranks  # noqa: E402
 from benchmarks._common import device_description, write_json  # noqa: E402
+from mpo_core.gpu.timing import median_for, time_calls  # noqa: E402
 
 try:
     import tntorch
@@ -87,30 +87,12 @@ def bond_cap(in_shape, out_shape, compression: float) -> int:
 
 
 def timer(device: torch.device, min_time: float, min_reps: int = 3, max_reps: int = 50):
-    """``measure(variants) -> {name: ms}``: the minimum over interleaved repeats.
-
-    Variants of one case run round-robin (so a burst of load hits them all alike) and each
-    reports its fastest repeat: on a shared machine the minimum is the least noisy estimate.
-    """
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+    """``measure(variants) -> {name: ms}``: the median over interleaved repeats, by the one timer
+    (:func:`mpo_core.gpu.timing.median_for`: CUDA events on a GPU, ``perf_counter`` on a CPU; one
+    warm-up round, then enough rounds for ``min_time`` per variant within ``[min_reps, max_reps]``)."""
     def measure(variants: dict) -> dict:
-        best = {}
-        for name, fn in variants.items():  # warm-up (plans, caches, allocator)
-            fn()
-            best[name] = math.inf
-        sync()
-        start, reps = time.perf_counter(), 0
-        while reps < min_reps or (time.perf_counter() - start < min_time * len(variants) and reps < max_reps):
-            for name, fn in variants.items():
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                best[name] = min(best[name], time.perf_counter() - t0)
-            reps += 1
-        return {name: t * 1e3 for name, t in best.items()}
+        return {name: t * 1e3 for name, t in median_for(variants, device, min_time, min_reps=min_reps,
+                                                         max_reps=max_reps).items()}
 
     return measure
 
@@ -119,13 +101,9 @@ SLOW_CALL_S = 0.1  # a variant whose warm-up call takes longer is timed by that 
 
 
 def one_call(fn, device: torch.device) -> float:
-    """Seconds of one call of ``fn`` (perf_counter, synchronized on CUDA): the timer of a contender
-    too slow for repeats, used for ours too whenever it is used for a peer."""
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
+    """Seconds of one call of ``fn`` (the one timer, no warm-up): the timer of a contender too slow for
+    repeats, used for ours too whenever it is used for a peer."""
+    return time_calls({"fn": fn}, device, warmup=0, repeat=1)["fn"][0]
 
 
 def run_case(rows, cols, bond, tokens, mode, dtype, device, measure, skip_factor, with_tntorch=True):
@@ -271,7 +249,7 @@ def main(argv=None) -> dict:
         " ".join(f"{c:>15}" for c in cols) + f" {'tnt/auto':>8} {'auto tok/s':>11} {'auto TF/s':>9} {'pick ok':>7}  auto picked"
     print(f"# contract_throughput: {device_description(device)} ({platform.processor() or platform.machine()}), "
           f"{args.dtype}, torch {torch.__version__}")
-    print("# measured (min of interleaved repeats); columns after 'linear ms' are ratios to F.linear on the rebuilt W "
+    print("# measured (median of interleaved repeats, mpo_core.gpu.timing); columns after 'linear ms' are ratios to F.linear on the rebuilt W "
           "(lower is better); skip = not run, modelled > --skip-factor x best")
     print("# tnt/auto = tntorch.tt_multiply time / ours (> 1: ours faster); auto TF/s = the plan's counted FLOPs "
           "(x3 for fwd+bwd) per second; pick ok = the picked strategy within 10% of the fastest strategy measured")

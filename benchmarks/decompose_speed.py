@@ -2,8 +2,11 @@
 
 Default: the weight matrices of a BERT-base-shaped model, against tensorly's
 ``tensor_train_matrix`` and tntorch's ``TTMatrix`` (each when installed) with the same
-shapes (n=5, MPOBERT modes) and the same bonds; prints per-shape times, the ratio to
-ours and the reconstruction errors, and writes JSON.
+shapes (n=5, MPOBERT modes) and the same bonds (the ranks ours picks in a first, untimed
+call); the contenders are timed interleaved call by call by the one timer
+(:mod:`mpo_core.gpu.timing`, median of ``--repeat`` rounds) with torch, BLAS and OpenMP
+threads pinned to ``--threads`` (the run re-starts itself pinned); prints per-shape times,
+the ratio to ours and the reconstruction errors, and writes JSON.
 
 ``--llm``: LLM-sized matrices (4096x4096, 4096x11008; 8192x28672 with ``--full``) at
 ``max_bond`` 64/256 and ``rel_tol`` 0.3/0.5. Every contender runs in its own subprocess
@@ -28,7 +31,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections import defaultdict
 
 import numpy as np
@@ -36,6 +38,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import device_description, format_table, write_json  # noqa: E402
+
+from mpo_core.gpu.timing import median_seconds, time_calls  # noqa: E402
 
 from mpo_core import decompose, factorize  # noqa: E402
 
@@ -67,14 +71,32 @@ def run_tntorch(w, in_shape, out_shape, ranks):
     return tt.torch().reshape(w.shape)
 
 
-def fastest(fn, repeat: int):
-    """``(result, seconds)`` of the fastest of ``repeat`` calls of ``fn`` (each includes the reconstruction)."""
-    best, result = float("inf"), None
-    for _ in range(max(repeat, 1)):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return result, best
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def pinned_env(threads: int) -> dict[str, str]:
+    """This environment with every BLAS / OpenMP thread count set to ``threads`` (read when they load)."""
+    return dict(os.environ, **{var: str(threads) for var in THREAD_VARS})
+
+
+def threads_pinned(threads: int) -> bool:
+    """Whether this process started with every BLAS / OpenMP thread count at ``threads``."""
+    return all(os.environ.get(var) == str(threads) for var in THREAD_VARS)
+
+
+def timed_interleaved(fns: dict, repeat: int) -> tuple[dict, dict]:
+    """``(last result, median seconds)`` per contender: ``repeat`` rounds interleaved call by call by the
+    one timer (:func:`mpo_core.gpu.timing.time_calls`, ``perf_counter`` on a CPU); each call includes
+    the contender's reconstruction of ``W``."""
+    results = {}
+
+    def keep(name, fn):
+        def go():
+            results[name] = fn()
+        return go
+
+    seconds = median_seconds({name: keep(name, fn) for name, fn in fns.items()}, "cpu", warmup=0, repeat=repeat)
+    return results, seconds
 
 
 def available(module: str) -> bool:
@@ -128,52 +150,50 @@ def _worker(spec: dict) -> dict:
     base = _status_bytes("VmRSS")
     w = torch.randn(rows, cols, dtype=torch.float64, generator=torch.Generator().manual_seed(spec["seed"]))
     x = torch.randn(cols, dtype=torch.float64)
-    floor = {}
-    for name, fn in (("copy", w.clone), ("gemv", lambda: w @ x)):
-        start = time.perf_counter()
-        out = fn()
-        floor[name] = time.perf_counter() - start
-        del out
-    lib, out = spec["contender"], {}
-    start = time.perf_counter()
+    # one pass over the matrix, two ways (the faster is the floor), by the same timer as the contender
+    floor = {name: ts[0] for name, ts in time_calls({"copy": w.clone, "gemv": lambda: w @ x}, "cpu", warmup=0,
+                                                    repeat=1).items()}
+    lib, out, made = spec["contender"], {}, {}
     if lib in OURS:
-        mpo = decompose(w, in_shape, out_shape, max_bond=spec["max_bond"], rel_tol=spec["rel_tol"], method=lib,
-                        seed=spec["seed"])
-        seconds = time.perf_counter() - start
-        peak = _status_bytes("VmHWM")
-        dense = mpo.to_dense()
-        out = {"ranks": mpo.ranks, "bound": mpo.error_bound / mpo.norm, "routes": mpo.metadata["routes"],
-               "passes": mpo.metadata["passes_over_matrix"] if lib != "exact" else None}
+        def call():
+            made["mpo"] = decompose(w, in_shape, out_shape, max_bond=spec["max_bond"], rel_tol=spec["rel_tol"],
+                                    method=lib, seed=spec["seed"])
     elif lib == "tensorly":
         from tensorly.decomposition import tensor_train_matrix
         from tensorly.tt_matrix import tt_matrix_to_tensor
 
-        tt = tensor_train_matrix(w.numpy().reshape(*in_shape, *out_shape), ranks)
-        seconds = time.perf_counter() - start
-        peak = _status_bytes("VmHWM")
-        dense = torch.from_numpy(tt_matrix_to_tensor(tt).reshape(rows, cols))
+        def call():
+            made["tt"] = tensor_train_matrix(w.numpy().reshape(*in_shape, *out_shape), ranks)
     elif lib == "tntorch":
         import tntorch
 
-        tt = tntorch.TTMatrix(w, ranks[1:-1], list(in_shape), list(out_shape))
-        seconds = time.perf_counter() - start
-        peak = _status_bytes("VmHWM")
-        dense = tt.torch().reshape(rows, cols)
+        def call():
+            made["tt"] = tntorch.TTMatrix(w, ranks[1:-1], list(in_shape), list(out_shape))
     else:
-        cores = numpy_tt_svd(w.numpy(), in_shape, out_shape, ranks)
-        seconds = time.perf_counter() - start
-        peak = _status_bytes("VmHWM")
+        def call():
+            made["cores"] = numpy_tt_svd(w.numpy(), in_shape, out_shape, ranks)
+    seconds = time_calls({lib: call}, "cpu", warmup=0, repeat=1)[lib][0]  # the decomposition alone
+    peak = _status_bytes("VmHWM")
+    if lib in OURS:
+        mpo = made["mpo"]
+        dense = mpo.to_dense()
+        out = {"ranks": mpo.ranks, "bound": mpo.error_bound / mpo.norm, "routes": mpo.metadata["routes"],
+               "passes": mpo.metadata["passes_over_matrix"] if lib != "exact" else None}
+    elif lib == "tensorly":
+        dense = torch.from_numpy(tt_matrix_to_tensor(made["tt"]).reshape(rows, cols))
+    elif lib == "tntorch":
+        dense = made["tt"].torch().reshape(rows, cols)
+    else:
         from mpo_core import MPO
 
-        dense = MPO([torch.from_numpy(np.ascontiguousarray(c)) for c in cores]).to_dense()
+        dense = MPO([torch.from_numpy(np.ascontiguousarray(c)) for c in made["cores"]]).to_dense()
     out.update(seconds=seconds, floor_s=min(floor.values()), copy_s=floor["copy"], gemv_s=floor["gemv"],
                err=_rel_err(dense, w), peak_x=(peak - base) / (rows * cols * 8))
     return out
 
 
 def _run_worker(spec: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
-               OPENBLAS_NUM_THREADS=str(spec["threads"]))
+    env = pinned_env(spec["threads"])
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -249,11 +269,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bonds", default="64,256", help="with --llm: max_bond values ('none' for none)")
     parser.add_argument("--rel-tols", default="0.3,0.5", help="with --llm: rel_tol values ('none' for none)")
     parser.add_argument("--contenders", default=",".join(OURS + OTHERS), help="with --llm: which to run")
-    parser.add_argument("--threads", type=int, default=2, help="with --llm: torch/BLAS threads per subprocess")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch/BLAS/OpenMP threads (--llm: per subprocess; default mode: the run re-starts "
+                             "itself with them pinned when the environment does not already pin them)")
     parser.add_argument("--n", type=int, default=5, help="with --llm: number of cores")
     parser.add_argument("--layers", type=int, default=12, help="number of BERT-base layers (6 matrices each)")
     parser.add_argument("--max-bond", type=int, default=None, help="bond cap (default: exact, full rank)")
-    parser.add_argument("--repeat", type=int, default=1, help="time each call this many times, keep the fastest")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds per contender (default mode: interleaved, median; --llm: fastest)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="default results/decompose_speed[_llm].json")
     args = parser.parse_args(argv)
@@ -264,6 +287,16 @@ def main(argv: list[str] | None = None) -> dict:
         args.json = args.json or "results/decompose_speed_llm.json"
         return llm(args)
     args.json = args.json or "results/decompose_speed.json"
+    if args.threads < 1 or args.repeat < 1:
+        raise SystemExit("--threads and --repeat must be >= 1")
+    if not threads_pinned(args.threads):  # BLAS reads its thread count when it loads: start again pinned
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)],
+                              env=pinned_env(args.threads))
+        if proc.returncode != 0:
+            raise SystemExit(proc.returncode)
+        with open(args.json) as f:
+            return json.load(f)
+    torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
     libs = ["mpo_core"] + [name for name in ("tensorly", "tntorch") if available(name)]
@@ -274,14 +307,15 @@ def main(argv: list[str] | None = None) -> dict:
         for kind, rows, cols in LAYER_SHAPES:
             in_shape, out_shape = factorize(rows, 5), factorize(cols, 5)
             w = torch.randn(rows, cols, dtype=torch.float64) * 0.02
-            t, errs = {}, {}
-            (ranks, dense, bound), t["mpo_core"] = fastest(lambda: run_ours(w, in_shape, out_shape, args.max_bond),
-                                                          args.repeat)
-            errs["mpo_core"] = _rel_err(dense, w)
+            # the ranks ours chooses (a first, untimed call), then every contender at them, interleaved
+            ranks = run_ours(w, in_shape, out_shape, args.max_bond)[0]
+            fns = {"mpo_core": lambda: run_ours(w, in_shape, out_shape, args.max_bond)}
             for lib, fn in (("tensorly", run_tensorly), ("tntorch", run_tntorch)):
                 if lib in libs:
-                    dense_lib, t[lib] = fastest(lambda: fn(w, in_shape, out_shape, ranks), args.repeat)
-                    errs[lib] = _rel_err(dense_lib, w)
+                    fns[lib] = lambda fn=fn: fn(w, in_shape, out_shape, ranks)
+            out, t = timed_interleaved(fns, args.repeat)
+            _, _, bound = out["mpo_core"]
+            errs = {lib: _rel_err(out[lib][1] if lib == "mpo_core" else out[lib], w) for lib in out}
             key = (kind, rows, cols)
             entry = per_shape.setdefault(
                 key, {"shape": f"{rows}x{cols}", "ranks": str(ranks), "count": 0, "bound_rel": bound / float(w.norm())}
@@ -304,7 +338,8 @@ def main(argv: list[str] | None = None) -> dict:
     for lib in libs[1:]:
         columns += [f"{lib}_s", f"{lib}_err", f"{lib}/ours"]
     print(f"\ndecompose on {num} BERT-base-shaped matrices (n=5, "
-          f"{'exact' if args.max_bond is None else f'max_bond={args.max_bond}'}), {device_description('cpu')}")
+          f"{'exact' if args.max_bond is None else f'max_bond={args.max_bond}'}), {device_description('cpu')}, "
+          f"BLAS/OpenMP threads pinned to {args.threads}; median of {args.repeat} interleaved rounds")
     print(format_table(rows_out, columns))
     summary = {lib: totals[lib] for lib in libs}
     ratios = {f"{lib}/ours": totals[lib] / totals["mpo_core"] for lib in libs[1:]}

@@ -11,7 +11,10 @@ sizes MPOBERT uses (hidden 128/768/1024, intermediate 3072/4096) and token count
 * ``eager``: plain torch with no mpo_core code (``F.layer_norm(x + r)``, ``F.gelu(x + b)``),
   the reference a user would write.
 
-Forward alone and forward + backward, microseconds per call (median over repeats). The
+Forward alone and forward + backward, microseconds per call: the median over interleaved calls
+of every contender, by the one timer (:func:`mpo_core.gpu.timing.median_for`: CUDA events on a
+GPU, ``perf_counter`` or ``process_time`` on a CPU; at least ``--repeats`` rounds, more until
+``--min-time`` per contender). The
 ``best`` column names the fastest backend per row: the CPU default per op and size should be
 that one. Run ``python benchmarks/op_overhead.py`` (CPU: about 2 minutes on 2 cores),
 ``--quick`` for a smoke run; JSON under ``results/op_overhead.json``.
@@ -20,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
@@ -31,13 +32,13 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks._common import device_description, format_table, write_json  # noqa: E402
+from mpo_core.gpu.timing import CLOCKS, median_for  # noqa: E402
 from mpo_core import ops  # noqa: E402
 from mpo_core.activation import gelu_approximate  # noqa: E402
 from mpo_core.ops import BackendUnavailableError  # noqa: E402
 
 BACKENDS = ("cpp", "cuda", "triton", "torch")
 EPS = 1e-12  # MPOBERT's layer_norm_eps
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def _inputs(op: str, rows: int, width: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -79,22 +80,6 @@ def runs_here(fn: Callable[[dict], torch.Tensor], tensors: dict) -> bool:
     return True
 
 
-def per_call(fn: Callable[[], None], device: torch.device, min_time: float, clock: Callable[[], float]) -> float:
-    """Seconds per call of ``fn``: as many calls as fit in ``min_time`` of ``clock`` (at least 3), averaged."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    calls, t0 = 0, clock()
-    while True:
-        fn()
-        calls += 1
-        if calls >= 3:
-            sync()
-            elapsed = clock() - t0
-            if elapsed >= min_time:
-                return elapsed / calls
-
-
 def cases(quick: bool) -> list[tuple[str, float, str, int, int]]:
     """``(op, dropout, activation, rows, width)`` at MPOBERT's sizes."""
     rows = [64, 1024] if quick else [64, 512, 2048, 8192]
@@ -113,7 +98,6 @@ def cases(quick: bool) -> list[tuple[str, float, str, int, int]]:
 
 def measure(args: argparse.Namespace) -> list[dict]:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    clock = CLOCKS[args.clock]
     results = []
     for op, p, act, rows, width in cases(args.quick):
         tensors = _inputs(op, rows, width, device, dtype)
@@ -135,12 +119,11 @@ def measure(args: argparse.Namespace) -> list[dict]:
                     t.grad = None
             return go
 
-        timings = {(name, kind): [] for name in fns for kind in ("fwd", "fwd_bwd")}
-        for _ in range(args.repeats):
-            for name, fn in fns.items():
-                timings[(name, "fwd")].append(per_call(fwd(fn), device, args.min_time, clock))
-                timings[(name, "fwd_bwd")].append(per_call(fwd_bwd(fn), device, args.min_time, clock))
-        med = {key: statistics.median(v) * 1e6 for key, v in timings.items()}
+        calls = {f"{name}|{kind}": wrap(fn) for name, fn in fns.items()
+                 for kind, wrap in (("fwd", fwd), ("fwd_bwd", fwd_bwd))}
+        seconds = median_for(calls, device, args.min_time, min_reps=args.repeats, max_reps=max(args.repeats, 200),
+                             clock=args.clock)
+        med = {tuple(key.split("|")): v * 1e6 for key, v in seconds.items()}
         label = op + (f" p={p}" if op == "residual_layer_norm" else "") + (f" {act}" if op == "bias_gelu" else "")
         row = {"op": label, "rows": rows, "width": width}
         for kind in ("fwd", "fwd_bwd"):
@@ -162,8 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--quick", action="store_true", help="smoke run: a few sizes")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median)")
-    ap.add_argument("--min-time", type=float, default=0.05, help="seconds of calls per measurement")
+    ap.add_argument("--repeats", type=int, default=3, help="least interleaved rounds (median)")
+    ap.add_argument("--min-time", type=float, default=0.05, help="seconds of calls per contender (more rounds, up to 200)")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="wall (perf_counter) or cpu (process_time: use with --threads 1 on a loaded machine)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

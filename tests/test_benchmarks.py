@@ -141,6 +141,25 @@ def test_time_calls_clock_and_around():
         time_calls(sleep, "cuda", clock="cpu")
 
 
+def test_median_for_sizes_the_rounds():
+    from mpo_core.gpu.timing import median_for
+
+    calls = {"a": 0, "b": 0}
+
+    def count(name):
+        def go():
+            calls[name] += 1
+        return go
+
+    med = median_for({"a": count("a"), "b": count("b")}, "cpu", 0.0, min_reps=3, max_reps=5)
+    assert set(med) == {"a", "b"} and calls == {"a": 4, "b": 4}  # one sizing round + min_reps
+    calls.update(a=0, b=0)
+    median_for({"a": count("a"), "b": count("b")}, "cpu", 10.0, min_reps=2, max_reps=5)
+    assert calls == {"a": 6, "b": 6}  # capped at max_reps
+    with pytest.raises(ValueError, match="min_reps <= max_reps"):
+        median_for({"a": count("a")}, "cpu", 0.1, min_reps=3, max_reps=2)
+
+
 def test_device_info_cpu():
     info = _common.device_info("cpu")
     assert info["type"] == "cpu" and info["threads"] == torch.get_num_threads() and "CPU" in info["device"]

@@ -7,6 +7,7 @@ processes falls on all of them alike, each with the same warm-up and repeat coun
 from __future__ import annotations
 
 import contextlib
+import math
 import platform
 import statistics
 import time
@@ -98,3 +99,18 @@ def time_call(fn: Callable[[], Any], device: torch.device | str, *, warmup: int 
 def median_seconds(fns: Mapping[str, Callable[[], Any]], device: torch.device | str, **kwargs: Any) -> dict[str, float]:
     """The median of :func:`time_calls` per contender (same arguments)."""
     return {name: statistics.median(ts) for name, ts in time_calls(fns, device, **kwargs).items()}
+
+
+def median_for(fns: Mapping[str, Callable[[], Any]], device: torch.device | str, min_time: float, *,
+               min_reps: int = 3, max_reps: int = 50, clock: str = "wall") -> dict[str, float]:
+    """Median seconds per call of each contender, interleaved, the repeat count sized to the calls.
+
+    One timed round warms up (plans, caches, allocator) and sizes the rest: enough rounds for
+    ``min_time`` seconds per contender, within ``[min_reps, max_reps]``.
+    """
+    if min_time < 0 or min_reps < 1 or max_reps < min_reps:
+        raise ValueError(f"need min_time >= 0 and 1 <= min_reps <= max_reps, got {min_time}, {min_reps}, {max_reps}")
+    first = time_calls(fns, device, warmup=0, repeat=1, clock=clock)
+    round_s = sum(ts[0] for ts in first.values())
+    reps = max(min_reps, min(max_reps, math.ceil(min_time * len(fns) / max(round_s, 1e-9))))
+    return median_seconds(fns, device, warmup=0, repeat=reps, clock=clock)
