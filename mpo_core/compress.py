@@ -25,186 +25,36 @@ two (truncate a little, fine-tune, repeat) until the budget is reached.
 """
 from __future__ import annotations
 
-import heapq
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from mpo_core.allocation import allocate_ranks, allocation_bound, budget_floor, consistent_ranks, resolve_budget
 from mpo_core.decompose import decompose
+from mpo_core.family import DEFAULT_CORES, Member, family_member_name, family_members
+from mpo_core.family import plan as family_plan
 from mpo_core.mpo import MPO
 from mpo_core.nn import (Include, MPOLinear, dense_module, is_linear, linear_weight, progress_bar, replace_module,
                          select_modules, set_trainable, shape_kwargs)
-from mpo_core.shapes import core_params, resolve_shapes
+from mpo_core.sensitivity import output_sensitivities
+from mpo_core.shapes import check_int, core_params, full_ranks, resolve_shapes
 from mpo_core.truncation import check_rel_tol
+from mpo_core.whitening import Whitening, collect_input_stats, output_error, whitening_factor
 
 __all__ = ["allocate_ranks", "allocation_bound", "budget_floor", "consistent_ranks", "compress", "compress_in_rounds",
            "CompressionReport", "CompressionRound", "MatrixCompression", "RoundsReport"]
 
 
-def consistent_ranks(ranks: Sequence[int], in_shape: Sequence[int], out_shape: Sequence[int]) -> list[int]:
-    """Shrink bonds to the ranks a TT-SVD can actually produce.
-
-    Bond ``k`` can be at most ``r_{k-1} i_k j_k`` (rows of its unfolding given the left bond) and
-    at most ``r_{k+1} i_{k+1} j_{k+1}``; larger requests are clamped (left sweep, then right sweep).
-    """
-    r = list(ranks)
-    modes = [i * j for i, j in zip(in_shape, out_shape)]
-    n = len(modes)
-    for k in range(1, n):
-        r[k] = min(r[k], r[k - 1] * modes[k - 1])
-    for k in range(n - 1, 0, -1):
-        r[k] = min(r[k], r[k + 1] * modes[k])
-    return r
-
-
-def allocation_bound(mpo: MPO, ranks: Sequence[int]) -> float:
-    """``sqrt(sum_k sum_{l >= r_k} s_{k,l}^2)``: a guaranteed bound on ``||W - W_r||_F``.
-
-    ``mpo`` must be an exact decomposition (``error_bound == 0`` with :attr:`~MPO.spectra`), so that
-    its spectra are those of the unfoldings of ``W``.
-    """
-    _check_exact("mpo", mpo)
-    if len(ranks) != mpo.n + 1:
-        raise ValueError(f"ranks must have n+1={mpo.n + 1} entries, got {len(ranks)}")
-    return math.sqrt(sum(float((s[r:].double() ** 2).sum()) for s, r in zip(mpo.spectra, ranks[1:-1])))
-
-
-def _check_exact(name: str, mpo: MPO) -> None:
-    if not isinstance(mpo, MPO):
-        raise TypeError(f"{name} must be an MPO, got {type(mpo).__name__}")
-    kept_all = mpo.spectra is not None and all(len(s) == r for s, r in zip(mpo.spectra, mpo.ranks[1:-1]))
-    if not kept_all or mpo.norm is None:
-        raise ValueError(f"{name} must be an exact decomposition (decompose without max_bond/rel_tol): "
-                         f"it needs the full spectra and the norm of W")
-
-
-class _MatrixState:
-    """Ranks, accumulated relative error and greedy candidates of one matrix."""
-
-    def __init__(self, mpo: MPO) -> None:
-        self.in_shape, self.out_shape = mpo.in_shape, mpo.out_shape
-        self.sq = [(s.double() ** 2).tolist() for s in mpo.spectra]
-        scale = mpo.norm ** 2 if mpo.norm > 0 else 1.0
-        self.rel_sq = [[v / scale for v in bond] for bond in self.sq]
-        self.ranks = consistent_ranks([1] + [len(s) for s in self.sq] + [1], self.in_shape, self.out_shape)
-        self.err = self._dropped(self.ranks, [1] + [len(s) for s in self.sq] + [1])  # 0 unless full bonds clamp
-        self.params = core_params(self.in_shape, self.out_shape, self.ranks)
-        self.version = 0
-
-    def _dropped(self, new: Sequence[int], old: Sequence[int]) -> float:
-        return sum(sum(self.rel_sq[k - 1][new[k]:old[k]]) for k in range(1, len(new) - 1))
-
-    def move(self, bond: int) -> tuple[float, int, list[int]] | None:
-        """(relative error added, parameters saved, new ranks) of removing one value at ``bond``."""
-        if self.ranks[bond] <= 1:
-            return None
-        trial = list(self.ranks)
-        trial[bond] -= 1
-        trial = consistent_ranks(trial, self.in_shape, self.out_shape)
-        return self._dropped(trial, self.ranks), self.params - core_params(self.in_shape, self.out_shape, trial), trial
-
-
-def allocate_ranks(
-    mpos: Mapping[str, MPO],
-    budget: int | float | None = None,
-    rel_tol: float | None = None,
-) -> dict[str, list[int]]:
-    """Choose truncated bonds for several matrices at once (MPOP's global allocation).
-
-    Parameters
-    ----------
-    mpos : mapping of str to MPO
-        Exact decompositions (with spectra and norm) of the matrices, by name.
-    budget : int or float, optional
-        Total entries allowed over all matrices: an int >= 1, or a float in ``(0, 1]`` read as
-        a fraction of their total dense entries. A matrix counts at ``min(core entries, dense
-        entries)`` (one whose MPO would be no smaller stays dense). Truncation stops as soon as it is met.
-    rel_tol : float, optional
-        ``ε`` in ``[0, 1)``: truncate as far as possible while every matrix keeps the guarantee
-        ``||W - W_r||_F <= ε ||W||_F`` (allocation bound). Give exactly one of ``budget``/``rel_tol``.
-
-    Returns
-    -------
-    dict of str to list of int
-        Ranks ``[1, d_1, ..., d_{n-1}, 1]`` per matrix (consistent, see :func:`consistent_ranks`).
-
-    Raises
-    ------
-    ValueError
-        Both or neither of ``budget``/``rel_tol``, a budget below the all-ones-bond minimum (it cannot be
-        met), an inexact MPO.
-    """
-    if not isinstance(mpos, Mapping) or not mpos:
-        raise TypeError("mpos must be a non-empty mapping of name -> exact MPO")
-    if (budget is None) == (rel_tol is None):
-        raise ValueError("give exactly one of budget= and rel_tol=")
-    for name, mpo in mpos.items():
-        _check_exact(f"mpos[{name!r}]", mpo)
-    states = {name: _MatrixState(mpo) for name, mpo in mpos.items()}
-    limit_sq = None
-    target = None
-    if rel_tol is not None:
-        limit_sq = check_rel_tol(rel_tol) ** 2
-    else:
-        target = _resolve_budget(budget, sum(math.prod(m.shape) for m in mpos.values()))
-        floor = budget_floor([(s.in_shape, s.out_shape) for s in mpos.values()])
-        if target < floor:
-            raise ValueError(f"budget={budget} ({target} entries) cannot be met: it is below the minimum {floor} "
-                             f"(all bonds 1)")
-    dense = {name: math.prod(mpo.shape) for name, mpo in mpos.items()}
-
-    heap: list[tuple[float, float, str, int, int]] = []
-
-    def push(name: str) -> None:
-        st = states[name]
-        for bond in range(1, len(st.ranks) - 1):
-            mv = st.move(bond)
-            if mv is not None:
-                cost, saved, _ = mv
-                heapq.heappush(heap, (cost / saved, cost, name, bond, st.version))
-
-    for name in states:
-        push(name)
-    total = sum(min(st.params, dense[name]) for name, st in states.items())
-    while heap and (target is None or total > target):
-        _, cost, name, bond, version = heapq.heappop(heap)
-        st = states[name]
-        if version != st.version:
-            continue  # stale: the matrix changed since this candidate was scored
-        if limit_sq is not None and st.err + cost > limit_sq * (1 + 1e-12):
-            continue  # infeasible now and forever (errors only grow)
-        _, saved, trial = st.move(bond)
-        total -= min(st.params, dense[name]) - min(st.params - saved, dense[name])
-        st.ranks, st.err, st.params, st.version = trial, st.err + cost, st.params - saved, st.version + 1
-        push(name)
-    return {name: st.ranks for name, st in states.items()}
-
-
-def budget_floor(shapes: Sequence[tuple[Sequence[int], Sequence[int]]]) -> int:
-    """The smallest budget :func:`allocate_ranks` can meet for matrices of these ``(in_shape, out_shape)``:
-    every bond 1, or the dense size where that is smaller."""
-    return sum(min(core_params(i, o, [1] * (len(i) + 1)), math.prod(i) * math.prod(o)) for i, o in shapes)
-
-
-def _resolve_budget(budget: int | float, dense: int) -> int:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise TypeError(f"budget must be an int (entries) or a float fraction, got {type(budget).__name__}")
-    if isinstance(budget, float):
-        if not 0.0 < budget <= 1.0:
-            raise ValueError(f"a float budget is a fraction of the dense entries and must be in (0, 1], got {budget}")
-        return int(budget * dense)
-    if budget < 1:
-        raise ValueError(f"budget must be >= 1 entry, got {budget}")
-    return budget
-
-
 @dataclass
 class MatrixCompression:
-    """One compressed matrix: shapes, ranks, sizes and error bounds (absolute and relative to ``||W||_F``)."""
+    """One compressed matrix: shapes, ranks, sizes and error bounds (absolute and relative to ``||W||_F``).
+
+    With calibration data, ``norm``, ``error_bound`` and ``allocation_bound`` are in the output norm
+    ``||X .||_F`` (see ``error_norm``)."""
 
     name: str
     in_shape: tuple[int, ...]
@@ -221,7 +71,15 @@ class MatrixCompression:
     """Time of this matrix's decompositions (exact, then truncated)."""
     kept_dense: bool = False
     reason: str = ""
-    """Why the matrix stayed dense (its MPO would not have saved entries)."""
+    """Why the matrix stayed dense (its MPO would not have saved entries), or why this member (``n="auto"``)."""
+    member: str = ""
+    """``"svd"`` (n=2), ``"mpo3"``, ...; ``"dense"`` when kept dense."""
+    error_norm: str = "weight"
+    """``"weight"``: bounds on ``||W - W'||_F``; ``"output"``: on ``||X (W - W')||_F`` (calibration given)."""
+    sensitivity: float = 1.0
+    """Objective weight of this matrix's relative squared error (measured with calibration data, else 1)."""
+    whitening: str = ""
+    """With calibration: the input Gram's state (full rank, or the ridge that regularised it)."""
 
     @property
     def relative_error_bound(self) -> float:
@@ -241,6 +99,11 @@ class CompressionReport:
     model_params_before: int
     model_params_after: int
     matrices: list[MatrixCompression] = field(default_factory=list)
+    objective: str = "relative weight error"
+    """What the allocation minimised (``sum_m sensitivity_m * relative_error_m^2``, in which norm)."""
+    plans: dict[str, float] = field(default_factory=dict)
+    """``n="auto"``: the objective of every plan compared (the per-matrix choice and each fixed member's)."""
+    chosen_plan: str = ""
 
     @property
     def dense_params(self) -> int:
@@ -252,28 +115,37 @@ class CompressionReport:
 
     @property
     def total_relative_sq_error(self) -> float:
-        """``sum_m (error_bound_m / ||W_m||)^2``, the quantity the allocation minimizes."""
+        """``sum_m (error_bound_m / norm_m)^2`` (in the norm of ``error_norm``)."""
         return sum(m.relative_error_bound ** 2 for m in self.matrices)
+
+    @property
+    def weighted_error(self) -> float:
+        """``sum_m sensitivity_m (error_bound_m / norm_m)^2``: the objective the allocation minimised."""
+        return sum(m.sensitivity * m.relative_error_bound ** 2 for m in self.matrices)
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out.update(dense_params=self.dense_params, params=self.params, total_relative_sq_error=self.total_relative_sq_error)
+        out.update(dense_params=self.dense_params, params=self.params, total_relative_sq_error=self.total_relative_sq_error,
+                   weighted_error=self.weighted_error)
         return out
 
     def __str__(self) -> str:
-        head = f"{'matrix':<28}{'ranks':<26}{'dense':>9}{'params':>9}{'rel err bound':>15}"
+        head = f"{'matrix':<40}{'member':<7}{'ranks':<22}{'dense':>9}{'params':>9}{'rel err bound':>15}{'sens':>8}"
         lines = [head, "-" * len(head)]
         for m in self.matrices:
             ranks = "dense" if m.kept_dense else str(m.ranks[1:-1])
-            lines.append(f"{m.name:<28}{ranks:<26}{m.dense_params:>9}{m.params:>9}{m.relative_error_bound:>15.3e}"
-                         + (f"  kept dense: {m.reason}" if m.kept_dense else ""))
+            lines.append(f"{m.name:<40}{m.member:<7}{ranks:<22}{m.dense_params:>9}{m.params:>9}"
+                         f"{m.relative_error_bound:>15.3e}{m.sensitivity:>8.3g}" + (f"  {m.reason}" if m.reason else ""))
         goal = f"budget={self.budget}" if self.budget is not None else f"rel_tol={self.rel_tol}"
         lines.append(
-            f"{goal}: matrix entries {self.dense_params} dense -> {self.params} cores "
+            f"{goal}: matrix entries {self.dense_params} dense -> {self.params} "
             f"({self.params / max(self.dense_params, 1):.3f}x); model parameters {self.model_params_before} -> "
-            f"{self.model_params_after}; sum of squared relative errors {self.total_relative_sq_error:.3e}; "
+            f"{self.model_params_after}; objective ({self.objective}) {self.weighted_error:.3e}; "
             f"{sum(m.kept_dense for m in self.matrices)} kept dense"
         )
+        if self.plans:
+            lines.append("plans compared (objective): " + ", ".join(f"{k} {v:.3e}" for k, v in self.plans.items())
+                         + f"; chosen: {self.chosen_plan}")
         return "\n".join(lines)
 
 
@@ -308,7 +180,64 @@ def _in_out(mod: nn.Module) -> torch.Tensor:
 def _shape_kw(mod: nn.Module, n) -> dict:
     if isinstance(mod, MPOLinear):
         return dict(in_shape=mod.in_shape, out_shape=mod.out_shape)
-    return shape_kwargs(n, *linear_weight(mod).shape)
+    rows, cols = linear_weight(mod).shape
+    if n == 2:
+        return dict(in_shape=(rows, 1), out_shape=(1, cols))  # the truncated SVD: the family's n=2 member
+    return shape_kwargs(n, rows, cols)
+
+
+def _check_n(n: object) -> None:
+    if n == "auto" or callable(n):
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"n must be an int >= 2, 'auto', or a callable (in, out) -> (in_shape, out_shape); got {n!r}")
+
+
+@dataclass
+class _Choice:
+    """What to build for one matrix: shapes and bonds (``ranks=None``: keep dense), and why."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    ranks: list[int] | None
+    member: str
+    reason: str = ""
+    full: MPO | None = None
+    planned_error: float | None = None
+
+
+def _calibrate(model: nn.Module, targets: list[tuple[str, nn.Module]], weights: Mapping[str, torch.Tensor],
+               calibration: Iterable[Any], probe_batches: int) -> tuple[dict[str, Whitening], dict[str, float]]:
+    batches = list(calibration)
+    modules = dict(targets)
+    stats = collect_input_stats(model, modules, batches, {name: w.shape[0] for name, w in weights.items()})
+    whitenings = {name: whitening_factor(st.gram, name=f"the input Gram of {name}") for name, st in stats.items()}
+    sens = output_sensitivities(model, modules, weights, whitenings, batches[:probe_batches])
+    return whitenings, sens
+
+
+def _auto_tolerance(weights: Mapping[str, torch.Tensor], rel_tol: float, whitenings: Mapping[str, Whitening],
+                    cores: Sequence[int], kwargs: dict) -> dict[str, _Choice]:
+    """Per matrix, the member with the fewest entries meeting ``rel_tol`` (dense when none saves any)."""
+    out = {}
+    for name, w in weights.items():
+        best: tuple[int, Member, MPO] | None = None
+        sizes = {}
+        for member in family_members(*w.shape, cores):
+            mpo = decompose(w, member.in_shape, member.out_shape, rel_tol=rel_tol, input_cov=whitenings.get(name),
+                            **kwargs)
+            sizes[member.name] = mpo.num_params
+            if best is None or mpo.num_params < best[0]:
+                best = (mpo.num_params, member, mpo)
+        sizes_text = ", ".join(f"{k} {v}" for k, v in sizes.items())
+        if best is None or best[0] >= w.numel():
+            out[name] = _Choice((w.shape[0], 1), (1, w.shape[1]), None, "dense",
+                                f"no member meets rel_tol={rel_tol} below {w.numel()} dense entries ({sizes_text})")
+        else:
+            _, member, mpo = best
+            out[name] = _Choice(member.in_shape, member.out_shape, mpo.ranks, member.name,
+                                f"fewest entries at rel_tol={rel_tol} ({sizes_text})")
+    return out
 
 
 def compress(
@@ -316,10 +245,13 @@ def compress(
     budget: int | float | None = None,
     rel_tol: float | None = None,
     include: Include = None,
-    n: int | Callable[[int, int], tuple[Sequence[int], Sequence[int]]] = 5,
+    n: int | str | Callable[[int, int], tuple[Sequence[int], Sequence[int]]] = 5,
     strategy: str = "auto",
     decompose_kwargs: dict | None = None,
     progress: bool | None = None,
+    calibration: Iterable[Any] | None = None,
+    cores: Sequence[int] = DEFAULT_CORES,
+    probe_batches: int = 4,
 ) -> CompressionReport:
     """MPOP compression: replace chosen linear layers in place by truncated :class:`MPOLinear`.
 
@@ -331,82 +263,149 @@ def compress(
         Entries allowed over all chosen matrices (int), or a fraction of their dense entries
         (float in ``(0, 1]``); see :func:`allocate_ranks`.
     rel_tol : float, optional
-        Global ``ε``: every matrix is guaranteed ``||W - W_mpo||_F <= ε ||W||_F``.
+        Global ``ε``: every matrix is guaranteed ``||W - W_mpo||_F <= ε ||W||_F`` (with calibration:
+        ``||X (W - W_mpo)||_F <= ε ||X W||_F``).
     include : str, list of str, or callable, optional
         Module names / suffixes / glob patterns / predicate, as :func:`mpo_core.nn.mpo_ify`; default
         every linear module (``nn.Linear``, transformers ``Conv1D``) and :class:`MPOLinear` of the model.
-    n : int or callable
-        Cores per dense matrix (balanced factorization) or ``fn(in_features, out_features) -> (in_shape,
-        out_shape)``. Existing :class:`MPOLinear` keep their shapes.
+    n : int, "auto" or callable
+        Cores per dense matrix: ``2`` is the truncated SVD (``in_shape=(I, 1)``, ``out_shape=(1, J)``),
+        ``3, 4, 5, ...`` the balanced factorization; ``"auto"``: per matrix, the member of the family
+        (:mod:`mpo_core.family`: SVD or MPO, its shapes and bonds) under one global budget that minimises
+        the objective, the report saying which and why; or ``fn(in_features, out_features) ->
+        (in_shape, out_shape)``. Existing :class:`MPOLinear` keep their shapes (except with ``"auto"``).
     strategy : str
         Contraction strategy of the layers created from dense modules (``MPOLinear`` keep theirs).
     decompose_kwargs : dict, optional
         Further arguments of :func:`mpo_core.decompose` (e.g. its SVD options), for every decomposition.
     progress : bool, optional
         A tqdm progress bar over the matrices (default: on long runs at a terminal).
+    calibration : iterable, optional
+        Model inputs (a dict is passed as ``model(**batch)``, a tensor as ``model(batch)``). Their input
+        Grams (:mod:`mpo_core.whitening`, forward hooks, float64) whiten every factorization so that it
+        minimises the output error ``||X W - X W'||_F`` (SVD-LLM's whitening), and the first
+        ``probe_batches`` measure how much the model's output feels each layer's error
+        (:mod:`mpo_core.sensitivity`); the allocation then minimises ``sum_m s_m e_m``, ``e_m`` the
+        layer's relative squared output error. Without it the objective is the relative weight error.
+    cores : sequence of int
+        The numbers of cores ``n="auto"`` considers (2 = truncated SVD).
+    probe_batches : int
+        Calibration batches used for the sensitivity probes (one model pass per layer each).
 
     Returns
     -------
     CompressionReport
-        Per matrix: ranks, parameters, the decomposition's guaranteed error bound (the discarded
-        singular values of the actual TT-SVD), the allocation bound and the decomposition time, or
-        ``kept_dense`` with the reason; totals. Never more entries than the dense matrices: a matrix whose
-        MPO would not save entries stays dense (an :class:`MPOLinear` given is contracted back to its
-        dense module type then).
+        Per matrix: member, ranks, parameters, the error bound (weight norm: the discarded singular values
+        of the actual TT-SVD; with calibration: the output error, computed exactly), the planned error
+        and the decomposition time, or ``kept_dense`` with the reason; totals, the objective and (auto)
+        every plan compared. Never more entries than the dense matrices: a matrix whose MPO would not save
+        entries stays dense (an :class:`MPOLinear` given is contracted back to its dense module type then).
 
     Raises
     ------
     ValueError
         A pattern matching no layer, a shared core (e.g. MPOBERT's shared centrals: truncating one layer
-        would change the others), or a budget/rel_tol problem from :func:`allocate_ranks` (the model is
-        unchanged then).
+        would change the others), a budget that cannot be met or a rel_tol problem, calibration batches that
+        do not fit the model, NaN/Inf in their statistics: all before the model changes.
     """
+    _check_n(n)
+    if (budget is None) == (rel_tol is None):
+        raise ValueError("give exactly one of budget= and rel_tol=")
+    check_rel_tol(rel_tol)
+    probe_batches = check_int("probe_batches", probe_batches)
+    kwargs = dict(decompose_kwargs or {})
+    if "input_cov" in kwargs:
+        raise ValueError("pass calibration= to compress rather than decompose_kwargs['input_cov']")
     targets = _targets(model, include)
     before = sum(p.numel() for p in model.parameters())
-    exact: dict[str, MPO] = {}
-    seconds: dict[str, float] = {}
-    for name, mod in progress_bar(targets, "compress: exact TT-SVD", progress):
-        weight = _in_out(mod)
-        start = time.perf_counter()
-        try:
-            exact[name] = decompose(weight, **_shape_kw(mod, n), **(decompose_kwargs or {}))
-        except ValueError as exc:
-            raise ValueError(f"cannot decompose layer {name!r} ({tuple(weight.shape)}): {exc}") from exc
-        seconds[name] = time.perf_counter() - start
-        del weight
-    ranks = allocate_ranks(exact, budget=budget, rel_tol=rel_tol)
+    weights = {name: _in_out(mod) for name, mod in targets}
+    target = None if budget is None else resolve_budget(budget, sum(w.numel() for w in weights.values()))
+    whitenings: dict[str, Whitening] = {}
+    sens: dict[str, float] = {}
+    if calibration is not None:
+        whitenings, sens = _calibrate(model, targets, weights, calibration, probe_batches)
     report = CompressionReport(budget, rel_tol, before, before)
-    for name, mod in progress_bar(targets, "compress: truncate", progress):
-        mpo = exact.pop(name)
-        dense = math.prod(mpo.shape)
-        needed = core_params(mpo.in_shape, mpo.out_shape, ranks[name])
-        if needed >= dense:
-            if isinstance(mod, MPOLinear):
-                replace_module(model, name, _dense_like(mod))
-            report.matrices.append(MatrixCompression(
-                name, mpo.in_shape, mpo.out_shape, mpo.ranks, [], dense, mpo.num_params, dense, float(mpo.norm),
-                0.0, 0.0, seconds[name], True,
-                f"an MPO with bonds {ranks[name][1:-1]} needs {needed} entries >= {dense} dense",
-            ))
-            continue
-        source = _dense_like(mod) if isinstance(mod, MPOLinear) else mod
+    report.objective = ("sensitivity-weighted relative output error ||X dW||^2 / ||X W||^2" if whitenings
+                        else "relative weight error ||dW||^2 / ||W||^2")
+    seconds = {name: 0.0 for name in weights}
+    if n == "auto" and rel_tol is not None:
+        choices = _auto_tolerance(weights, rel_tol, whitenings, cores, kwargs)
+    elif n == "auto":
         start = time.perf_counter()
-        layer = MPOLinear.from_linear(source, mpo.in_shape, mpo.out_shape, max_bond=ranks[name],
-                                      strategy=mod.strategy if isinstance(mod, MPOLinear) else strategy,
-                                      decompose_kwargs=decompose_kwargs)
-        seconds[name] += time.perf_counter() - start
-        if isinstance(mod, MPOLinear):
-            layer.cache_weight = mod.cache_weight
-        layer.train(mod.training)
-        replace_module(model, name, layer)
-        actual = layer.ranks
-        report.matrices.append(MatrixCompression(
-            name, mpo.in_shape, mpo.out_shape, mpo.ranks, actual, dense, mpo.num_params,
-            core_params(mpo.in_shape, mpo.out_shape, actual), float(mpo.norm), float(layer.error_bound),
-            allocation_bound(mpo, ranks[name]), seconds[name],
-        ))
+        chosen = family_plan(weights, target, whitenings, sens or None, cores)
+        report.plans, report.chosen_plan = chosen.candidates, chosen.source
+        choices = {}
+        for name, entry in chosen.entries.items():
+            pt = entry.point
+            if pt.member is None:
+                rows, cols = weights[name].shape
+                choices[name] = _Choice((rows, 1), (1, cols), None, "dense", "kept dense: " + entry.why())
+            else:
+                choices[name] = _Choice(pt.member.in_shape, pt.member.out_shape, pt.ranks, pt.member.name,
+                                        entry.why(), planned_error=pt.error)
+        per = (time.perf_counter() - start) / max(len(weights), 1)
+        seconds = {name: per for name in weights}
+    else:
+        exact: dict[str, MPO] = {}
+        for name, mod in progress_bar(targets, "compress: exact TT-SVD", progress):
+            start = time.perf_counter()
+            try:
+                exact[name] = decompose(weights[name], **_shape_kw(mod, n), input_cov=whitenings.get(name), **kwargs)
+            except ValueError as exc:
+                raise ValueError(f"cannot decompose layer {name!r} ({tuple(weights[name].shape)}): {exc}") from exc
+            seconds[name] = time.perf_counter() - start
+        ranks = allocate_ranks(exact, budget=target, rel_tol=rel_tol, weights=sens or None)
+        choices = {}
+        for name, mpo in exact.items():
+            member = family_member_name(mpo.in_shape, mpo.out_shape)
+            choices[name] = _Choice(mpo.in_shape, mpo.out_shape, ranks[name], member, full=mpo,
+                                    planned_error=(allocation_bound(mpo, ranks[name]) / mpo.norm) ** 2 if mpo.norm else 0.0)
+    for name, mod in progress_bar(targets, "compress: truncate", progress):
+        report.matrices.append(_apply(model, name, mod, weights.pop(name), choices[name], whitenings.get(name),
+                                      sens.get(name, 1.0), strategy, kwargs, seconds[name]))
     report.model_params_after = sum(p.numel() for p in model.parameters())
     return report
+
+
+def _apply(model: nn.Module, name: str, mod: nn.Module, weight: torch.Tensor, choice: _Choice,
+           whitening: Whitening | None, sensitivity: float, strategy: str, kwargs: dict, seconds: float
+           ) -> MatrixCompression:
+    """Build the planned layer for one matrix (or keep it dense) and describe it."""
+    in_shape, out_shape = choice.in_shape, choice.out_shape
+    dense = weight.numel()
+    full = full_ranks(in_shape, out_shape)
+    full_params = choice.full.num_params if choice.full is not None else core_params(in_shape, out_shape, full)
+    norm = float(choice.full.norm) if choice.full is not None else (
+        output_error(weight, torch.zeros_like(weight), whitening.gram) if whitening is not None
+        else float(torch.linalg.vector_norm(weight, dtype=torch.float64)))
+    common = dict(error_norm="output" if whitening is not None else "weight", sensitivity=sensitivity,
+                  whitening=whitening.describe() if whitening is not None else "")
+    needed = None if choice.ranks is None else core_params(in_shape, out_shape, choice.ranks)
+    if needed is None or needed >= dense:
+        if isinstance(mod, MPOLinear):
+            replace_module(model, name, _dense_like(mod))
+        reason = choice.reason or f"an MPO with bonds {choice.ranks[1:-1]} needs {needed} entries >= {dense} dense"
+        return MatrixCompression(name, in_shape, out_shape, full, [], dense, full_params, dense, norm, 0.0, 0.0,
+                                 seconds, True, reason, member="dense", **common)
+    source = _dense_like(mod) if isinstance(mod, MPOLinear) else mod
+    start = time.perf_counter()
+    layer = MPOLinear.from_linear(source, in_shape, out_shape, max_bond=choice.ranks,
+                                  strategy=mod.strategy if isinstance(mod, MPOLinear) else strategy,
+                                  decompose_kwargs={**kwargs, "input_cov": whitening})
+    seconds += time.perf_counter() - start
+    if isinstance(mod, MPOLinear):
+        layer.cache_weight = mod.cache_weight
+    layer.train(mod.training)
+    replace_module(model, name, layer)
+    if whitening is not None:
+        with torch.no_grad():
+            error = output_error(weight, layer.weight.detach().T, whitening.gram)
+    else:
+        error = float(layer.error_bound)
+    planned = math.sqrt(choice.planned_error) * norm if choice.planned_error is not None else error
+    return MatrixCompression(name, in_shape, out_shape, full, layer.ranks, dense, full_params,
+                             core_params(in_shape, out_shape, layer.ranks), norm, error, planned, seconds,
+                             reason=choice.reason, member=choice.member, **common)
 
 
 def _dense_like(layer: MPOLinear) -> nn.Module:
@@ -508,7 +507,7 @@ def compress_in_rounds(
         rows, cols = _in_out(mod).shape
         shapes.append(resolve_shapes(rows, cols, kw.get("in_shape"), kw.get("out_shape"), kw.get("n")))
     dense = sum(math.prod(i) * math.prod(o) for i, o in shapes)
-    target = _resolve_budget(budget, dense)
+    target = resolve_budget(budget, dense)
     floor = budget_floor(shapes)
     if target < floor:
         raise ValueError(f"budget={budget} ({target} entries) cannot be met: it is below the minimum {floor} "

@@ -25,6 +25,7 @@ from mpo_core.mpo import MPO
 from mpo_core.randomized import OVERSAMPLE, POWER_ITERS, Split, gemm_rounding_slack, sketched_split, whole_range_split
 from mpo_core.shapes import BondSpec, bond_limits, check_int, full_ranks, resolve_shapes
 from mpo_core.truncation import check_rel_tol, split_threshold, truncated_svd_split
+from mpo_core.whitening import Whitening, kronecker_factors, output_error, whitening_factor
 
 __all__ = ["decompose"]
 
@@ -126,6 +127,7 @@ def decompose(
     seed: int = 0,
     oversample: int = OVERSAMPLE,
     power_iters: int = POWER_ITERS,
+    input_cov: torch.Tensor | Whitening | None = None,
 ) -> MPO:
     """Decompose a matrix into an MPO (tensor-train matrix) by TT-SVD.
 
@@ -174,6 +176,17 @@ def decompose(
         the same seed gives the same result.
     oversample, power_iters : int
         Sketch size ``bond + oversample`` (>= 1) and power iterations (>= 0) of the randomized route.
+    input_cov : torch.Tensor or Whitening, optional
+        The Gram ``G = X^T X`` of the inputs ``X`` this matrix sees (``I x I``; see
+        :mod:`mpo_core.whitening`), or its :class:`~mpo_core.whitening.Whitening`. The factorization
+        then minimises the output error ``||X (W - Ŵ)||_F`` instead of ``||W - Ŵ||_F``: ``L^T W`` is
+        decomposed (``G = L L^T``, ridge-regularised when rank-deficient) and ``L^{-T}`` absorbed
+        into the cores. ``error_bound``, ``norm``, ``spectra`` and ``rel_tol`` are then in the
+        whitened norm, and ``metadata["whitening"]`` says which: ``"exact"`` when the first core
+        holds every input mode (``in_shape = (I, 1, ..., 1)``, e.g. the truncated SVD
+        ``in_shape=(I, 1), out_shape=(1, J)``): ``error_bound >= ||X (W - Ŵ)||_F``, certified;
+        ``"kronecker"`` otherwise: the bound holds for the Kronecker product of the per-mode
+        Grams, and ``metadata["output_error"]`` is ``||X (W - Ŵ)||_F`` computed exactly.
 
     Returns
     -------
@@ -196,7 +209,8 @@ def decompose(
     ValueError
         Not 2-D, NaN/Inf entries, shapes that do not match the matrix, a dimension that
         cannot be factored into ``n`` modes, ``max_bond < 1``, ``rel_tol`` outside ``[0, 1)``,
-        an unknown ``method`` or ``svd_dtype``.
+        an unknown ``method`` or ``svd_dtype``, an ``input_cov`` that is not a finite symmetric
+        ``I x I`` Gram.
 
     Examples
     --------
@@ -221,6 +235,10 @@ def decompose(
     seed = _check_seed(seed)
     oversample = check_int("oversample", oversample, 1)
     power_iters = check_int("power_iters", power_iters, 0)
+    if input_cov is not None:
+        return _decompose_whitened(matrix, in_shape, out_shape, whitening_factor(input_cov), dict(
+            max_bond=max_bond, rel_tol=rel_tol, svd_dtype=svd_dtype, method=method, seed=seed,
+            oversample=oversample, power_iters=power_iters))
     work_dtype = _SVD_DTYPES[svd_dtype] or matrix.dtype
     if work_dtype in (torch.float16, torch.bfloat16):
         work_dtype = torch.float32  # LAPACK/cuSOLVER have no half-precision SVD
@@ -282,3 +300,48 @@ def decompose(
                   "sketch_sizes": sketches, "passes": passes, "passes_over_matrix": weighted_passes,
                   "svd_dtype": str(work_dtype).replace("torch.", ""), "rounding_bound": rounding},
     )
+
+
+def _mode_product(tensor: torch.Tensor, matrix: torch.Tensor, axis: int) -> torch.Tensor:
+    """``matrix`` applied to ``axis`` of ``tensor`` (``out[..., a, ...] = sum_b matrix[a, b] tensor[..., b, ...]``)."""
+    return torch.tensordot(matrix, tensor, dims=([1], [axis])).movedim(0, axis)
+
+
+def _decompose_whitened(matrix: torch.Tensor, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+                        whitening: Whitening, options: dict) -> MPO:
+    """TT-SVD of the whitened ``L^T W``, with ``L^{-T}`` absorbed into the cores (see ``decompose``'s ``input_cov``)."""
+    rows = matrix.shape[0]
+    if tuple(whitening.factor.shape) != (rows, rows):
+        raise ValueError(f"input_cov must be {rows} x {rows} (the matrix's input size), "
+                         f"got {tuple(whitening.factor.shape)}")
+    device = matrix.device
+    w = matrix.detach().to(torch.float64)
+    exact = in_shape[0] == rows
+    factors = [whitening] if exact else kronecker_factors(whitening, in_shape)
+    lowers = [f.factor.to(device) for f in factors]
+    if exact:
+        whitened = lowers[0].mT @ w
+    else:
+        t = w.reshape(*in_shape, -1)
+        for axis, lower in enumerate(lowers):
+            t = _mode_product(t, lower.mT, axis)
+        whitened = t.reshape(rows, -1)
+    inner = decompose(whitened, in_shape, out_shape, **options)
+    cores = [c.to(torch.float64) for c in inner.cores]
+    for axis, lower in enumerate(lowers):
+        k = 0 if exact else axis
+        core = cores[k]
+        flat = core.movedim(1, 0).reshape(core.shape[1], -1)
+        flat = torch.linalg.solve_triangular(lower.mT, flat, upper=True)  # L^{-T} on the input mode
+        cores[k] = flat.reshape(core.shape[1], core.shape[0], *core.shape[2:]).movedim(0, 1).contiguous()
+    metadata = dict(inner.metadata)
+    metadata["whitening"] = "exact" if exact else "kronecker"
+    metadata["whitening_ridge"] = whitening.ridge
+    metadata["whitening_rank_deficient"] = whitening.rank_deficient
+    metadata["error_norm"] = ("||X (W - W')||_F (input_cov = X^T X)" if exact else
+                              "||(L_1 ⊗ ... ⊗ L_n)^T (W - W')||_F (Kronecker-factored input_cov)")
+    result = MPO([c.to(matrix.dtype) for c in cores], in_shape, out_shape, error_bound=inner.error_bound,
+                 norm=inner.norm, spectra=inner.spectra, metadata=metadata)
+    if not exact:
+        result.metadata["output_error"] = output_error(w, result.to_dense(), whitening.gram.to(device))
+    return result
