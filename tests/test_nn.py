@@ -270,3 +270,26 @@ def test_from_cores_copies_any_chain_and_bias():
     torch.testing.assert_close(layer(x), x @ w + bias)
     with pytest.raises(ValueError, match=r"bias must be a tensor of shape \(6,\)"):
         MPOLinear.from_cores(cores, torch.zeros(5))
+
+
+def test_layer_structure_is_its_mpo():
+    """MPOLinear's shapes, ranks, central/auxiliary cores and counts are those of its chain as an MPO,
+    whose cores are the layer's own parameters (shared ones included); from_mpo keeps the error bound."""
+    from mpo_core import MPO, decompose
+
+    w = torch.randn(64, 48, dtype=torch.float64)
+    mpo = decompose(w, n=3, max_bond=5)
+    layer = MPOLinear.from_mpo(mpo, torch.zeros(48, dtype=torch.float64))
+    view = layer.mpo
+    assert isinstance(view, MPO) and all(a is b for a, b in zip(view.cores, layer.cores))
+    assert layer.error_bound == view.error_bound == mpo.error_bound > 0
+    assert (layer.n, layer.ranks, layer.central_index) == (mpo.n, mpo.ranks, mpo.central_index)
+    assert isinstance(layer.central, nn.Parameter) and layer.central is layer.cores[1]
+    assert [id(a) for a in layer.auxiliary] == [id(layer.cores[0]), id(layer.cores[2])]
+    assert layer.num_params == mpo.num_params + 48 and layer.compression == mpo.compression
+    assert torch.equal(view.to_dense(), layer.weight.T.detach())
+    shared = nn.Parameter(layer.central.detach().clone())
+    layer.share_core(1, shared)
+    assert layer.mpo.central is shared and MPOLinear(64, 48, n=3).mpo.error_bound == 0.0
+    with pytest.raises(TypeError, match="mpo must be an MPO"):
+        MPOLinear.from_mpo(list(mpo.cores))

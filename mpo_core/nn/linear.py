@@ -18,7 +18,7 @@ from mpo_core.contract import check_strategy, contract, dense_weight, explain
 from mpo_core.contract.plan import token_bucket
 from mpo_core.cost import device_model, gemm_cost
 from mpo_core.decompose import decompose
-from mpo_core.mpo import validate_cores
+from mpo_core.mpo import MPO, validate_cores
 from mpo_core.nn.dense import is_linear, linear_weight
 from mpo_core.shapes import BondSpec, capped_ranks, resolve_shapes
 
@@ -98,39 +98,55 @@ class MPOLinear(nn.Module):
         self._cached: tuple[tuple, torch.Tensor] | None = None
         self.step_weight: torch.Tensor | None = None
         self._gemm_choice: dict[tuple, bool] = {}
+        self._mpo_view: tuple[tuple, MPO] | None = None
         self.reset_parameters()
 
     # ------------------------------------------------------------------ structure
     @property
+    def mpo(self) -> MPO:
+        """The layer's chain as an :class:`~mpo_core.mpo.MPO` whose cores are this layer's parameters (no
+        copy; shared cores included), with :attr:`error_bound` (0 for a layer not decomposed from a matrix).
+        Shapes, ranks, central and auxiliary cores and counts are the MPO's."""
+        # Cached per set of core objects (a cached MPO holds them, so their ids stay unique) and bound:
+        # the structure properties below are read per layer and step (accumulate) and the MPO checks
+        # its chain when built. Shapes and dtypes are read from the cores themselves on every access.
+        bound = 0.0 if self.error_bound is None else self.error_bound
+        key = (tuple(map(id, self.cores._parameters.values())), bound)
+        view = getattr(self, "_mpo_view", None)
+        if view is None or view[0] != key:
+            view = self._mpo_view = (key, MPO(list(self.cores), self.in_shape, self.out_shape, error_bound=bound))
+        return view[1]
+
+    @property
     def n(self) -> int:
-        return len(self.cores)
+        return self.mpo.n
 
     @property
     def ranks(self) -> list[int]:
         """Bond dimensions ``[1, d_1, ..., d_{n-1}, 1]`` of the cores."""
-        return [c.shape[0] for c in self.cores] + [1]
+        return self.mpo.ranks
 
     @property
     def central_index(self) -> int:
-        return self.n // 2
+        return self.mpo.central_index
 
     @property
     def central(self) -> nn.Parameter:
-        return self.cores[self.central_index]
+        return self.mpo.central
 
     @property
     def auxiliary(self) -> list[nn.Parameter]:
-        return [c for k, c in enumerate(self.cores) if k != self.central_index]
+        return self.mpo.auxiliary
 
     @property
     def num_params(self) -> int:
         """Entries in the cores and the bias (a shared core counts in full here)."""
-        return sum(c.numel() for c in self.cores) + (self.bias.numel() if self.bias is not None else 0)
+        return self.mpo.num_params + (self.bias.numel() if self.bias is not None else 0)
 
     @property
     def compression(self) -> float:
         """Dense weight entries divided by core entries."""
-        return self.in_features * self.out_features / sum(c.numel() for c in self.cores)
+        return self.mpo.compression
 
     @property
     def weight(self) -> torch.Tensor:
@@ -199,6 +215,16 @@ class MPOLinear(nn.Module):
         return layer
 
     @classmethod
+    def from_mpo(cls, mpo: MPO, bias: torch.Tensor | None = None, strategy: str = "auto",
+                 cache_weight: bool = True) -> "MPOLinear":
+        """A layer holding copies of ``mpo``'s cores (and of ``bias``), keeping its :attr:`~MPO.error_bound`."""
+        if not isinstance(mpo, MPO):
+            raise TypeError(f"mpo must be an MPO, got {type(mpo).__name__}")
+        layer = cls.from_cores(mpo.cores, bias, strategy=strategy, cache_weight=cache_weight)
+        layer.error_bound = mpo.error_bound
+        return layer
+
+    @classmethod
     def from_linear(
         cls,
         linear: nn.Module,
@@ -223,9 +249,7 @@ class MPOLinear(nn.Module):
             raise TypeError(f"linear must be an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         weight = linear_weight(linear)
         mpo = decompose(weight, in_shape, out_shape, max_bond, rel_tol, n=n, **(decompose_kwargs or {}))
-        layer = cls.from_cores([c.to(device=weight.device, dtype=weight.dtype) for c in mpo.cores],
-                               linear.bias, strategy=strategy)
-        layer.error_bound = mpo.error_bound
+        layer = cls.from_mpo(mpo.to(device=weight.device, dtype=weight.dtype), linear.bias, strategy=strategy)
         layer.origin = "linear" if isinstance(linear, nn.Linear) else "conv1d"
         if shared_central is not None:
             layer.share_core(layer.central_index, shared_central)
