@@ -23,7 +23,7 @@ import torch
 
 from mpo_core.mpo import MPO
 from mpo_core.randomized import OVERSAMPLE, POWER_ITERS, Split, gemm_rounding_slack, sketched_split, whole_range_split
-from mpo_core.shapes import BondSpec, bond_limits, check_int, full_ranks, resolve_shapes
+from mpo_core.shapes import BondSpec, bond_caps, bond_limits, check_int, full_ranks, resolve_shapes
 from mpo_core.truncation import check_rel_tol, split_threshold, truncated_svd_split
 from mpo_core.whitening import Whitening, kronecker_factors, output_error, whitening_factor
 
@@ -244,7 +244,7 @@ def decompose(
         work_dtype = torch.float32  # LAPACK/cuSOLVER have no half-precision SVD
 
     allowed = full_ranks(in_shape, out_shape)[1:-1]
-    bonds = [None if cap is None else min(cap, a) for cap, a in zip(requested, allowed)]
+    bonds = bond_caps(in_shape, out_shape, max_bond)
     clamped = [{"bond": k + 1, "requested": cap, "allowed": a}
                for k, (cap, a) in enumerate(zip(requested, allowed)) if cap is not None and cap > a]
 

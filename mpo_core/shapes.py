@@ -17,7 +17,7 @@ from typing import Sequence, Union
 
 import torch
 
-__all__ = ["BondSpec", "bond_limits", "bond_list", "capped_ranks", "check_int", "core_params", "factorize",
+__all__ = ["BondSpec", "bond_caps", "bond_limits", "bond_list", "capped_ranks", "check_int", "core_params", "factorize",
            "full_ranks", "placement_order", "resolve_shapes"]
 
 BondSpec = Union[int, Sequence[int], None]
@@ -204,12 +204,23 @@ def bond_limits(max_bond: BondSpec, n: int) -> list[int | None]:
     return [check_int("max_bond", max_bond)] * (n - 1)
 
 
+def bond_caps(in_shape: Sequence[int], out_shape: Sequence[int], max_bond: BondSpec = None) -> list[int | None]:
+    """The caps a TT-SVD applies to the ``n - 1`` inner bonds: each cap of ``max_bond`` clamped to the
+    bond's :func:`full_ranks` entry (``None``: no cap). The one rank-clamping rule; :func:`capped_ranks`
+    adds what the sweep itself implies."""
+    allowed = full_ranks(in_shape, out_shape)[1:-1]
+    return [None if cap is None else min(cap, a) for cap, a in zip(bond_limits(max_bond, len(in_shape)), allowed)]
+
+
 def capped_ranks(in_shape: Sequence[int], out_shape: Sequence[int], max_bond: BondSpec = None) -> list[int]:
-    """The :func:`full_ranks` with each inner bond capped by ``max_bond``: the ranks a TT-SVD with
-    ``max_bond`` gives a generic matrix."""
+    """The ranks a left-to-right TT-SVD with ``max_bond`` gives a generic matrix: bond ``k`` is the
+    smallest of its :func:`bond_caps` entry, its full rank and ``d_{k-1} i_k j_k`` (the rows of its
+    unfolding once the bond to its left is cut). With an int or no cap this is :func:`full_ranks` capped."""
     full = full_ranks(in_shape, out_shape)
-    caps = bond_limits(max_bond, len(full) - 1)
-    return [1] + [f if cap is None else min(f, cap) for f, cap in zip(full[1:-1], caps)] + [1]
+    ranks = [1]
+    for k, (f, cap) in enumerate(zip(full[1:-1], bond_caps(in_shape, out_shape, max_bond))):
+        ranks.append(min(f if cap is None else cap, ranks[-1] * in_shape[k] * out_shape[k]))
+    return ranks + [1]
 
 
 def core_params(in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequence[int]) -> int:

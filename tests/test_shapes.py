@@ -1,11 +1,11 @@
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpo_core import factorize
-from mpo_core.shapes import (bond_limits, bond_list, capped_ranks, check_int, core_params, full_ranks, placement_order,
+from mpo_core.shapes import (bond_caps, bond_limits, bond_list, capped_ranks, check_int, core_params, full_ranks, placement_order,
                               resolve_shapes)
 
 
@@ -111,8 +111,10 @@ def test_capped_ranks_and_bond_specs():
     shape = ((4, 4, 4, 4, 3), (4, 4, 4, 4, 3))
     assert capped_ranks(*shape) == full_ranks(*shape)
     assert capped_ranks(*shape, max_bond=20) == [1, 16, 20, 20, 9, 1]
-    assert capped_ranks(*shape, max_bond=[8, 300, 200, 2]) == [1, 8, 256, 144, 2, 1]
-    assert capped_ranks(*shape, max_bond=[1, 8, 300, 200, 2, 1]) == [1, 8, 256, 144, 2, 1]
+    # bond 2 cannot exceed d_1 i_2 j_2 = 8 * 16 once bond 1 is cut to 8 (a TT-SVD gives 128, not 256)
+    assert capped_ranks(*shape, max_bond=[8, 300, 200, 2]) == [1, 8, 128, 144, 2, 1]
+    assert capped_ranks(*shape, max_bond=[1, 8, 300, 200, 2, 1]) == [1, 8, 128, 144, 2, 1]
+    assert bond_caps(*shape, max_bond=[8, 300, 200, 2]) == [8, 256, 144, 2] and bond_caps(*shape) == [None] * 4
     assert bond_limits(None, 3) == [None, None] and bond_limits(4, 3) == [4, 4]
     with pytest.raises(ValueError, match="max_bond must be the n-1=4 inner bonds"):
         capped_ranks(*shape, max_bond=[1, 2, 3])
@@ -127,3 +129,23 @@ def test_capped_ranks_and_bond_specs():
 def test_core_params_counts_core_entries():
     assert core_params((2, 3, 4), (2, 3, 4), [1, 2, 3, 1]) == 1 * 4 * 2 + 2 * 9 * 3 + 3 * 16 * 1
     assert core_params((4, 3), (2, 5), full_ranks((4, 3), (2, 5))) == 1 * 8 * 8 + 8 * 15 * 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_capped_ranks_are_the_bonds_tt_svd_gives(data):
+    """For any caps (an int or a per-bond list), MPOLinear's bonds equal those TT-SVD with the same caps produces."""
+    import torch
+
+    from mpo_core import MPOLinear, decompose
+
+    n = data.draw(st.integers(2, 4))
+    in_shape = data.draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
+    out_shape = data.draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
+    caps = data.draw(st.one_of(st.none(), st.integers(1, 40), st.lists(st.integers(1, 40), min_size=n - 1, max_size=n - 1)))
+    w = torch.randn(math.prod(in_shape), math.prod(out_shape), dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
+    tt = decompose(w, in_shape, out_shape, max_bond=caps, method="exact").ranks
+    assert capped_ranks(in_shape, out_shape, caps) == tt
+    layer = MPOLinear(w.shape[0], w.shape[1], in_shape, out_shape, max_bond=caps)
+    assert layer.ranks == tt == layer.mpo.ranks
