@@ -542,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     info = device_info(device)
     parts = set(args.only or ("ops", "mpo_linear", "benchmarks"))
     print(f"mpo_core acceptance check on {info['device']} ({'GPU' if cuda else 'CPU subset'}), backends {backends()}")
-    c = Checker(device, timed=cuda or args.timed)
+    # without a GPU the times only show that the timed path runs: 1 warm-up + 2 calls
+    c = Checker(device, timed=cuda or args.timed, warmup=3 if cuda else 1, repeat=10 if cuda else 2)
     if cuda:
         tokens, hidden, ffn = ((512,), (768,), (3072,)) if args.tiny else ((512, 4096, 16384), (768, 1024), (3072, 4096))
         mpo_tokens, mpo_shapes = 512, [(MPO_MODES[768], MPO_MODES[3072]), (MPO_MODES[3072], MPO_MODES[768])]
