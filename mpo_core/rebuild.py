@@ -105,7 +105,7 @@ def _merge(node: MergeTree, cores: Sequence[torch.Tensor]) -> torch.Tensor:
     return (a.reshape(da * ma, dm) @ b.reshape(dm, mb * db)).view(da, ma * mb, db)
 
 
-def rebuild(cores: Sequence[torch.Tensor], tree: MergeTree | None = None) -> torch.Tensor:
+def rebuild(cores: Sequence[torch.Tensor], tree: MergeTree | None = None, interleaved: bool = False) -> torch.Tensor:
     """Contract a chain of cores into one ``(d_left, prod(in), prod(out), d_right)`` tensor (C order).
 
     Parameters
@@ -116,6 +116,9 @@ def rebuild(cores: Sequence[torch.Tensor], tree: MergeTree | None = None) -> tor
     tree : MergeTree, optional
         The merge order; default the cheapest one for the cores' device type and dtype
         (:func:`plan_merge` with :func:`mpo_core.cost.device_model`, cached per shape).
+    interleaved : bool
+        Return the merged block as it is built, ``(d_left, prod(i_k j_k), d_right)`` with the modes
+        interleaved ``(i_p, j_p, i_{p+1}, j_{p+1}, ...)`` (no final permute).
 
     Returns
     -------
@@ -130,6 +133,8 @@ def rebuild(cores: Sequence[torch.Tensor], tree: MergeTree | None = None) -> tor
         first = cores[0]
         tree = _cheapest_tree(in_shape, out_shape, ranks, first.dtype, device_model(first.device.type))
     merged = _merge(tree, cores)
+    if interleaved:
+        return merged
     d_left, _, d_right = merged.shape
     interleaved = merged.view(d_left, *[s for k in range(n) for s in (in_shape[k], out_shape[k])], d_right)
     perm = [0] + list(range(1, 2 * n + 1, 2)) + list(range(2, 2 * n + 1, 2)) + [2 * n + 1]

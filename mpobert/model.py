@@ -21,7 +21,8 @@ from torch import nn
 
 from mpo_core.io import atomic_write
 from mpobert.config import MPOBertConfig
-from mpobert.init import from_albert, from_bert, init_model
+from mpobert.convert import from_albert, from_bert
+from mpobert.init import init_model
 from mpobert.layers import MPOBertEmbeddings, MPOBertEncoder, attention_bool_mask
 from mpobert.params import ParameterReport, parameter_report
 
@@ -188,14 +189,14 @@ class MPOBertPreTrainedModel(nn.Module):
     def from_albert(cls, path: str | os.PathLike, **overrides: Any) -> "MPOBertPreTrainedModel":
         """Build from a local Hugging Face ALBERT checkpoint (paper §3.3, Algorithm 1).
 
-        See :func:`mpobert.init.from_albert` for the arguments (``num_layers``, ``num_groups``,
+        See :func:`mpobert.convert.from_albert` for the arguments (``num_layers``, ``num_groups``,
         ``adapter_rank``, ``max_bond``, ... override the config derived from the checkpoint).
         """
         return from_albert(cls, path, **overrides)
 
     @classmethod
     def from_bert(cls, path: str | os.PathLike, central_from: str = "mean", **overrides: Any) -> "MPOBertPreTrainedModel":
-        """Build from a local (non-shared) Hugging Face BERT checkpoint; see :func:`mpobert.init.from_bert`."""
+        """Build from a local (non-shared) Hugging Face BERT checkpoint; see :func:`mpobert.convert.from_bert`."""
         return from_bert(cls, path, central_from=central_from, **overrides)
 
 

@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 from mpo_core import decompose
 from mpo_core.contract import dense_weight
 from mpobert import MATRICES, MPOBertConfig, MPOBertForPreTraining, MPOBertForSequenceClassification, MPOBertModel
-from mpobert.init import depth_scale, fit_auxiliaries, read_hf_checkpoint, xavier_core_std
+from mpobert.fit import fit_auxiliaries
+from mpobert.hf_checkpoint import read_hf_checkpoint
+from mpobert.init import depth_scale, xavier_core_std
 
 transformers = pytest.importorskip("transformers")
 
