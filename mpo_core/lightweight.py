@@ -372,8 +372,7 @@ def save_mpo_model(model: nn.Module, save_directory: str | os.PathLike) -> None:
         if getattr(model, "config", None) is not None and hasattr(model.config, "save_pretrained"):
             model.config.save_pretrained(tmp)
         save_model(model, os.path.join(tmp, MODEL_NAME))
-        with open(os.path.join(tmp, LAYOUT_NAME), "w") as fh:
-            json.dump(layout, fh, indent=2)
+        atomic_write(os.path.join(tmp, LAYOUT_NAME), json.dumps(layout, indent=2).encode())
         if os.path.isdir(target):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old.", dir=parent)
             os.replace(target, os.path.join(old, "x"))

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mpo_core.accumulate import exclude_cores_from_ddp, weight_cache
+from mpo_core.io import atomic_write
 from mpobert.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mpobert.optim import build_optimizer, warmup_linear_scheduler
 from mpobert.options import option
@@ -314,7 +315,7 @@ class Trainer:
         if not self.is_main or not path.exists():
             return
         keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-        path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+        atomic_write(path, "".join(ln + "\n" for ln in keep).encode("utf-8"))
 
     def evaluate(self) -> dict[str, float]:
         """Run ``eval_fn`` on rank 0 (others wait); returns its metrics (empty without ``eval_fn``)."""
@@ -478,7 +479,7 @@ class Trainer:
             "loss_curve": loss_curve_summary(self.output_dir / "metrics.jsonl"), **(extra_metrics or {}),
         }
         if self.is_main:
-            (self.output_dir / "final_metrics.json").write_text(json.dumps(final, indent=2), encoding="utf-8")
+            atomic_write(self.output_dir / "final_metrics.json", json.dumps(final, indent=2).encode("utf-8"))
         return final
 
 

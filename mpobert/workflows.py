@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from mpo_core.io import atomic_write
+from mpo_core.io import atomic_torch_save, atomic_write
 from mpo_core.nn import num_parameters
 from mpobert.config import MPOBertConfig
 from mpobert.data import (
@@ -327,7 +327,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         if len(specs) == 1:
             _save_model(model, tok, out / "model")
         else:
-            torch.save(model.state_dict(), out / "multitask_model.pt")
+            atomic_torch_save(model.state_dict(), out / "multitask_model.pt")
     return final
 
 
@@ -370,7 +370,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         result["majority_baseline"] = majority_baseline([e.label for e in train], [e.label for e in dev], spec)
     print(json.dumps(result, indent=2))
     if cfg.output:
-        Path(cfg.output).write_text(json.dumps(result, indent=2), encoding="utf-8")
+        atomic_write(cfg.output, json.dumps(result, indent=2).encode("utf-8"))
     return result
 
 
@@ -454,7 +454,7 @@ def demo(cfg: DemoConfig) -> dict[str, Any]:
         "finetune_from_scratch": None if scratch is None else {"steps": scratch["steps"], "dev": scratch["eval"]},
         "total_time_s": time.perf_counter() - t0,
     }
-    (out / "demo_metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    atomic_write(out / "demo_metrics.json", json.dumps(summary, indent=2).encode("utf-8"))
     print("\n== MPOBERT demo (bundled pydoc corpus, CPU-sized) ==")
     print(report)
     print("\npretraining loss (MLM + SOP), step: loss")

@@ -265,3 +265,47 @@ def test_checker_catches_each_rule(tmp_path, files, expected):
 def test_the_house_keeps_its_rules():
     problems = check_tree(ROOT)
     assert problems == [], "\n".join(problems)
+
+
+# --- rule 6: files are written atomically -------------------------------------------------------
+
+# (file, a piece of the call) that may write directly, and why
+DIRECT_WRITES = {
+    ("mpo_core/io.py", "torch.save(obj, fh)"): "the atomic writer itself",
+    ("mpobert/model.py", "torch.save(payload, buf)"): "into an in-memory buffer, then atomic_write",
+    ("mpo_core/gpu/nvcc.py", "src.write_text"): "scratch file in a TemporaryDirectory",
+    ("mpo_core/gpu/aot.py", "open(path, 'wb')"): "scratch file in a TemporaryDirectory",
+    ("benchmarks/decompose_speed.py", "/proc/self/clear_refs"): "a kernel interface, not a file",
+    ("mpo_core/check.py", "Path(args.json).write_text"): "to convert: results/check.json (issue 21)",
+}
+
+
+def direct_writes(root: Path) -> list[tuple[str, int, str]]:
+    """Calls that write a file without :mod:`mpo_core.io`: ``open`` with a ``w``/``x`` mode,
+    ``Path.write_text``/``write_bytes``, ``torch.save``, ``json.dump``."""
+    found = []
+    for package in (*PACKAGES, "examples"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(parse(path)):
+                if not isinstance(node, ast.Call):
+                    continue
+                func = node.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+                mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+                writes = (name == "open" and isinstance(mode, ast.Constant) and isinstance(mode.value, str)
+                          and any(c in mode.value for c in "wx"))
+                if writes or name in ("write_text", "write_bytes") or ast.unparse(func) in ("torch.save", "json.dump"):
+                    found.append((path.relative_to(root).as_posix(), node.lineno, ast.unparse(node)))
+    return found
+
+
+def test_checker_finds_direct_writes(tmp_path):
+    root = _tree(tmp_path, {"mpobert/w.py": "import json, torch\nopen('a', 'w')\nopen('b')\njson.dump(1, f)\n"
+                                            "torch.save(x, 'c')\nPath('d').write_text('')\n"})
+    assert [line for _, line, _ in direct_writes(root)] == [2, 4, 5, 6]
+
+
+def test_files_are_written_atomically():
+    found = [(f, line, call) for f, line, call in direct_writes(ROOT)
+             if not any(f == file and piece in call for file, piece in DIRECT_WRITES)]
+    assert found == [], "write through mpo_core.io.atomic_write / atomic_torch_save:\n" + "\n".join(map(str, found))

@@ -18,6 +18,9 @@ import os
 import random
 import re
 from pathlib import Path
+from typing import BinaryIO
+
+from mpo_core.io import atomic_write
 
 TOPIC_FAMILIES: dict[str, tuple[str, ...]] = {
     "statements": (
@@ -108,13 +111,15 @@ def write_corpus(documents: list[list[str]], path: str | os.PathLike) -> Path:
     Sentences must not contain newlines (they would split the document).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+
+    def write(f: BinaryIO) -> None:
         for doc in documents:
             lines = [" ".join(s.split()) for s in doc]
             lines = [s for s in lines if s]
             if lines:
-                f.write("\n".join(lines) + "\n\n")
+                f.write(("\n".join(lines) + "\n\n").encode("utf-8"))
+
+    atomic_write(path, write)  # creates the folder
     return path
 
 
@@ -163,7 +168,6 @@ def write_pydoc_topic_task(out_dir: str | os.PathLike, seed: int = 0, dev_fracti
     rng.shuffle(train)
     rng.shuffle(dev)
     for name, rows in (("train.tsv", train), ("dev.tsv", dev)):
-        with open(out / name, "w", encoding="utf-8", newline="\n") as f:
-            f.write("sentence\tlabel\n")
-            f.writelines(f"{text}\t{label}\n" for text, label in rows)  # paragraphs hold no tab/newline
+        text = "sentence\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in rows)  # paragraphs hold no tab/newline
+        atomic_write(out / name, text.encode("utf-8"))
     return out

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from mpo_core.io import atomic_write
+
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 """Special tokens, in the order :func:`train_wordpiece` gives them ids 0..4."""
 
@@ -128,12 +130,12 @@ class WordPieceTokenizer:
     def save(self, path: str | os.PathLike) -> None:
         """Write ``tokenizer.json`` (if ``path`` ends in .json) or a BERT ``vocab.txt``."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".json":
-            self._tok.save(str(path))
+            text = self._tok.to_str(pretty=True)  # what Tokenizer.save writes
         else:
             vocab = sorted(self._tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
-            path.write_text("".join(tok + "\n" for tok, _ in vocab), encoding="utf-8")
+            text = "".join(tok + "\n" for tok, _ in vocab)
+        atomic_write(path, text.encode("utf-8"))  # creates the folder
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, lowercase: bool = True) -> WordPieceTokenizer:
