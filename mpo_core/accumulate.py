@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mpo_core.cost import device_model
+from mpo_core.cost import device_model, gemm_cost
 from mpo_core.nn import MPOLinear
 from mpo_core.rebuild import dense_matrix, rebuild
 
@@ -66,7 +66,7 @@ def _central_order(left: int, rows: int, d_in: int, middle: int, d_out: int, rig
     model, item = device_model(device_type), dtype.itemsize
 
     def seconds(m: int, k: int, n: int, batch: int) -> float:
-        return model.op_seconds(2 * batch * m * k * n, item * batch * (m * k + k * n + m * n), dtype)
+        return model.seconds(gemm_cost(m, k, n, item, batch=batch), dtype)
 
     left_first = seconds(layers * left, d_in, middle * d_out, 1) + seconds(left * middle, d_out, right, layers)
     right_first = seconds(d_in * middle, d_out, layers * right, 1) + seconds(left, d_in, middle * right, layers)

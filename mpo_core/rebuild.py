@@ -19,7 +19,7 @@ from typing import Sequence, Union
 
 import torch
 
-from mpo_core.cost import DeviceModel, device_model
+from mpo_core.cost import DeviceModel, device_model, gemm_cost
 
 __all__ = ["MergeTree", "dense_matrix", "left_to_right", "plan_merge", "rebuild"]
 
@@ -63,10 +63,8 @@ def plan_merge(
             for s in range(p, q):
                 left, right = best[p][s], best[s + 1][q]
                 ma, mb = math.prod(modes[p : s + 1]), math.prod(modes[s + 1 : q + 1])
-                flops = 2 * ranks[p] * ma * ranks[s + 1] * mb * ranks[q + 1]
-                nbytes = itemsize * (
-                    ranks[p] * ma * ranks[s + 1] + ranks[s + 1] * mb * ranks[q + 1] + ranks[p] * ma * mb * ranks[q + 1]
-                )
+                product = gemm_cost(ranks[p] * ma, ranks[s + 1], mb * ranks[q + 1], itemsize)
+                flops, nbytes = product.flops_tensor, product.bytes
                 cand = (
                     left[0] + right[0] + model.op_seconds(flops, nbytes, dtype),
                     left[1] + right[1] + flops,

@@ -125,3 +125,10 @@ def test_dense_linear_cost_is_chain_plus_gemm_plus_epilogue():
         epilogue_cost(m, n, 2, bias=False, activation=False)
     with pytest.raises(ValueError, match="tokens must be >= 1"):
         dense_linear_cost(0, in_shape, out_shape, ranks)
+
+
+def test_batched_gemm_cost_is_batch_products_in_one_op():
+    one, three = gemm_cost(5, 7, 11, 2), gemm_cost(5, 7, 11, 2, batch=3)
+    assert (three.flops_tensor, three.bytes_read, three.bytes_written) == (3 * one.flops_tensor, 3 * one.bytes_read,
+                                                                        3 * one.bytes_written)
+    assert three.launches == one.launches == 1

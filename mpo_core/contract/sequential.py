@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from mpo_core.cost import DeviceModel
+from mpo_core.cost import DeviceModel, gemm_cost
 
 __all__ = ["SeqStep", "named_orders", "all_orders", "check_order", "plan_sequential", "run_sequential"]
 
@@ -128,8 +128,8 @@ def plan_sequential(
         p = math.prod(size[a] for a in new)
         method = "mm" if m == 1 else ("bmm" if m >= BMM_MIN_COLS else "tmm")
         rows = tokens * batch
-        f = 2 * rows * kk * m * p
-        b = itemsize * (rows * kk * m + kk * p + rows * p * m)
+        gemm = gemm_cost(rows * m, kk, p, itemsize)  # the state (rows * m, kk) @ the core (kk, p)
+        f, b = gemm.flops_tensor, gemm.bytes
         if method == "tmm":
             b += 2 * itemsize * (rows * kk * m + rows * p * m)
         steps.append(SeqStep(k, core_perm, batch, kk, m, p, method))

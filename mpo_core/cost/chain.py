@@ -16,10 +16,12 @@ def core_shapes(in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequen
     return [(ranks[k], i, j, ranks[k + 1]) for k, (i, j) in enumerate(zip(in_shape, out_shape))]
 
 
-def gemm_cost(m: int, k: int, n: int, dtype_bytes: int, bias: bool = False) -> Cost:
-    """``(m x k) @ (k x n)`` (``+ bias`` of ``n``): ``2 m k n`` matmul FLOPs; reads both operands, writes the result."""
-    return Cost(flops_tensor=2 * m * k * n, bytes_read=dtype_bytes * (m * k + k * n + (n if bias else 0)),
-                bytes_written=dtype_bytes * m * n)
+def gemm_cost(m: int, k: int, n: int, dtype_bytes: int, bias: bool = False, batch: int = 1) -> Cost:
+    """``(m x k) @ (k x n)`` (``+ bias`` of ``n``): ``2 m k n`` matmul FLOPs; reads both operands, writes the
+    result. ``batch``: that many independent products in one op (a batched GEMM)."""
+    return Cost(flops_tensor=2 * batch * m * k * n,
+                bytes_read=dtype_bytes * batch * (m * k + k * n + (n if bias else 0)),
+                bytes_written=dtype_bytes * batch * m * n)
 
 
 def chain_cost(cores: Sequence[CoreShape], dtype_bytes: int) -> Cost:
