@@ -30,10 +30,6 @@ from mpo_core.ops.dispatch import resolve_backend
 Tensor = torch.Tensor
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _ext_weight(weight: Tensor | None, bias: Tensor | None, n: int) -> Tensor | None:
     """The extension takes no bias without weight: give it unit weight then."""
     if weight is None and bias is not None:
@@ -126,7 +122,7 @@ def residual_layer_norm_fwd_op(x: Tensor, residual: Optional[Tensor], weight: Op
 
 @residual_layer_norm_fwd_op.register_fake
 def _(x, residual, weight, bias, eps, dropout_p, seed, backend):
-    stats = _stats_dtype(x.dtype)
+    stats = reference.accumulation_dtype(x.dtype)
     h = torch.empty_like(x) if residual is not None else x.new_empty(0)
     return torch.empty_like(x), h, x.new_empty(x.shape[0], dtype=stats), x.new_empty(x.shape[0], dtype=stats)
 
