@@ -37,65 +37,8 @@ def _check_float(name: str, value: Any, low: float, high: float, high_open: bool
 
 
 @dataclass
-class MPOBertConfig:
-    """Configuration of an MPOBERT model.
-
-    Parameters
-    ----------
-    vocab_size, embedding_size, hidden_size, num_layers, num_heads, intermediate_size : int
-        Vocabulary size ``V``; ALBERT's factorized embedding size ``E`` (``V x E`` table, then an
-        ``E -> H`` projection); hidden size ``H``; layers ``L``; attention heads ``A`` (``H % A == 0``);
-        feed-forward size.
-    hidden_act : {"gelu", "gelu_new"}
-        Exact erf GELU (BERT) or the tanh approximation (ALBERT's ``gelu_new``).
-    hidden_dropout, attention_dropout : float
-        Dropout on sublayer outputs / embeddings, and on attention probabilities.
-    max_position_embeddings, type_vocab_size, pad_token_id : int
-    layer_norm_eps : float
-    initializer_range : float
-        Std of the embedding (and head) initialization.
-    mpo_n : int
-        Number of MPO cores per matrix (odd, so that a central core exists; MPOBERT uses 5).
-    mpo_shapes : dict, optional
-        ``{dim: shape}`` overrides of the mode factorization of a dimension; otherwise
-        :func:`mpo_core.shapes.factorize` (with ``mpo_n == 5`` it gives the published MPOBERT
-        shapes, e.g. 768 -> (4, 4, 4, 4, 3), 3072 -> (4, 4, 8, 6, 4)).
-    max_bond : int, optional
-        Bond truncation of every MPO (``None`` = exact, full rank, as the paper).
-    mpo_matrices : tuple of str
-        Which of :data:`MATRICES` are MPO-factorized (central shared, auxiliaries per layer). The
-        others stay dense and are shared by all layers of a group, as in ALBERT.
-    num_groups : int
-        ``1`` = MPOBERT (one central per matrix for all layers); ``G > 1`` = MPOBERT+ (one central
-        per group of ``L / G`` consecutive layers).
-    adapter_rank : int
-        Rank ``r`` of the per-layer adapter ``U(l) D(l)`` (``0`` = none).
-    adapter_init_std : float
-        ``σ`` of ``D ~ N(0, σ²)`` (``U`` starts at zero).
-    adapter_matrices : tuple of str
-        Which matrices carry adapters. Default: the four attention matrices, the choice whose
-        count reproduces the paper's adapter ablation (see ``tests/test_mpobert_model.py``).
-    num_labels : int
-        Outputs of the sequence-classification head (``1`` = regression).
-    classifier_dropout : float
-        Dropout before the classification / SOP heads.
-    depth_scaling_after : int
-        Layers with 1-based index above this get depth-scaled auxiliaries (paper: ALBERT provides
-        24 layers' worth of initialization).
-    share_biases_norms : bool
-        ``True`` (the paper): the biases and LayerNorms are shared by a group's layers with the
-        central cores; ``False``: every layer has its own (``L x`` (6 biases + 2 LayerNorms), e.g.
-        30k parameters at L=6, H=384), which a conversion from BERT then copies exactly.
-    depth_scaling : {"algorithm1", "random"}
-        How those layers' auxiliary cores start when converting a checkpoint: ``"algorithm1"``
-        (the paper's appendix A.2): the source's own auxiliaries, each core multiplied by
-        ``(2L)^(-1/4)``; ``"random"`` (§3.3's text): Xavier cores times ``(2L)^(-1/4)``. A model
-        from scratch has no source: Xavier times ``(2L)^(-1/4)`` either way.
-
-    transformers' names are accepted as aliases (:data:`ALIASES`: ``num_hidden_layers``,
-    ``num_attention_heads``, ``hidden_dropout_prob``, ``attention_probs_dropout_prob``,
-    ``classifier_dropout_prob``), as constructor keywords, in :meth:`from_dict` and as attributes.
-    """
+class _ConfigFields:
+    """The fields, checks and methods of :class:`MPOBertConfig` (whose constructor also takes transformers' names)."""
 
     vocab_size: int = 30000
     embedding_size: int = 128
@@ -302,13 +245,67 @@ def resolve_aliases(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_dataclass_init = MPOBertConfig.__init__
+class MPOBertConfig(_ConfigFields):
+    """Configuration of an MPOBERT model.
 
+    Parameters
+    ----------
+    vocab_size, embedding_size, hidden_size, num_layers, num_heads, intermediate_size : int
+        Vocabulary size ``V``; ALBERT's factorized embedding size ``E`` (``V x E`` table, then an
+        ``E -> H`` projection); hidden size ``H``; layers ``L``; attention heads ``A`` (``H % A == 0``);
+        feed-forward size.
+    hidden_act : {"gelu", "gelu_new"}
+        Exact erf GELU (BERT) or the tanh approximation (ALBERT's ``gelu_new``).
+    hidden_dropout, attention_dropout : float
+        Dropout on sublayer outputs / embeddings, and on attention probabilities.
+    max_position_embeddings, type_vocab_size, pad_token_id : int
+    layer_norm_eps : float
+    initializer_range : float
+        Std of the embedding (and head) initialization.
+    mpo_n : int
+        Number of MPO cores per matrix (odd, so that a central core exists; MPOBERT uses 5).
+    mpo_shapes : dict, optional
+        ``{dim: shape}`` overrides of the mode factorization of a dimension; otherwise
+        :func:`mpo_core.shapes.factorize` (with ``mpo_n == 5`` it gives the published MPOBERT
+        shapes, e.g. 768 -> (4, 4, 4, 4, 3), 3072 -> (4, 4, 8, 6, 4)).
+    max_bond : int, optional
+        Bond truncation of every MPO (``None`` = exact, full rank, as the paper).
+    mpo_matrices : tuple of str
+        Which of :data:`MATRICES` are MPO-factorized (central shared, auxiliaries per layer). The
+        others stay dense and are shared by all layers of a group, as in ALBERT.
+    num_groups : int
+        ``1`` = MPOBERT (one central per matrix for all layers); ``G > 1`` = MPOBERT+ (one central
+        per group of ``L / G`` consecutive layers).
+    adapter_rank : int
+        Rank ``r`` of the per-layer adapter ``U(l) D(l)`` (``0`` = none).
+    adapter_init_std : float
+        ``σ`` of ``D ~ N(0, σ²)`` (``U`` starts at zero).
+    adapter_matrices : tuple of str
+        Which matrices carry adapters. Default: the four attention matrices, the choice whose
+        count reproduces the paper's adapter ablation (see ``tests/test_mpobert_model.py``).
+    num_labels : int
+        Outputs of the sequence-classification head (``1`` = regression).
+    classifier_dropout : float
+        Dropout before the classification / SOP heads.
+    depth_scaling_after : int
+        Layers with 1-based index above this get depth-scaled auxiliaries (paper: ALBERT provides
+        24 layers' worth of initialization).
+    share_biases_norms : bool
+        ``True`` (the paper): the biases and LayerNorms are shared by a group's layers with the
+        central cores; ``False``: every layer has its own (``L x`` (6 biases + 2 LayerNorms), e.g.
+        30k parameters at L=6, H=384), which a conversion from BERT then copies exactly.
+    depth_scaling : {"algorithm1", "random"}
+        How those layers' auxiliary cores start when converting a checkpoint: ``"algorithm1"``
+        (the paper's appendix A.2): the source's own auxiliaries, each core multiplied by
+        ``(2L)^(-1/4)``; ``"random"`` (§3.3's text): Xavier cores times ``(2L)^(-1/4)``. A model
+        from scratch has no source: Xavier times ``(2L)^(-1/4)`` either way.
 
-def _init_accepting_aliases(self: MPOBertConfig, *args: Any, **kwargs: Any) -> None:
-    _dataclass_init(self, *args, **resolve_aliases(kwargs))
+    transformers' names are accepted as aliases (:data:`ALIASES`: ``num_hidden_layers``,
+    ``num_attention_heads``, ``hidden_dropout_prob``, ``attention_probs_dropout_prob``,
+    ``classifier_dropout_prob``), as constructor keywords, in :meth:`from_dict` and as attributes.
+    """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **resolve_aliases(kwargs))
 
-_init_accepting_aliases.__signature__ = inspect.signature(_dataclass_init)  # type: ignore[attr-defined]
-_init_accepting_aliases.__doc__ = _dataclass_init.__doc__
-MPOBertConfig.__init__ = _init_accepting_aliases  # type: ignore[method-assign]
+    __init__.__signature__ = inspect.signature(_ConfigFields.__init__)  # type: ignore[attr-defined]
