@@ -31,7 +31,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, MaskedLMOu
 
 from mpobert.config import ALIASES, MPOBertConfig
 from mpobert.heads import IGNORE_INDEX, MPOBertForPreTraining
-from mpobert.model import MPOBertModel, MPOBertPreTrainedModel
+from mpobert.model import MPOBertModel, MPOBertPreTrainedModel, dedup_state
 
 __all__ = ["MODEL_TYPE", "MPOBertHFConfig", "MPOBertHFModel", "MPOBertHFForMaskedLM", "register"]
 
@@ -95,18 +95,6 @@ class MPOBertHFConfig(PretrainedConfig):
         return cls(**config.to_dict(), **kwargs)
 
 
-def _shared_aliases(module: nn.Module, prefix: str) -> dict[str, str]:
-    """``{alias parameter name: first name}`` for parameters registered under several names."""
-    first: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            aliases[prefix + name] = prefix + first[id(p)]
-        else:
-            first[id(p)] = name
-    return aliases
-
-
 class MPOBertHFPreTrainedModel(PreTrainedModel):
     """Common base: config class, weight-init hook, the shared centrals declared as tied weights."""
 
@@ -121,7 +109,7 @@ class MPOBertHFPreTrainedModel(PreTrainedModel):
             raise TypeError(f"native must be a {self._native_class.__name__}, got {type(native).__name__}")
         self._attach(native)
         # every layer's MPOLinear registers its group's central core again: tie those names to the group's
-        self._tied_weights_keys = {re.escape(k): re.escape(v) for k, v in _shared_aliases(self, "").items()}
+        self._tied_weights_keys = {re.escape(k): re.escape(v) for k, v in dedup_state(self, with_values=False)[1].items()}
         self.post_init()
 
     def _attach(self, native: MPOBertPreTrainedModel) -> None:

@@ -26,7 +26,7 @@ from mpobert.init import init_model
 from mpobert.layers import MPOBertEmbeddings, MPOBertEncoder, attention_bool_mask
 from mpobert.params import ParameterReport, parameter_report
 
-__all__ = ["ModelOutput", "MPOBertModelOutput", "MPOBertPreTrainedModel", "MPOBertModel", "count_parameters", "CONFIG_NAME",
+__all__ = ["ModelOutput", "MPOBertModelOutput", "MPOBertPreTrainedModel", "MPOBertModel", "count_parameters", "dedup_state", "CONFIG_NAME",
            "WEIGHTS_NAME"]
 
 CONFIG_NAME = "config.json"
@@ -113,7 +113,7 @@ class MPOBertPreTrainedModel(nn.Module):
         """
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
-        tensors, aliases = _dedup_state(self)
+        tensors, aliases = dedup_state(self)
         payload = {"format": _FORMAT, "version": _VERSION, "class": type(self).__name__,
                    "tensors": tensors, "aliases": aliases}
         buf = io.BytesIO()
@@ -164,7 +164,7 @@ class MPOBertPreTrainedModel(nn.Module):
             full = {prefix + k[len(ckpt_prefix):]: v for k, v in full.items() if k.startswith(ckpt_prefix)}
             aliases = {prefix + k[len(ckpt_prefix):]: prefix + v[len(ckpt_prefix):]
                        for k, v in aliases.items() if k.startswith(ckpt_prefix)}
-        _, own_aliases = _dedup_state(self, with_values=False)
+        _, own_aliases = dedup_state(self, with_values=False)
         own = self.state_dict()
         if strict:
             required = set(own)
@@ -200,8 +200,9 @@ class MPOBertPreTrainedModel(nn.Module):
         return from_bert(cls, path, central_from=central_from, **overrides)
 
 
-def _dedup_state(model: nn.Module, with_values: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``state_dict`` with each shared tensor once, and ``{alias name: stored name}`` for the rest."""
+def dedup_state(model: nn.Module, with_values: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``state_dict`` with each shared tensor once, and ``{alias name: stored name}`` for the rest (the one
+    alias map of shared tensors: checkpoints here, transformers' tied-weight keys in :mod:`mpobert.hf`)."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first: dict[int, str] = {}
