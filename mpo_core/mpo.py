@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from mpo_core.io import atomic_torch_save
+from mpo_core.io import atomic_torch_save, check_format, read_torch_file
 from mpo_core.rebuild import dense_matrix
 from mpo_core.shapes import BondSpec, bond_limits
 from mpo_core.truncation import split_threshold, truncated_svd_split
@@ -251,10 +251,7 @@ class MPO:
     @classmethod
     def from_state(cls, state: dict[str, Any], map_location: str | torch.device | None = None) -> "MPO":
         """Rebuild an MPO from :meth:`state`; a malformed state raises ``ValueError``."""
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError("not an mpo_core.MPO state (missing or wrong 'format' field)")
-        if state.get("version") != _VERSION:
-            raise ValueError(f"unsupported MPO state version {state.get('version')!r}; this mpo_core reads {_VERSION}")
+        check_format(state, _FORMAT, _VERSION, "an mpo_core.MPO state")
         missing = {"cores", "in_shape", "out_shape", "error_bound"} - state.keys()
         if missing:
             raise ValueError(f"MPO state is missing fields {sorted(missing)}")
@@ -279,13 +276,7 @@ class MPO:
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device | None = None) -> "MPO":
         """Read an MPO written by :meth:`save`; a corrupt or foreign file raises ``ValueError``."""
-        try:
-            state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as exc:  # torch raises several unrelated types for a corrupt file
-            raise ValueError(f"cannot read an MPO from {os.fspath(path)!r}: {exc}") from exc
-        return cls.from_state(state, map_location=map_location)
+        return cls.from_state(read_torch_file(path, "an MPO"), map_location=map_location)
 
     def __repr__(self) -> str:
         rows, cols = self.shape

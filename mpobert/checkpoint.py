@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpo_core.io import atomic_torch_save
+from mpo_core.io import atomic_torch_save, check_format, read_torch_file
 
 FORMAT = "mpobert.train_checkpoint"
 VERSION = 1
@@ -91,14 +91,8 @@ def load_checkpoint(path: str | os.PathLike, fingerprint: dict[str, Any] | None 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... on corrupt files
-        raise ValueError(f"checkpoint {str(path)!r} is corrupt or unreadable: {exc}") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{str(path)!r} is not an MPOBERT training checkpoint (format {FORMAT!r} expected)")
-    if ckpt.get("version") != VERSION:
-        raise ValueError(f"checkpoint {str(path)!r} has version {ckpt.get('version')!r}; this code reads {VERSION}")
+    ckpt = check_format(read_torch_file(path, "a training checkpoint"), FORMAT, VERSION,
+                        "an MPOBERT training checkpoint", str(path))
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} lacks {missing}")

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from mpo_core.io import atomic_write
+from mpo_core.io import atomic_write, check_format, read_torch_file
 from mpobert.config import MPOBertConfig
 from mpobert.convert import from_albert, from_bert
 from mpobert.init import init_model
@@ -132,16 +132,8 @@ class MPOBertPreTrainedModel(nn.Module):
         directory = os.fspath(directory)
         config = MPOBertConfig.load(os.path.join(directory, CONFIG_NAME))
         path = os.path.join(directory, WEIGHTS_NAME)
-        try:
-            payload = torch.load(path, map_location=map_location, weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as exc:  # torch raises several types for a corrupt file
-            raise ValueError(f"cannot read MPOBERT weights from {path!r}: {exc}") from exc
-        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-            raise ValueError(f"{path!r} is not an MPOBERT weights file (missing or wrong 'format')")
-        if payload.get("version") != _VERSION:
-            raise ValueError(f"unsupported MPOBERT weights version {payload.get('version')!r}; expected {_VERSION}")
+        payload = check_format(read_torch_file(path, "MPOBERT weights", map_location), _FORMAT, _VERSION,
+                               "an MPOBERT weights file", path)
         model = cls(config)
         model.load_weights(payload["tensors"], payload["aliases"], strict=strict)
         return model
