@@ -167,7 +167,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 INSTALL_LINES = {
     "triton": "pip install triton (the version your torch wheel pins: pip show torch lists it)",
-    "cuda": "put a CUDA toolkit's nvcc on PATH (or set CUDA_HOME) and rebuild: pip install -e . (README: On a GPU)",
+    "cuda": "put a CUDA toolkit's nvcc on PATH (or set CUDA_HOME) and rebuild: pip install -e . "
+            "(README: Install without the set-up scripts)",
 }
 """What to run when a backend a GPU of compute capability >= 8.0 must have is missing."""
 KERNEL_MIN_CAPABILITY = (8, 0)
