@@ -293,3 +293,29 @@ def test_layer_structure_is_its_mpo():
     assert layer.mpo.central is shared and MPOLinear(64, 48, n=3).mpo.error_bound == 0.0
     with pytest.raises(TypeError, match="mpo must be an MPO"):
         MPOLinear.from_mpo(list(mpo.cores))
+
+
+def test_one_route_decision_and_explain_shows_it():
+    """The forward's choice (step W, cached W, or the plan) is contract.route's, and explain(x, layer) shows it."""
+    from mpo_core.accumulate import weight_cache
+    from mpo_core.contract import choose_route, explain
+
+    # under no_grad: a small layer takes the cached W; a wide low-rank one the sequential plan (cheaper than a GEMM)
+    for layer, expected in ((MPOLinear(96, 128, n=3, max_bond=4), "cached W"), (MPOLinear(768, 3072, n=5, max_bond=4), "planned")):
+        for tokens in (1, 8):
+            x = torch.randn(tokens, layer.in_features)
+            with torch.no_grad():
+                shown = explain(x, layer)
+                assert shown.route == choose_route(x, layer) == expected and shown.plan is not None
+                layer(x)
+                assert (layer._cached is not None) == (expected == "cached W")
+                assert str(shown).startswith(f"route: {'cached W' if expected == 'cached W' else shown.plan.chosen.label}")
+            planned = explain(x, layer)  # cores require grad: never the cached W
+            assert planned.route == "planned" and planned.strategy == planned.plan.strategy
+    with torch.no_grad():
+        assert explain(8, layer).gemm_seconds > 0
+    with weight_cache(layer):
+        route = explain(torch.randn(2, 768), layer)
+        assert (route.route, route.plan, route.strategy) == ("step W", None, "step W") and "step W" in str(route)
+    with pytest.raises(ValueError, match="layer's own bias and strategy"):
+        explain(torch.randn(2, 768), layer, strategy="dense")

@@ -16,87 +16,29 @@ Strategies
     :func:`explain`); the plan is cached per (shapes, ranks, power-of-two token bucket, device
     type, dtype).
 
+An MPO layer decides each call between a step ``W``, a cached ``W`` and this plan in one place,
+:mod:`mpo_core.contract.route`; ``explain(x, layer)`` shows that decision.
+
 All reshapes are C (row-major) order: ``x[..., ravel((i1..in), in_shape)]``.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from typing import Sequence
 
 import torch
 
-from mpo_core.activation import apply_activation, check_activation
+from mpo_core.activation import apply_activation
 from mpo_core.contract import fused
-from mpo_core.contract.plan import STRATEGIES, Candidate, Plan, make_plan, token_bucket
-from mpo_core.contract.sequential import check_order, named_orders, run_sequential
-from mpo_core.mpo import MPO, validate_cores, validate_linear_inputs
+from mpo_core.contract.plan import STRATEGIES, Candidate, Plan, make_plan
+from mpo_core.contract.resolve import OrderSpec, check_strategy, cores_of, resolve
+from mpo_core.contract.route import ROUTES, Route, choose_route, explain_route
+from mpo_core.contract.sequential import run_sequential
+from mpo_core.mpo import MPO
 from mpo_core.rebuild import dense_matrix
 
-__all__ = ["STRATEGIES", "Candidate", "Plan", "check_strategy", "clear_plan_cache", "contract", "dense_weight", "explain"]
-
-OrderSpec = Union[str, Sequence[int], None]
-
-
-def check_strategy(strategy: object) -> str:
-    """Return ``strategy`` if it is one of :data:`STRATEGIES`, else raise ``ValueError`` naming them."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    return strategy
-
-
-def _cores_of(mpo_or_cores: MPO | Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    cores = mpo_or_cores.cores if isinstance(mpo_or_cores, MPO) else mpo_or_cores
-    if isinstance(cores, torch.Tensor) or not isinstance(cores, (Sequence, torch.nn.ParameterList)) or len(cores) == 0:
-        raise TypeError(f"mpo_or_cores must be an MPO or a non-empty list of 4-D tensors, got {type(mpo_or_cores).__name__}")
-    return validate_cores(cores)
-
-
-def _compute_dtype(tensor_dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, bool]:
-    """The dtype the matmuls run in, and whether autocast is on for ``device``."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type), True
-    return tensor_dtype, False
-
-
-def _resolve(
-    x: torch.Tensor | int, mpo_or_cores, bias, strategy: str, activation, order: OrderSpec
-) -> tuple[list[torch.Tensor], Plan]:
-    cores = _cores_of(mpo_or_cores)
-    in_shape = tuple(c.shape[1] for c in cores)
-    out_shape = tuple(c.shape[2] for c in cores)
-    ranks = tuple(c.shape[0] for c in cores) + (1,)
-    check_strategy(strategy)
-    check_activation(activation)
-    device = cores[0].device
-    if isinstance(x, torch.Tensor):
-        dtype, autocast = _compute_dtype(x.dtype, device)
-        validate_linear_inputs(x, cores, bias, mixed_dtypes=autocast)
-        tokens = x.numel() // math.prod(in_shape)
-    elif isinstance(x, int) and not isinstance(x, bool) and x >= 0:
-        tokens = x
-        dtype, autocast = _compute_dtype(cores[0].dtype, device)
-        if bias is not None:
-            validate_linear_inputs(torch.empty(0, math.prod(in_shape), dtype=cores[0].dtype, device=device), cores,
-                                   bias, mixed_dtypes=autocast)
-    else:
-        raise TypeError(f"x must be a tensor or a token count (int >= 0), got {x!r}")
-    if order is not None:
-        if strategy != "sequential":
-            raise ValueError(f"order applies to strategy='sequential' only, got strategy={strategy!r}")
-        if isinstance(order, str):
-            names = named_orders(len(cores))
-            if order not in names:
-                raise ValueError(f"order must be one of {sorted(names)} or a sequence of core indices, got {order!r}")
-            order = names[order]
-        else:
-            order = check_order(order, len(cores))
-    if strategy == "fused" and len(cores) < 2:
-        raise ValueError(f"strategy='fused' needs at least 2 cores, got {len(cores)}")
-    fused_ok = strategy == "auto" and len(cores) >= 2 and fused.fused_available(device, dtype)
-    plan = make_plan(in_shape, out_shape, ranks, token_bucket(tokens), device.type, dtype, strategy, order,
-                     bias is not None, activation, fused_ok)
-    return cores, plan
-
+__all__ = ["ROUTES", "STRATEGIES", "Candidate", "Plan", "Route", "check_strategy", "choose_route", "clear_plan_cache",
+           "contract", "dense_weight", "explain", "explain_route"]
 
 def contract(
     x: torch.Tensor,
@@ -138,7 +80,7 @@ def contract(
     mpo_core.ops.BackendUnavailableError
         ``strategy="fused"`` where the fused op cannot run (a ``RuntimeError``; the message says why).
     """
-    cores, plan = _resolve(x, mpo_or_cores, bias, strategy, activation, order)
+    cores, plan = resolve(x, mpo_or_cores, bias, strategy, activation, order)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     chosen = plan.chosen
@@ -170,14 +112,20 @@ def explain(
     """The (cached) :class:`Plan` that :func:`contract` would use; ``print`` it for a table.
 
     ``x`` may be the input tensor or just a token count (dtype and device then come from the cores).
-    The same arguments return the *same* plan object (cache hit).
+    The same arguments return the *same* plan object (cache hit). Given an MPO layer
+    (:class:`~mpo_core.nn.MPOLinear`, alone), the :class:`Route` its forward would take: step ``W``,
+    cached ``W`` or the plan (:mod:`mpo_core.contract.route`).
     """
-    return _resolve(x, mpo_or_cores, bias, strategy, activation, order)[1]
+    if isinstance(mpo_or_cores, torch.nn.Module) and callable(getattr(mpo_or_cores, "explain", None)):
+        if (bias, strategy, activation, order) != (None, "auto", None, None):
+            raise ValueError("explain(x, layer) takes the layer's own bias and strategy: pass no other argument")
+        return mpo_or_cores.explain(x)
+    return resolve(x, mpo_or_cores, bias, strategy, activation, order)[1]
 
 
 def dense_weight(mpo_or_cores: MPO | Sequence[torch.Tensor]) -> torch.Tensor:
     """The dense ``(prod(in_shape), prod(out_shape))`` matrix (C order), merged in the cheapest order; differentiable."""
-    return dense_matrix(_cores_of(mpo_or_cores))
+    return dense_matrix(cores_of(mpo_or_cores))
 
 
 def clear_plan_cache() -> None:

@@ -14,9 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpo_core.contract import check_strategy, contract, dense_weight, explain
-from mpo_core.contract.plan import token_bucket
-from mpo_core.cost import device_model, gemm_cost
+from mpo_core.contract import Route, check_strategy, choose_route, contract, dense_weight, explain_route
 from mpo_core.decompose import decompose
 from mpo_core.mpo import MPO, validate_cores
 from mpo_core.nn.dense import is_linear, linear_weight
@@ -97,7 +95,7 @@ class MPOLinear(nn.Module):
         self.origin = "linear"
         self._cached: tuple[tuple, torch.Tensor] | None = None
         self.step_weight: torch.Tensor | None = None
-        self._gemm_choice: dict[tuple, bool] = {}
+        self.route_memo: dict[tuple, bool] = {}  # gemm-vs-plan answers of mpo_core.contract.route
         self._mpo_view: tuple[tuple, MPO] | None = None
         self.reset_parameters()
 
@@ -268,12 +266,6 @@ class MPOLinear(nn.Module):
         return linear
 
     # ------------------------------------------------------------------ forward
-    def _needs_grad(self, x: torch.Tensor) -> bool:
-        return torch.is_grad_enabled() and (
-            x.requires_grad or any(c.requires_grad for c in self.cores)
-            or (self.bias is not None and self.bias.requires_grad)
-        )
-
     def _cached_weight(self) -> torch.Tensor:
         # ParameterList's own iteration costs ~7 us (an attribute lookup per index): read its dict.
         # A new dtype or device means new storage, so the pointer and version identify the values.
@@ -288,32 +280,19 @@ class MPOLinear(nn.Module):
         layout (the ``(in, out)`` layout measured up to 1.27x slower at 1-8 tokens on CPU)."""
         return F.linear(x, w, self.bias)
 
-    def _gemm_beats_plan(self, x: torch.Tensor) -> bool:
-        """With ``W`` cached, a GEMM is modelled at least as fast as the planned strategy.
-
-        Decided once per token bucket, dtype, device type, autocast state and device model
-        (the planner's checks cost more than a small GEMM)."""
-        dev = x.device.type
-        key = (token_bucket(x.numel() // self.in_features), x.dtype, dev, torch.is_autocast_enabled(dev), device_model(dev))
-        choice = self._gemm_choice.get(key)
-        if choice is None:
-            choice = self._gemm_choice[key] = self._model_gemm_beats_plan(x)
-        return choice
-
-    def _model_gemm_beats_plan(self, x: torch.Tensor) -> bool:
-        plan = explain(x, list(self.cores), self.bias, strategy=self.strategy)
-        if plan.strategy == "dense":
-            return True
-        gemm = gemm_cost(plan.tokens, self.in_features, self.out_features, plan.dtype.itemsize)
-        return plan.strategy == "sequential" and device_model(plan.device_type).op_seconds(gemm.flops_tensor, gemm.bytes, plan.dtype) <= plan.chosen.seconds
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.step_weight is not None:  # inside mpo_core.accumulate.weight_cache
+        route = choose_route(x, self)
+        if route == "step W":  # inside mpo_core.accumulate.weight_cache
             return self._gemm(x, self.step_weight)
-        if self.cache_weight and self.strategy in ("auto", "dense") and not self._needs_grad(x) and self._gemm_beats_plan(x):
+        if route == "cached W":
             return self._gemm(x, self._cached_weight())
         self._cached = None
         return contract(x, list(self.cores), self.bias, strategy=self.strategy)
+
+    def explain(self, x: torch.Tensor | int) -> Route:
+        """How :meth:`forward` would compute ``x``'s output (a tensor, or a token count under the current
+        grad mode): step ``W``, cached ``W`` or the plan, with the plan behind it; ``print`` it."""
+        return explain_route(x, self)
 
     def extra_repr(self) -> str:
         return (
