@@ -102,9 +102,9 @@ def _fwd_bwd_times(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], 
     return statistics.median(times["fwd"]), statistics.median(times["bwd"])
 
 
-def copy_bandwidth(device: str) -> float:
-    """Measured device-to-device copy bandwidth (bytes read + written per second)."""
-    src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+def copy_bandwidth(device: str, nbytes: int = 256 * 2**20) -> float:
+    """Measured device-to-device copy bandwidth (bytes read + written per second) of an ``nbytes`` copy."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     return 2 * src.numel() / statistics.median(time_calls({"copy": lambda: dst.copy_(src)}, device)["copy"])
 
@@ -148,15 +148,20 @@ def measured_table(candidates: dict[str, Callable[[str], Callable[..., torch.Ten
     return rows
 
 
-def gpu_candidates(op_list) -> dict[str, Callable[[str], Callable[..., torch.Tensor]]]:
-    cands: dict[str, Callable[[str], Callable[..., torch.Tensor]]] = {
-        "torch_eager": _eager,
-        "torch_compile": lambda op: torch.compile(_eager(op)),
-        "ours(default)": lambda op: _ours(op, None),
-        "ours(triton)": lambda op: _ours(op, "triton"),
-    }
-    if backends()["cuda"]:
-        cands["ours(cuda)"] = lambda op: _ours(op, "cuda")
+def gpu_candidates(op_list, device: str = "cuda", dtype: torch.dtype = torch.bfloat16
+                   ) -> dict[str, Callable[[str], Callable[..., torch.Tensor]]]:
+    """The GPU run's contenders: torch eager and ``torch.compile``, ours by default and per backend that
+    runs ``op_list`` on ``device`` in ``dtype`` (on a CPU: the same flow, without ``torch.compile``,
+    whose C++ code generation takes minutes there)."""
+    from mpo_core.ops.dispatch import why_unavailable
+
+    cands: dict[str, Callable[[str], Callable[..., torch.Tensor]]] = {"torch_eager": _eager}
+    if torch.device(device).type == "cuda":
+        cands["torch_compile"] = lambda op: torch.compile(_eager(op))
+    cands["ours(default)"] = lambda op: _ours(op, None)
+    for backend in ("triton", "cuda"):
+        if all(why_unavailable(op, backend, torch.device(device), dtype) is None for op in op_list):
+            cands[f"ours({backend})"] = lambda op, b=backend: _ours(op, b)
     return cands
 
 
@@ -167,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     size.add_argument("--tiny", action="store_true", help="one small shape, few repeats (smoke test; seconds on CPU)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--json", default="results/fused_ops.json", help="where to write the JSON report")
+    parser.add_argument("--gpu-flow-on-cpu", action="store_true",
+                        help="run the GPU measurement on the CPU (CI: every line of it runs without a GPU)")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     repeat = 3 if args.tiny else 15
@@ -181,12 +188,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(gpu.format_rows(model, ("tokens",) + gpu.FUSED_OP_COLUMNS))
     report["model"] = model
 
-    if torch.cuda.is_available():
-        info = device_info("cuda")
-        copy_bw = copy_bandwidth("cuda")
-        print(f"\nMEASURED on {info['device']} (sm_clock_MHz {info['sm_clock_MHz']}): device-to-device copy "
-              f"{copy_bw / 1e9:.0f} GB/s; model = roofline of {getattr(model_gpu('cuda'), 'name', 'no modelled GPU')}")
-        rows = measured_table(gpu_candidates(OPS), OPS, shapes(args.quick, args.tiny), dtype, "cuda", copy_bw, repeat)
+    if torch.cuda.is_available() or args.gpu_flow_on_cpu:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        info = device_info(device)
+        copy_bw = copy_bandwidth(device, 256 * 2**20 if device == "cuda" else 2**20)
+        print(f"\nMEASURED on {info['device']} (sm_clock_MHz {info.get('sm_clock_MHz', 'n/a')}): copy "
+              f"{copy_bw / 1e9:.1f} GB/s; model = roofline of {getattr(model_gpu(device), 'name', 'no modelled GPU')}")
+        rows = measured_table(gpu_candidates(OPS, device, dtype), OPS, shapes(args.quick, args.tiny), dtype, device,
+                              copy_bw, repeat)
         report.update(device=info["device"], device_info=info, copy_GBps=copy_bw / 1e9, measured=rows)
     elif backends()["cpp"]:
         info = device_info("cpu")

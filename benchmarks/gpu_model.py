@@ -89,20 +89,21 @@ def step_rows(dropout: bool) -> tuple[list[dict], dict]:
     return rows, saved
 
 
-def measured_fused_ops(model_rows: list[dict], dtype: torch.dtype) -> list[dict]:
+def measured_fused_ops(model_rows: list[dict], dtype: torch.dtype, on: str = "cuda") -> list[dict]:
     """On a GPU: time ours and torch eager (the one timer of benchmarks/_common.py, interleaved) for
-    every row of the fused-op model table; beside it the model of this GPU when there is one."""
+    every row of the fused-op model table; beside it the model of this GPU when there is one
+    (``on="cpu"`` runs the same code on the CPU, without a model: CI)."""
     from fused_ops import _eager, _fwd_bwd_times, _inputs, _ours, model_gpu
 
-    device = model_gpu("cuda")
+    device = model_gpu(on)
     rows = []
     for row in model_rows:
         if row["dir"] != "fwd":
             continue
         op, m, n = row["op"], row["tokens"], row["hidden"]
-        inputs = _inputs(op, m, n, dtype, "cuda")
+        inputs = _inputs(op, m, n, dtype, on)
         for impl, make in (("fused", lambda: _ours(op, None)), ("torch", lambda: _eager(op))):
-            t_fwd, t_bwd = _fwd_bwd_times(make(), inputs, "cuda")
+            t_fwd, t_bwd = _fwd_bwd_times(make(), inputs, on)
             for direction, t in (("fwd", t_fwd), ("bwd", t_bwd)):
                 out = {"kind": "measured", "op": op, "dir": direction, "hidden": n, "impl": impl, "measured_us": t * 1e6}
                 if device is not None:

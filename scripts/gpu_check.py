@@ -74,10 +74,11 @@ def plan(device: str, out: Path, build: bool) -> list[Step]:
         contract += ["--tokens", "8", "--bonds", "16x", "--tntorch", "off", "--min-time", "0.001"]
     steps.append(Step("contract_throughput --quick", _bench("contract_throughput", *contract), 80,
                       out / "contract_throughput.json", no_interp))
-    steps.append(Step("fused_ops --quick", _bench("fused_ops", "--quick" if gpu else "--tiny", "--json",
-                                                  str(out / "fused_ops.json")), 50, out / "fused_ops.json", no_interp))
+    fused = ["--quick"] if gpu else ["--tiny", "--gpu-flow-on-cpu"]
+    steps.append(Step("fused_ops --quick", _bench("fused_ops", *fused, "--json", str(out / "fused_ops.json")), 50,
+                      out / "fused_ops.json", no_interp))
     pair = (["--presets", "mpobert12", "--pairs", "1x4096", "--repeats", "3", "--precision", "bf16"] if gpu else
-            ["--presets", "tiny", "--tokens", "64", "--seq", "32", "--k", "1", "--repeats", "1"])
+            ["--presets", "tiny", "--tokens", "64", "--seq", "32", "--k", "1", "--repeats", "1", "--precision", "bf16"])
     steps.append(Step("train_step quick pair", _bench("train_step", "--device", device, *pair, "--variants", "mpobert",
                                                       "bert", "--optimizers", "adamw", "--out",
                                                       str(out / "train_step.json")), 80, out / "train_step.json",
@@ -145,9 +146,8 @@ def decompose_step(device: str, shape: str, bond: int, out: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- the summary
-def op_rows(out: Path, gpu: str | None = None) -> list[dict]:
-    """Each op's measured time beside its model, from the JSON the steps wrote (missing files: none);
-    ``gpu`` names the modelled GPU this is (:func:`mpo_core.gpu.devices.model_of_device`), ``None`` if none."""
+def op_rows(out: Path) -> list[dict]:
+    """Each op's measured time beside its model, from the JSON the steps wrote (missing files: none)."""
     rows = []
 
     def load(name):
@@ -161,15 +161,10 @@ def op_rows(out: Path, gpu: str | None = None) -> list[dict]:
                          "measured_us": r["measured_us"], "model_us": r["model_us"], "model": "roofline",
                          "verdict": "pass" if r["ok"] else "FAIL"})
     fused = load("fused_ops.json")
-    if fused:
-        models = {(m["op"], m["dir"], m["tokens"], m["hidden"]): m for m in fused.get("model", [])}
-        for m in fused.get("measured", []):
-            if m.get("impl") == "torch_eager":
-                continue
-            model = models.get((m["op"], m["dir"], m["tokens"], m["hidden"]), {})
+    for m in (fused or {}).get("measured", []):
+        if m.get("impl", "").startswith("ours"):  # fused_ops puts this GPU's roofline beside each row it models
             rows.append({"source": "fused_ops", "op": f"{m['op']} {m['dir']} {m['tokens']}x{m['hidden']} {m['impl']}",
-                         "measured_us": m["us"], "model_us": model.get(f"us_fused_{gpu}") if gpu else None,
-                         "model": "roofline", "verdict": ""})
+                         "measured_us": m["us"], "model_us": m.get("model_us"), "model": "roofline", "verdict": ""})
     contract = load("contract_throughput.json")
     for r in (contract or {}).get("rows", []):
         if r["mode"] == "fwd" and "auto" in r.get("measured_ms", {}):  # the planner models the forward
@@ -202,8 +197,8 @@ def table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
-def summary(results: list[dict], out: Path, gpu: str | None = None) -> str:
-    ops = op_rows(out, gpu)
+def summary(results: list[dict], out: Path) -> str:
+    ops = op_rows(out)
     for r in ops:
         if r["model_us"]:
             r["measured/model"] = r["measured_us"] / r["model_us"]
@@ -254,10 +249,10 @@ def main(argv: list[str] | None = None) -> int:
 
     model = model_of_device(device)
     gpu = None if model is None else model.name
-    text = summary(results, out, gpu)
+    text = summary(results, out)
     print("\n" + text)
     (out / "summary.json").write_text(json.dumps({"device": where, "model": gpu, "steps": results,
-                                                  "ops": op_rows(out, gpu)}, indent=2,
+                                                  "ops": op_rows(out)}, indent=2,
                                                  default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
     print(f"\nwrote {out / 'summary.json'}")
     return 0 if all(r["status"] == "ok" for r in results) else 1

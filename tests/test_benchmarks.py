@@ -172,3 +172,19 @@ def test_time_calls_cuda_events():
     times = _common.time_calls({"mm": lambda: x @ x}, "cuda", repeat=5)["mm"]
     assert statistics.median(times) > 0
     assert "capability" in _common.device_info("cuda")
+
+
+# ----------------------------------------------------------------------------- the GPU flows, run on the CPU
+def test_fused_ops_gpu_flow_runs_on_cpu(tmp_path):
+    report = _load("fused_ops").main(["--tiny", "--gpu-flow-on-cpu", "--json", str(tmp_path / "f.json")])
+    impls = {r["impl"] for r in report["measured"]}
+    assert {"torch_eager", "ours(default)"} <= impls and "torch_compile" not in impls  # no inductor on CPU
+    assert report["copy_GBps"] > 0 and all(r["us"] > 0 and "model_us" not in r for r in report["measured"])
+
+
+def test_gpu_model_measurement_runs_on_cpu():
+    gm = _load("gpu_model")
+    rows = [r for r in gm.gpu.fused_op_rows(64, 4) if r["op"] == "layer_norm"]
+    measured = gm.measured_fused_ops(rows, torch.float32, on="cpu")
+    assert {(r["impl"], r["dir"]) for r in measured} == {(i, d) for i in ("fused", "torch") for d in ("fwd", "bwd")}
+    assert all(r["measured_us"] > 0 and "model_us" not in r for r in measured)  # a CPU has no roofline
