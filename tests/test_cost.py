@@ -132,3 +132,17 @@ def test_batched_gemm_cost_is_batch_products_in_one_op():
     assert (three.flops_tensor, three.bytes_read, three.bytes_written) == (3 * one.flops_tensor, 3 * one.bytes_read,
                                                                         3 * one.bytes_written)
     assert three.launches == one.launches == 1
+
+
+def test_pricing_the_fused_path_needs_no_triton():
+    """cost/ reads the kernel's tile rule from kernels.tiles, which imports no Triton (same padding as triton's helpers)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mpo_core.cost import mpo_linear_cost; "
+            "mpo_linear_cost(64, (4, 4, 4, 4, 3), (4, 4, 8, 6, 4), [1, 16, 64, 64, 16, 1], 2); "
+            "assert 'triton' not in sys.modules")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+    triton = pytest.importorskip("triton")
+    from mpo_core.kernels.tiles import next_power_of_2
+    assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(0, 3000))

@@ -1,10 +1,10 @@
 """Cost of the fused Triton MPO linear (:mod:`mpo_core.kernels.mpo_matmul`) and which end core it keeps on chip.
 
 The op cuts the MPO at its first or last bond ``D``: one end core is the small factor each
-program keeps on chip (padded by :func:`~mpo_core.kernels.mpo_matmul.padded_small_shape`),
+program keeps on chip (padded by :func:`~mpo_core.kernels.tiles.padded_small_shape`),
 torch pre-contracts the other ``n - 1`` cores into the big factor, and the kernel rebuilds
-each ``W`` tile on chip with a small tensor-core GEMM. Requires Triton to be importable
-(the kernel module defines the padding). Every figure is a model, not a measurement.
+each ``W`` tile on chip with a small tensor-core GEMM. The padding rule is the kernel's own
+(:mod:`mpo_core.kernels.tiles`, no Triton needed). Every figure is a model, not a measurement.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Sequence
 from mpo_core.activation import check_activation
 from mpo_core.cost.chain import chain_cost, core_shapes
 from mpo_core.cost.model import Cost
+from mpo_core.kernels.tiles import padded_small_shape
 from mpo_core.shapes import bond_list, check_int, core_params
 
 __all__ = ["MODEL_BLOCK_M", "choose_split", "epilogue_flops", "fused_linear_cost", "kernel_flops", "mpo_linear_cost"]
@@ -41,8 +42,6 @@ def choose_split(in_shape: Sequence[int], out_shape: Sequence[int], ranks: Seque
     bool or None
         ``small_left``; ``None`` when neither end core fits the kernel.
     """
-    from mpo_core.kernels.mpo_matmul import padded_small_shape
-
     n = len(in_shape)
     best = None
     for small_left, end, d in ((False, n - 1, ranks[n - 1]), (True, 0, ranks[1])):
@@ -137,8 +136,6 @@ def mpo_linear_cost(
     factors; ``dW = x^T @ g`` (a GEMM), then ``dleft``/``dright`` (``2*D*K*N`` FLOPs each);
     core gradients by autograd through the pre-contraction (twice its forward).
     """
-    from mpo_core.kernels.mpo_matmul import padded_small_shape
-
     ranks = _check_cost_args(tokens, in_shape, out_shape, ranks, dtype_bytes)
     check_activation(activation)
     m, b = tokens, dtype_bytes

@@ -50,6 +50,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from mpo_core.kernels.tiles import MAX_BOND, MAX_SMALL_BLOCK, padded_small_shape  # noqa: F401 (re-exported)
+
 #: Activation names accepted by :func:`mpo_matmul` and their kernel codes.
 ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2}
 
@@ -209,23 +211,8 @@ def forced_config(config: triton.Config) -> Iterator[None]:
 INTERPRETED: bool = isinstance(_mpo_matmul_kernel, InterpretedFunction)
 # The interpreter runs programs one after another: one fixed, small tiling.
 _INTERPRETER_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
-#: Largest padded on-chip block ``IP*JP`` and padded bond ``DP`` the kernel takes.
-MAX_SMALL_BLOCK = 64
-MAX_BOND = 64
-
-
-def padded_small_shape(d: int, i: int, j: int) -> tuple[int, int, int] | None:
-    """Padded ``(DP, IP, JP)`` the kernel uses for the on-chip factor ``(d, i, j)``, or ``None`` if unsupported.
-
-    ``IP``/``JP`` are powers of two (``IP*JP >= 16`` for ``tl.dot``), ``DP >= 16``;
-    supported when ``IP*JP <= MAX_SMALL_BLOCK``, ``IP, JP <= 32`` and ``DP <= MAX_BOND``.
-    """
-    ip = triton.next_power_of_2(i)
-    jp = max(triton.next_power_of_2(j), triton.cdiv(16, ip))
-    dp = max(16, triton.next_power_of_2(d))
-    if ip * jp > MAX_SMALL_BLOCK or ip > 32 or jp > 32 or dp > MAX_BOND:
-        return None
-    return dp, ip, jp
+# The on-chip tile rule (MAX_SMALL_BLOCK, MAX_BOND, padded_small_shape) lives in mpo_core.kernels.tiles,
+# where the cost model reads it without Triton; imported above.
 
 
 def launch_constexprs(dtype: torch.dtype, has_bias: bool, activation: str, store_pre: bool, small_left: bool,
