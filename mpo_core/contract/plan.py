@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 
 from mpo_core.contract.sequential import all_orders, named_orders, plan_sequential
-from mpo_core.cost import device_model, gemm_cost, mpo_linear_cost
+from mpo_core.cost import Cost, device_model, epilogue_cost, gemm_cost, mpo_linear_cost
 from mpo_core.rebuild import MergeTree, plan_merge
 
 __all__ = ["Candidate", "Plan", "STRATEGIES", "make_plan", "token_bucket"]
@@ -117,31 +117,29 @@ def make_plan(
 ) -> Plan:
     """Enumerate candidates for ``requested`` (``order`` restricts sequential), model them, pick the cheapest.
 
-    The bias add and the activation are elementwise passes (one read+write each) for the
-    unfused strategies (``addmm`` folds the bias of the dense one); the fused kernel does them
-    in its epilogue.
+    The bias add and the activation are torch's elementwise ops after the unfused strategies
+    (:func:`~mpo_core.cost.epilogue_cost`; ``addmm`` folds the bias of the dense one); the fused
+    kernel does them in its epilogue (:func:`~mpo_core.cost.mpo_linear_cost`).
     """
-    epilogue = int(has_bias) + int(activation is not None)
     model = device_model(device_type)
     itemsize = dtype.itemsize
     rows, cols = math.prod(in_shape), math.prod(out_shape)
-    epi_bytes = 2 * itemsize * tokens * cols
-    epi_seconds = epilogue * model.op_seconds(tokens * cols, epi_bytes, dtype)
+    gelu = activation is not None
+    seq_epi, dense_epi = (epilogue_cost(tokens, cols, itemsize, bias=bias, activation=gelu) if bias or gelu else Cost(launches=0)
+                          for bias in (has_bias, False))  # addmm folds the bias into the dense GEMM
     cands: list[Candidate] = []
     if requested in ("auto", "dense"):
         tree, flops, nbytes, seconds = plan_merge(in_shape, out_shape, ranks, itemsize, model, dtype)
-        gemm = gemm_cost(tokens, rows, cols, itemsize)
-        g_flops, g_bytes = gemm.flops_tensor, gemm.bytes
-        dense_epi = max(epilogue - 1, 0)  # addmm folds the bias into the GEMM
+        gemm = gemm_cost(tokens, rows, cols, itemsize, bias=has_bias)
         cands.append(Candidate(
-            "dense", tree, flops + g_flops + dense_epi * tokens * cols, nbytes + g_bytes + dense_epi * epi_bytes,
-            seconds + model.op_seconds(g_flops, g_bytes, dtype) + dense_epi * model.op_seconds(tokens * cols, epi_bytes, dtype),
+            "dense", tree, flops + gemm.flops + dense_epi.flops, nbytes + gemm.bytes + dense_epi.bytes,
+            seconds + model.seconds(gemm, dtype) + model.seconds(dense_epi, dtype),
         ))
     if requested in ("auto", "sequential"):
         for o in [order] if order is not None else all_orders(len(in_shape)):
             steps, flops, nbytes, seconds = plan_sequential(o, in_shape, out_shape, ranks, tokens, itemsize, model, dtype)
-            cands.append(Candidate("sequential", o, flops + epilogue * tokens * cols, nbytes + epilogue * epi_bytes,
-                                   seconds + epi_seconds, steps))
+            cands.append(Candidate("sequential", o, flops + seq_epi.flops, nbytes + seq_epi.bytes,
+                                   seconds + model.seconds(seq_epi, dtype), steps))
     if requested == "fused" or (requested == "auto" and fused_ok):
         fused = mpo_linear_cost(tokens, in_shape, out_shape, ranks, itemsize, bias=has_bias, activation=activation)
         flops, nbytes = fused["flops"], fused["bytes"]

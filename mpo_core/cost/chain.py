@@ -5,10 +5,20 @@ from typing import Sequence
 
 from mpo_core.cost.model import Cost
 
-__all__ = ["CoreShape", "chain_cost", "core_shapes", "gemm_cost"]
+__all__ = ["BIAS_FLOPS", "CoreShape", "GELU_FLOPS", "chain_cost", "core_shapes", "elementwise_flops", "gemm_cost"]
 
 CoreShape = tuple[int, int, int, int]
 """``(d_left, i, j, d_right)`` of one core."""
+
+BIAS_FLOPS = 1
+"""FLOPs per output element of the bias add (vector units)."""
+GELU_FLOPS = 8
+"""FLOPs per output element of GELU (erf or tanh form; vector units): the one GELU price of the model."""
+
+
+def elementwise_flops(bias: bool, activation: bool) -> int:
+    """FLOPs per output element of the linear's epilogue: :data:`BIAS_FLOPS` and/or :data:`GELU_FLOPS`."""
+    return (BIAS_FLOPS if bias else 0) + (GELU_FLOPS if activation else 0)
 
 
 def core_shapes(in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequence[int]) -> list[CoreShape]:

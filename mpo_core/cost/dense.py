@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from mpo_core.cost.chain import chain_cost, core_shapes, gemm_cost
+from mpo_core.cost.chain import BIAS_FLOPS, GELU_FLOPS, chain_cost, core_shapes, elementwise_flops, gemm_cost
 from mpo_core.cost.model import Cost
 from mpo_core.shapes import check_int
 
@@ -15,8 +15,8 @@ def epilogue_cost(tokens: int, cols: int, dtype_bytes: int, *, bias: bool, activ
     """The unfused epilogue on a ``(tokens, cols)`` output: torch's bias add (reads ``y``, ``b``, writes;
     1 FLOP each) then GELU (reads, writes; ~8 FLOPs each), one op each."""
     mn, b = tokens * cols, dtype_bytes
-    ops = [Cost(flops_fma=mn, bytes_read=b * (mn + cols), bytes_written=b * mn)] if bias else []
-    ops += [Cost(flops_fma=8 * mn, bytes_read=b * mn, bytes_written=b * mn)] if activation else []
+    ops = [Cost(flops_fma=BIAS_FLOPS * mn, bytes_read=b * (mn + cols), bytes_written=b * mn)] if bias else []
+    ops += [Cost(flops_fma=GELU_FLOPS * mn, bytes_read=b * mn, bytes_written=b * mn)] if activation else []
     if not ops:
         raise ValueError("an epilogue needs bias or activation")
     return sum(ops[1:], ops[0])
@@ -45,7 +45,7 @@ def dense_linear_cost(tokens: int, in_shape: Sequence[int], out_shape: Sequence[
     fwd = chain + gemm_cost(m, k, n, b)
     if bias or activation:
         fwd = fwd + epilogue_cost(m, n, b, bias=bias, activation=activation)
-    epilogue = (1 if bias else 0) + (8 if activation else 0)
+    epilogue = elementwise_flops(bias, activation)
     bwd = Cost(flops_tensor=4 * m * k * n, flops_fma=epilogue * mn, launches=2,
                bytes_read=b * (mn + k * n + m * k + mn), bytes_written=b * (m * k + k * n)) + 2 * chain
     if activation:

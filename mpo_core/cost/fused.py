@@ -12,7 +12,7 @@ import math
 from typing import Sequence
 
 from mpo_core.activation import check_activation
-from mpo_core.cost.chain import chain_cost, core_shapes
+from mpo_core.cost.chain import chain_cost, core_shapes, elementwise_flops
 from mpo_core.cost.model import Cost
 from mpo_core.kernels.tiles import padded_small_shape
 from mpo_core.shapes import bond_list, check_int, core_params
@@ -69,7 +69,7 @@ def kernel_flops(tokens: int, big_rows: int, big_cols: int, padded: tuple[int, i
 
 def epilogue_flops(tokens: int, cols: int, bias: bool, activation: bool) -> int:
     """FMA FLOPs of the kernel's epilogue: 1 per output for the bias, ~8 for GELU."""
-    return tokens * cols * ((1 if bias else 0) + (8 if activation else 0))
+    return tokens * cols * elementwise_flops(bias, activation)
 
 
 def _check_cost_args(tokens: int, in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequence[int],
@@ -174,7 +174,7 @@ def mpo_linear_cost(
     low_precision = dtype_bytes < 4
     bwd_tensor = dx_gemm + dx_rebuild + useful + 4 * d * k_dim * n_dim + (2 * pre_flops if low_precision else 0)
     bwd_flops = dx_gemm + dx_rebuild + useful + 4 * d * k_dim * n_dim + 2 * pre_flops \
-        + (m * n_dim if bias else 0) + (8 * m * n_dim if activation else 0)
+        + epilogue_flops(m, n_dim, bias, activation is not None)
     return dict(
         out,
         flops=gemm + rebuild + pre_flops + epilogue,
