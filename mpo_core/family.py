@@ -36,8 +36,9 @@ __all__ = ["DEFAULT_CORES", "Member", "Plan", "PlanEntry", "Point", "family_memb
 
 DEFAULT_CORES = (2, 3, 4, 5)
 """The numbers of cores ``n="auto"`` considers."""
-CURVE_LEVELS = 14
-"""Sizes (fractions of the dense entries, geometric between 1% and 100%) at which an MPO member is truncated."""
+CURVE_LEVELS = 8
+"""Sizes (fractions of the dense entries, geometric between 2% and 100%) at which an MPO member is truncated."""
+SMALLEST_LEVEL = 0.02
 
 
 @dataclass(frozen=True)
@@ -135,12 +136,13 @@ def _relative(value_sq: float, norm_sq: float) -> float:
 def _evaluate(weight: torch.Tensor, member: Member, ranks: Sequence[int], whitening: Whitening | None) -> float:
     """Relative squared error of the TT-SVD of ``weight`` (whitened when given) at ``ranks``, from its rebuild."""
     mpo = decompose(weight, member.in_shape, member.out_shape, max_bond=list(ranks), input_cov=whitening)
-    approx = mpo.to_dense()
     if whitening is None:
         w = weight.to(torch.float64)
-        return _relative(float(((w - approx.to(torch.float64)) ** 2).sum()), float((w ** 2).sum()))
-    gram = whitening.gram
-    return _relative(output_error(weight, approx, gram) ** 2, output_error(weight, torch.zeros_like(weight), gram) ** 2)
+        return _relative(float(((w - mpo.to_dense().to(torch.float64)) ** 2).sum()), float((w ** 2).sum()))
+    error = mpo.metadata.get("output_error")  # computed by decompose for Kronecker whitening
+    if error is None:
+        error = output_error(weight, mpo.to_dense(), whitening.gram)
+    return _relative(error ** 2, output_error(weight, torch.zeros_like(weight), whitening.gram) ** 2)
 
 
 def _svd_points(mpo: MPO, member: Member) -> list[Point]:
@@ -162,7 +164,7 @@ def member_curve(weight: torch.Tensor, member: Member, whitening: Whitening | No
     floor = core_params(member.in_shape, member.out_shape, [1] * (member.n + 1))
     seen, points = set(), []
     for k in range(levels):
-        size = int(dense * 0.01 ** (1 - k / max(levels - 1, 1)))
+        size = int(dense * SMALLEST_LEVEL ** (1 - k / max(levels - 1, 1)))
         if size < floor:
             continue
         ranks = allocate_ranks({"w": mpo}, budget=size)["w"]

@@ -1,4 +1,4 @@
-"""Command line of MPOBERT: ``python -m mpobert {pretrain,finetune,evaluate,convert,params,demo,distill}``.
+"""Command line of MPOBERT: ``python -m mpobert {pretrain,finetune,evaluate,convert,params,demo,distill,heal}``.
 
 This module only parses: each subcommand is a workflow of :mod:`mpobert.workflows` whose
 options are generated from its settings dataclass (:func:`mpobert.options.add_options`; the
@@ -45,6 +45,7 @@ COMMANDS = {
     "params": Command(workflows.params, workflows.ParamsConfig),
     "demo": Command(workflows.demo, workflows.DemoConfig),
     "distill": Command(workflows.distill, workflows.DistillConfig),
+    "heal": Command(workflows.heal, workflows.HealConfig),
 }
 """The subcommands of ``python -m mpobert``; a new one is a workflow + settings class and a line here."""
 

@@ -8,6 +8,8 @@
 * :func:`demo` (:class:`DemoConfig`): tokenizer, pretraining and fine-tuning on bundled data, end to end
 * :func:`distill` (:class:`DistillConfig`): a Hugging Face BERT/ALBERT/RoBERTa teacher into its MPOBERT
   conversion (defined in :mod:`mpobert.distill.workflow` with the teacher-matching pieces it assembles)
+* :func:`heal` (:class:`HealConfig`): a transformers checkpoint compressed (``mpo_core.compress``) and trained back
+  toward the original through the same teacher-matching core (:mod:`mpobert.distill.heal`)
 
 Each returns a JSON-able dict. The settings classes declare their fields with
 :func:`mpobert.options.option`; ``python -m mpobert`` (:mod:`mpobert.cli`) generates its options
@@ -35,6 +37,7 @@ from mpobert.data import (
     get_task, load_split, read_squad, split_sentences, squad_features, train_wordpiece, write_corpus, write_pydoc_topic_task,
 )
 from mpobert.data.corpus import pydoc_documents
+from mpobert.distill.heal import HealConfig, heal
 from mpobert.distill.workflow import DistillConfig, distill
 from mpobert.evaluation import evaluate_pretraining, evaluate_squad, evaluate_task, majority_baseline
 from mpobert.heads import MPOBertForPreTraining, MPOBertForQuestionAnswering, MPOBertForSequenceClassification
@@ -44,8 +47,8 @@ from mpobert.options import nested, option
 from mpobert.train import OPTIMIZERS, PROGRESS_MODES, TrainConfig, Trainer, setup_distributed
 
 __all__ = ["PRESETS", "TOKENIZER_FILE", "model_config", "PretrainConfig", "FinetuneConfig", "EvaluateConfig",
-           "ConvertConfig", "ParamsConfig", "DemoConfig", "DistillConfig", "pretrain", "finetune", "evaluate", "convert",
-           "params", "demo", "distill"]
+           "ConvertConfig", "ParamsConfig", "DemoConfig", "DistillConfig", "HealConfig", "pretrain", "finetune", "evaluate",
+           "convert", "params", "demo", "distill", "heal"]
 
 PRESETS = {"tiny": MPOBertConfig.tiny, "mpobert12": MPOBertConfig.mpobert12, "mpobert24": MPOBertConfig.mpobert24,
            "mpobert48": MPOBertConfig.mpobert48, "mpobert48_plus": MPOBertConfig.mpobert48_plus}

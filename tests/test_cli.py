@@ -29,7 +29,7 @@ def _flags(settings) -> list[str]:
 
 
 def test_every_option_of_every_subcommand_is_documented(capsys):
-    assert set(COMMANDS) == {"pretrain", "finetune", "evaluate", "convert", "params", "demo", "distill"}
+    assert set(COMMANDS) == {"pretrain", "finetune", "evaluate", "convert", "params", "demo", "distill", "heal"}
     for name, command in COMMANDS.items():
         assert command.run.__doc__, name
         for f in dataclasses.fields(command.settings):

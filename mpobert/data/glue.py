@@ -15,8 +15,9 @@ qnli       1       2       last    yes    entailment not_entailment
 rte        1       2       last    yes    entailment not_entailment
 =========  ======  ======  ======  =====  ==================================
 
-plus the bundled ``pydoc-topics`` task (SST-2 layout, five topic families, see
-:mod:`mpobert.data.corpus`).
+plus two bundled tasks in the SST-2 layout: ``pydoc-topics`` (five topic families of the CPython
+reference manual, generated, see :mod:`mpobert.data.corpus`) and ``stdlib-docs`` (eight areas of the
+standard library, from docstrings, shipped under ``mpobert/data/tasks/stdlib-docs`` with its provenance).
 """
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ class TaskSpec:
 
 
 _BIN = ("0", "1")
+STDLIB_AREAS = ("text", "datatypes", "numeric", "files", "formats", "concurrency", "internet", "devtools")
+"""Labels of the bundled ``stdlib-docs`` task (``scripts/build_stdlib_docs_task.py``)."""
 _ENT = ("entailment", "not_entailment")
 TASKS: dict[str, TaskSpec] = {
     t.name: t
@@ -88,9 +91,13 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("qnli", 1, 2, -1, True, _ENT, ("accuracy",)),
         TaskSpec("rte", 1, 2, -1, True, _ENT, ("accuracy",)),
         TaskSpec("pydoc-topics", 0, None, 1, True, tuple(TOPIC_FAMILIES), ("accuracy", "matthews_corrcoef")),
+        TaskSpec("stdlib-docs", 0, None, 1, True, STDLIB_AREAS, ("accuracy", "matthews_corrcoef")),
     )
 }
 """Known tasks by name."""
+
+BUNDLED_TASKS = {"stdlib-docs": Path(__file__).resolve().parent / "tasks" / "stdlib-docs"}
+"""Tasks shipped with the package (TSV files), by name: their ``data_dir``."""
 
 _ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli", "pydoc_topics": "pydoc-topics"}
 

