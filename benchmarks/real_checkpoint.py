@@ -51,11 +51,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import format_table, write_json  # noqa: E402
 
-from mpo_core.compress import compress  # noqa: E402
+from mpo_core.compress import analyze, compress  # noqa: E402
 from mpo_core.lightweight import LightweightConfig, get_lightweight_model  # noqa: E402
 from mpo_core.nn import MPOLinear, linear_weight, mpo_ify, replace_module, select_modules  # noqa: E402
 from mpo_core.shapes import core_params, full_ranks  # noqa: E402
-from mpo_core.whitening import collect_input_stats, whitening_factor  # noqa: E402
 from mpobert.data import get_task, load_split, write_pydoc_topic_task  # noqa: E402
 from mpobert.data.glue import BUNDLED_TASKS  # noqa: E402
 
@@ -208,8 +207,9 @@ def _balanced(n: int):
     return lambda i, o: (factorize(i, n), factorize(o, n))
 
 
-def compress_as(contender: str, encoder, fraction: float, calibration) -> dict[str, Any]:
-    """Compress ``encoder`` in place as ``contender`` to ``fraction`` of the targeted entries."""
+def compress_as(contender: str, encoder, fraction: float, analyses: dict) -> dict[str, Any]:
+    """Compress ``encoder`` in place as ``contender`` to ``fraction`` of the targeted entries (``analyses``: the
+    :func:`mpo_core.compress.analyze` of the original encoder without and with calibration, made once)."""
     targets = _targets(encoder)
     dense = sum(m.weight.numel() for _, m in targets)
     budget = int(fraction * dense)
@@ -225,25 +225,25 @@ def compress_as(contender: str, encoder, fraction: float, calibration) -> dict[s
             mpo_ify(encoder, include=lambda name, mod: name in chosen, n=shapes, max_bond=bond, progress=False)
         info["bond"] = bond
     elif contender == "svd-llm":
-        stats = collect_input_stats(encoder, dict(targets), calibration, {n: m.in_features for n, m in targets})
+        whitenings = analyses["calib"].whitenings
         bond = _uniform_bond(encoder, _svd_shapes, budget)
         for name, mod in targets:
             if not _saves(mod, _svd_shapes, bond):
                 continue
             layer = MPOLinear.from_linear(mod, (mod.in_features, 1), (1, mod.out_features), max_bond=bond,
-                                          decompose_kwargs={"input_cov": whitening_factor(stats[name].gram)})
+                                          decompose_kwargs={"input_cov": whitenings[name]})
             replace_module(encoder, name, layer)
         info["bond"] = bond
     else:
         n = {"svd allocated": 2, "mpo3 allocated": 3, "mpo5 allocated": 5, "auto": "auto",
              "svd+calib": 2, "auto+calib": "auto"}[contender]
         report = compress(encoder, budget=budget, include=include, n=n, progress=False,
-                          calibration=calibration if contender.endswith("calib") else None)
+                          analysis=analyses["calib" if contender.endswith("calib") else "plain"])
         info["members"] = {m: sum(x.member == m for x in report.matrices) for m in {x.member for x in report.matrices}}
         if report.chosen_plan:
             info["chosen_plan"] = report.chosen_plan
             info["plans"] = report.plans
-    info["seconds"] = time.perf_counter() - start
+    info["seconds"] = time.perf_counter() - start  # auto: the first budget also builds the family's curves
     info["params"] = sum(m.num_params if isinstance(m, MPOLinear) else m.weight.numel()
                          for m in (encoder.get_submodule(n) for n in names))
     info["dense_params"] = dense
@@ -262,11 +262,17 @@ def run_compress(args, tokenizer, model_cls, spec, train_ex, dev_ex) -> list[dic
     encoder = base.base_model
     reference = sentence_embeddings(encoder, held)
     original = {n: linear_weight(m).clone() for n, m in _targets(encoder)}
+    names = list(original)
+    start = time.perf_counter()
+    analyses = {"plain": analyze(encoder, lambda name, mod: name in names),
+                "calib": analyze(encoder, lambda name, mod: name in names, calibration=calibration)}
+    print(f"[compress] calibration statistics and sensitivities of {len(names)} matrices in "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
     rows = []
     for fraction in args.budgets:
         for contender in args.compress_contenders:
             model = copy.deepcopy(base)
-            info = compress_as(contender, model.base_model, fraction, calibration)
+            info = compress_as(contender, model.base_model, fraction, analyses)
             row = {"budget": fraction, "contender": contender, "weight_err": weight_error(original, model.base_model),
                    "cosine": cosine(sentence_embeddings(model.base_model, held), reference), **info}
             accs = []

@@ -35,8 +35,7 @@ from torch import nn
 
 from mpo_core.allocation import allocate_ranks, allocation_bound, budget_floor, consistent_ranks, resolve_budget
 from mpo_core.decompose import decompose
-from mpo_core.family import DEFAULT_CORES, Member, family_member_name, family_members
-from mpo_core.family import plan as family_plan
+from mpo_core.family import DEFAULT_CORES, FamilyPlanner, Member, family_member_name, family_members
 from mpo_core.mpo import MPO
 from mpo_core.nn import (Include, MPOLinear, dense_module, is_linear, linear_weight, progress_bar, replace_module,
                          select_modules, set_trainable, shape_kwargs)
@@ -45,7 +44,7 @@ from mpo_core.shapes import check_int, core_params, full_ranks, resolve_shapes
 from mpo_core.truncation import check_rel_tol
 from mpo_core.whitening import Whitening, collect_input_stats, output_error, whitening_factor
 
-__all__ = ["allocate_ranks", "allocation_bound", "budget_floor", "consistent_ranks", "compress", "compress_in_rounds",
+__all__ = ["CompressionAnalysis", "analyze", "allocate_ranks", "allocation_bound", "budget_floor", "consistent_ranks", "compress", "compress_in_rounds",
            "CompressionReport", "CompressionRound", "MatrixCompression", "RoundsReport"]
 
 
@@ -240,6 +239,54 @@ def _auto_tolerance(weights: Mapping[str, torch.Tensor], rel_tol: float, whiteni
     return out
 
 
+@dataclass
+class CompressionAnalysis:
+    """What :func:`compress` learns about a model before choosing ranks, kept to compress it again at other budgets:
+    the chosen layers, their input statistics and sensitivities (with calibration) and, for ``n="auto"``, the
+    family's curves (:class:`~mpo_core.family.FamilyPlanner`, built on first use). Made by :func:`analyze`."""
+
+    names: list[str]
+    fingerprints: dict[str, tuple[tuple[int, ...], float, float]]
+    whitenings: dict[str, Whitening]
+    sensitivities: dict[str, float]
+    cores: tuple[int, ...]
+    planner: FamilyPlanner | None = None
+
+    def check(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """``ValueError`` unless ``weights`` are the matrices this analysis was made of."""
+        if list(weights) != self.names:
+            raise ValueError(f"analysis was made for layers {self.names[:4]}..., not {list(weights)[:4]}...")
+        for name, w in weights.items():
+            if _fingerprint(w) != self.fingerprints[name]:
+                raise ValueError(f"analysis was made for other weights: layer {name!r} changed since")
+
+    def family_planner(self, weights: Mapping[str, torch.Tensor]) -> FamilyPlanner:
+        if self.planner is None:
+            self.planner = FamilyPlanner(weights, self.whitenings, self.sensitivities or None, self.cores)
+        return self.planner
+
+
+def _fingerprint(w: torch.Tensor) -> tuple[tuple[int, ...], float, float]:
+    w64 = w.detach().to(torch.float64)
+    return tuple(w.shape), float(w64.sum()), float((w64 ** 2).sum())
+
+
+def analyze(model: nn.Module, include: Include = None, calibration: Iterable[Any] | None = None,
+            cores: Sequence[int] = DEFAULT_CORES, probe_batches: int = 4) -> CompressionAnalysis:
+    """Input statistics and sensitivities of the layers :func:`compress` would change (see its ``calibration``),
+    to pass as ``compress(..., analysis=)`` at several budgets without gathering or decomposing again.
+    The model is not changed."""
+    probe_batches = check_int("probe_batches", probe_batches)
+    targets = _targets(model, include)
+    weights = {name: _in_out(mod) for name, mod in targets}
+    whitenings: dict[str, Whitening] = {}
+    sens: dict[str, float] = {}
+    if calibration is not None:
+        whitenings, sens = _calibrate(model, targets, weights, calibration, probe_batches)
+    return CompressionAnalysis(list(weights), {k: _fingerprint(w) for k, w in weights.items()}, whitenings, sens,
+                               tuple(cores))
+
+
 def compress(
     model: nn.Module,
     budget: int | float | None = None,
@@ -252,6 +299,7 @@ def compress(
     calibration: Iterable[Any] | None = None,
     cores: Sequence[int] = DEFAULT_CORES,
     probe_batches: int = 4,
+    analysis: CompressionAnalysis | None = None,
 ) -> CompressionReport:
     """MPOP compression: replace chosen linear layers in place by truncated :class:`MPOLinear`.
 
@@ -291,6 +339,10 @@ def compress(
         The numbers of cores ``n="auto"`` considers (2 = truncated SVD).
     probe_batches : int
         Calibration batches used for the sensitivity probes (one model pass per layer each).
+    analysis : CompressionAnalysis, optional
+        From :func:`analyze` on this model and ``include`` (then give neither ``calibration`` nor ``cores``):
+        its statistics, sensitivities and (``n="auto"``) family curves are reused, so a budget sweep gathers
+        and decomposes once. A ``ValueError`` if the layers or their weights differ from the analysed ones.
 
     Returns
     -------
@@ -320,19 +372,21 @@ def compress(
     before = sum(p.numel() for p in model.parameters())
     weights = {name: _in_out(mod) for name, mod in targets}
     target = None if budget is None else resolve_budget(budget, sum(w.numel() for w in weights.values()))
-    whitenings: dict[str, Whitening] = {}
-    sens: dict[str, float] = {}
-    if calibration is not None:
-        whitenings, sens = _calibrate(model, targets, weights, calibration, probe_batches)
+    if analysis is None:
+        analysis = analyze(model, include, calibration, cores, probe_batches)
+    elif calibration is not None:
+        raise ValueError("give calibration= or analysis=, not both (the analysis holds the calibration statistics)")
+    analysis.check(weights)
+    whitenings, sens = analysis.whitenings, analysis.sensitivities
     report = CompressionReport(budget, rel_tol, before, before)
     report.objective = ("sensitivity-weighted relative output error ||X dW||^2 / ||X W||^2" if whitenings
                         else "relative weight error ||dW||^2 / ||W||^2")
     seconds = {name: 0.0 for name in weights}
     if n == "auto" and rel_tol is not None:
-        choices = _auto_tolerance(weights, rel_tol, whitenings, cores, kwargs)
+        choices = _auto_tolerance(weights, rel_tol, whitenings, analysis.cores, kwargs)
     elif n == "auto":
         start = time.perf_counter()
-        chosen = family_plan(weights, target, whitenings, sens or None, cores)
+        chosen = analysis.family_planner(weights).plan(target)
         report.plans, report.chosen_plan = chosen.candidates, chosen.source
         choices = {}
         for name, entry in chosen.entries.items():

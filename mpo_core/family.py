@@ -32,7 +32,7 @@ from mpo_core.mpo import MPO
 from mpo_core.shapes import core_params, factorize, full_ranks
 from mpo_core.whitening import Whitening, output_error
 
-__all__ = ["DEFAULT_CORES", "Member", "Plan", "PlanEntry", "Point", "family_member_name", "family_members", "member_curve", "plan"]
+__all__ = ["DEFAULT_CORES", "FamilyPlanner", "Member", "Plan", "PlanEntry", "Point", "family_member_name", "family_members", "member_curve", "plan"]
 
 DEFAULT_CORES = (2, 3, 4, 5)
 """The numbers of cores ``n="auto"`` considers."""
@@ -274,6 +274,74 @@ def _fixed_point(weight: torch.Tensor, member: Member, ranks: list[int], exact: 
     return Point(member, ranks, params, _evaluate(weight, member, ranks, whitening))
 
 
+class FamilyPlanner:
+    """The budget-independent part of :func:`plan`, done once: every member's exact decomposition and curve per
+    matrix; :meth:`plan` then answers any budget (e.g. a sweep) without decomposing again.
+
+    Parameters are those of :func:`plan` without ``budget``.
+    """
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], whitenings: Mapping[str, Whitening] | None = None,
+                 sensitivities: Mapping[str, float] | None = None, cores: Sequence[int] = DEFAULT_CORES) -> None:
+        self.weights = dict(weights)
+        self.whitenings = dict(whitenings or {})
+        self.sens = {name: 1.0 if sensitivities is None else float(sensitivities[name]) for name in weights}
+        self.cores = tuple(cores)
+        self.curves: dict[str, list[Point]] = {}
+        self.exact: dict[str, dict[str, tuple[Member, MPO]]] = {}
+        self._points: dict[tuple[str, str, tuple[int, ...]], Point] = {}
+        for name, w in self.weights.items():
+            points = [_dense_point(w)]
+            self.exact[name] = {}
+            for member in family_members(*w.shape, self.cores):
+                mpo, pts = member_curve(w, member, self.whitenings.get(name))
+                self.exact[name][member.name] = (member, mpo)
+                for p in pts:
+                    self._points[(name, member.name, tuple(p.ranks))] = p
+                points += pts
+            self.curves[name] = points
+        self.fronts = {name: _pareto(points) for name, points in self.curves.items()}
+
+    def _fixed_point(self, name: str, kind: str, ranks: list[int]) -> Point:
+        key = (name, kind, tuple(ranks))
+        if key not in self._points:
+            member, mpo = self.exact[name][kind]
+            self._points[key] = _fixed_point(self.weights[name], member, ranks, mpo, self.whitenings.get(name))
+        return self._points[key]
+
+    def plan(self, budget: int, compare_fixed: bool = True) -> Plan:
+        """The plan at ``budget`` entries (see :func:`plan`)."""
+        chosen = _choose(self.fronts, self.sens, budget)
+        best = _as_plan(chosen, self.curves, self.sens, "envelope")
+        best.candidates["envelope"] = best.objective
+        if not compare_fixed:
+            return best
+        kinds = sorted({kind for per in self.exact.values() for kind in per})
+        for kind in kinds:
+            if not all(kind in per for per in self.exact.values()):
+                continue
+            members = {name: per[kind][0] for name, per in self.exact.items()}
+            mpos = {name: per[kind][1] for name, per in self.exact.items()}
+            options = {}
+            try:
+                options["allocated"] = allocate_ranks(mpos, budget=budget, weights=self.sens)
+            except ValueError:
+                pass
+            uniform = _uniform_ranks(members, budget)
+            if uniform is not None:
+                options["uniform"] = uniform
+            for how, ranks in options.items():
+                points = {name: self._fixed_point(name, kind, ranks[name]) for name in self.weights}
+                if sum(p.params for p in points.values()) > budget:
+                    continue
+                candidate = _as_plan(points, self.curves, self.sens, f"{kind} {how}")
+                best.candidates[candidate.source] = candidate.objective
+                if candidate.objective < best.objective:
+                    candidate.candidates = best.candidates
+                    best = candidate
+        return best
+
+
 def plan(
     weights: Mapping[str, torch.Tensor],
     budget: int,
@@ -304,49 +372,7 @@ def plan(
     ValueError
         A budget below what every matrix at its smallest needs.
     """
-    whitenings = whitenings or {}
-    sens = {name: 1.0 if sensitivities is None else float(sensitivities[name]) for name in weights}
-    curves: dict[str, list[Point]] = {}
-    exact: dict[str, dict[str, tuple[Member, MPO]]] = {}
-    for name, w in weights.items():
-        points = [_dense_point(w)]
-        exact[name] = {}
-        for member in family_members(*w.shape, cores):
-            mpo, pts = member_curve(w, member, whitenings.get(name))
-            exact[name][member.name] = (member, mpo)
-            points += pts
-        curves[name] = points
-    fronts = {name: _pareto(points) for name, points in curves.items()}
-    chosen = _choose(fronts, sens, budget)
-    best = _as_plan(chosen, curves, sens, "envelope")
-    best.candidates["envelope"] = best.objective
-    if not compare_fixed:
-        return best
-    kinds = sorted({kind for per in exact.values() for kind in per})
-    for kind in kinds:
-        if not all(kind in per for per in exact.values()):
-            continue
-        members = {name: per[kind][0] for name, per in exact.items()}
-        mpos = {name: per[kind][1] for name, per in exact.items()}
-        options = {}
-        try:
-            options["allocated"] = allocate_ranks(mpos, budget=budget, weights=sens)
-        except ValueError:
-            pass
-        uniform = _uniform_ranks(members, budget)
-        if uniform is not None:
-            options["uniform"] = uniform
-        for how, ranks in options.items():
-            points = {name: _fixed_point(weights[name], members[name], ranks[name], mpos[name], whitenings.get(name))
-                      for name in weights}
-            if sum(p.params for p in points.values()) > budget:
-                continue
-            candidate = _as_plan(points, curves, sens, f"{kind} {how}")
-            best.candidates[candidate.source] = candidate.objective
-            if candidate.objective < best.objective:
-                candidate.candidates = best.candidates
-                best = candidate
-    return best
+    return FamilyPlanner(weights, whitenings, sensitivities, cores).plan(budget, compare_fixed)
 
 
 def _as_plan(chosen: Mapping[str, Point], curves: Mapping[str, list[Point]], sens: Mapping[str, float],

@@ -221,3 +221,23 @@ def test_sensitivity_follows_how_much_the_output_feels_a_layer():
     sens = {m.name: m.sensitivity for m in report.matrices}
     assert sens["loud"] > 1e4 * sens["quiet"]
     assert math.isfinite(report.weighted_error)
+
+
+def test_analysis_is_reused_across_budgets_and_refuses_other_weights():
+    from mpo_core.compress import analyze
+
+    x = _correlated(128)
+    base = _mlp()
+    analysis = analyze(base, calibration=[x[:64], x[64:]], cores=(2, 3))
+    for budget in (0.5, 0.25):
+        fresh, reused = _mlp(), _mlp()
+        a = compress(fresh, budget=budget, n="auto", cores=(2, 3), calibration=[x[:64], x[64:]], progress=False)
+        b = compress(reused, budget=budget, n="auto", analysis=analysis, progress=False)
+        assert [m.ranks for m in a.matrices] == [m.ranks for m in b.matrices]
+        assert [m.member for m in a.matrices] == [m.member for m in b.matrices]
+    assert analysis.planner is not None
+    other = _mlp(seed=1)
+    with pytest.raises(ValueError, match="other weights"):
+        compress(other, budget=0.5, n="auto", analysis=analysis)
+    with pytest.raises(ValueError, match="not both"):
+        compress(_mlp(), budget=0.5, n="auto", analysis=analysis, calibration=[x])
