@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from mpo_core.io import atomic_write
-from mpo_core.nn import MPOLinear, mpo_ify, replace_module, select_modules, unmpo_ify
+from mpo_core.nn import MPOLinear, mpo_ify, num_parameters, replace_module, select_modules, unmpo_ify
 
 __all__ = ["LightweightConfig", "LightweightModel", "get_lightweight_model", "fix_gauge",
            "mpo_layout", "save_mpo_model", "load_mpo_model"]
@@ -200,8 +200,7 @@ class LightweightModel(nn.Module):
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, all)`` parameter entries (shared parameters counted once), as peft."""
-        params = list(self.base_model.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        return num_parameters(self.base_model, trainable=True), num_parameters(self.base_model)
 
     def print_trainable_parameters(self) -> None:
         """Print ``trainable params: X || all params: Y || trainable%: Z`` (peft's line)."""

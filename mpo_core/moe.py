@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from mpo_core.contract import contract
-from mpo_core.nn import MPOLinear
+from mpo_core.nn import MPOLinear, num_parameters
 from mpo_core.shapes import check_int, resolve_shapes
 
 __all__ = ["Routing", "route", "load_balancing_loss", "MoEOutput", "MPOEFeedForward"]
@@ -319,7 +319,7 @@ class MPOEFeedForward(nn.Module):
         auxiliary = sum(a.numel() for experts in (self.experts_in, self.experts_out) for a in experts[0].auxiliary)
         router = self.router.weight.numel()
         return {
-            "mpoe": sum(p.numel() for p in self.parameters()),
+            "mpoe": num_parameters(self),
             "plain_moe": e * dense_ffn + router,
             "dense_ffn": dense_ffn,
             "shared_central": central,

@@ -52,7 +52,7 @@ def set_trainable(module: nn.Module, which: str, bias: bool | None = None) -> in
             core.requires_grad_(which == "all" or (which == "central") == is_central)
         if bias is not None and layer.bias is not None:
             layer.bias.requires_grad_(bias)
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return num_parameters(module, trainable=True)
 
 
 def dense_module(layer: MPOLinear) -> nn.Module:
