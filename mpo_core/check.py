@@ -488,6 +488,35 @@ def run_benchmarks(c: Checker, names: Sequence[str], tiny: bool, out_dir: Path) 
 
 
 # ----------------------------------------------------------------------------- main
+def sizes(gpu: bool, tiny: bool) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int, list]:
+    """``(tokens, hidden, ffn, mpo_tokens, mpo_shapes)`` the check runs at: BERT sizes on a GPU, small ones
+    on a CPU (Triton's interpreter); ``tiny`` shrinks both."""
+    from mpo_core.gpu.shapes import MPO_MODES
+    from mpo_core.shapes import factorize
+
+    if gpu:
+        tokens, hidden, ffn = ((512,), (768,), (3072,)) if tiny else ((512, 4096, 16384), (768, 1024), (3072, 4096))
+        return tokens, hidden, ffn, 512, [(MPO_MODES[768], MPO_MODES[3072]), (MPO_MODES[3072], MPO_MODES[768])]
+    tokens, hidden, ffn = ((16,), (768,), (3072,)) if tiny else ((128,), (768, 1024), (3072,))
+    return tokens, hidden, ffn, 40, [(factorize(64, 5), factorize(96, 5))]
+
+
+def not_checked_here(c: Checker, device_name: str, tokens: Sequence[int]) -> list[str]:
+    """What the check cannot check where ``c`` runs: on a GPU without a roofline model, the model times;
+    without a GPU, the CUDA kernels, GPU code generation and BERT sizes."""
+    if c.device == "cuda" or c.capability is not None:
+        if c.model_gpu is None:
+            return [f"model times: no roofline model for {device_name} (A100-80GB, H100 SXM only): "
+                    "'no model' beside its measured times"]
+        return []
+    return [
+        "CUDA extension kernels: no GPU (tests/test_cpp_ext.py -k emulated runs them under host emulation)",
+        "GPU code generation, speed and the roofline comparison: no GPU",
+        f"BERT sizes (512-16384 tokens): the CPU subset runs {tokens} tokens",
+        "mpo_linear in bfloat16: the interpreter's bfloat16 tl.dot is wrong (float32 and float16 run here)",
+    ]
+
+
 KERNEL_BACKENDS = ("triton", "cuda", "cpp")
 
 
@@ -541,9 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         os.execve(sys.executable, [sys.executable, "-m", "mpo_core.check", *sys.argv[1:]],
                   {**os.environ, "TRITON_INTERPRET": "1"})
     from mpo_core import backends
-    from mpo_core.gpu.shapes import MPO_MODES
     from mpo_core.gpu.timing import device_info
-    from mpo_core.shapes import factorize
 
     device = "cuda" if cuda else "cpu"
     info = device_info(device)
@@ -551,21 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mpo_core acceptance check on {info['device']} ({'GPU' if cuda else 'CPU subset'}), backends {backends()}")
     # without a GPU the times only show that the timed path runs: 1 warm-up + 2 calls
     c = Checker(device, timed=cuda or args.timed, warmup=3 if cuda else 1, repeat=10 if cuda else 2)
-    if cuda:
-        tokens, hidden, ffn = ((512,), (768,), (3072,)) if args.tiny else ((512, 4096, 16384), (768, 1024), (3072, 4096))
-        mpo_tokens, mpo_shapes = 512, [(MPO_MODES[768], MPO_MODES[3072]), (MPO_MODES[3072], MPO_MODES[768])]
-        if c.model_gpu is None:
-            c.not_checked.append(f"model times: no roofline model for {info['device']} (A100-80GB, H100 SXM only): "
-                                 "'no model' beside its measured times")
-    else:
-        tokens, hidden, ffn = ((16,), (768,), (3072,)) if args.tiny else ((128,), (768, 1024), (3072,))
-        mpo_tokens, mpo_shapes = 40, [(factorize(64, 5), factorize(96, 5))]
-        c.not_checked += [
-            "CUDA extension kernels: no GPU (tests/test_cpp_ext.py -k emulated runs them under host emulation)",
-            "GPU code generation, speed and the roofline comparison: no GPU",
-            f"BERT sizes (512-16384 tokens): the CPU subset runs {tokens} tokens",
-            "mpo_linear in bfloat16: the interpreter's bfloat16 tl.dot is wrong (float32 and float16 run here)",
-        ]
+    tokens, hidden, ffn, mpo_tokens, mpo_shapes = sizes(cuda, args.tiny)
+    c.not_checked += not_checked_here(c, info["device"], tokens)
     if "ops" in parts:
         print("fused ops vs the float64 torch reference:")
         check_fused_ops(c, tokens, hidden, ffn)

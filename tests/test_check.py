@@ -3,6 +3,7 @@ its benchmark runs report success and failure."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -166,3 +167,16 @@ def test_philox_reference_known_answers_and_arguments():
             mask(2, 2, 0.1, -1)
     with pytest.raises(ValueError, match="4 words"):
         philox.philox4x32_10((0, 0), (0, 0))
+
+
+def test_gpu_sizes_and_what_is_not_checked():
+    tokens, hidden, ffn, mpo_tokens, mpo_shapes = check.sizes(gpu=True, tiny=False)
+    assert tokens == (512, 4096, 16384) and hidden == (768, 1024) and ffn == (3072, 4096) and mpo_tokens == 512
+    assert [(math.prod(i), math.prod(o)) for i, o in mpo_shapes] == [(768, 3072), (3072, 768)]
+    assert check.sizes(gpu=True, tiny=True)[:3] == ((512,), (768,), (3072,))
+    assert check.sizes(gpu=False, tiny=True)[0] == (16,)
+    h200 = check.Checker("cpu", timed=False, gpu_name="NVIDIA H200", capability=(9, 0))
+    a100 = check.Checker("cpu", timed=False, gpu_name="NVIDIA A100-SXM4-80GB", capability=(8, 0))
+    assert "no roofline model for NVIDIA H200" in check.not_checked_here(h200, "NVIDIA H200", (512,))[0]
+    assert check.not_checked_here(a100, "NVIDIA A100-SXM4-80GB", (512,)) == []
+    assert any("CUDA extension" in line for line in check.not_checked_here(check.Checker("cpu", False), "CPU", (16,)))
