@@ -129,7 +129,7 @@ setup(
     extras_require={
         "triton": ["triton"],
         "mpobert": ["tqdm", "safetensors", "pyyaml"],
-        "test": ["pytest", "hypothesis", "tensorly", "tntorch", "transformers"],
+        "test": ["pytest", "hypothesis", "coverage>=7.10", "tensorly", "tntorch", "transformers"],
     },
     entry_points={"console_scripts": ["mpobert=mpobert.cli:main"]},
     ext_modules=ext_modules,

@@ -38,7 +38,7 @@ want="$( (find setup.py pyproject.toml scripts/env.sh csrc -type f 2>/dev/null |
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   rm -f "$stamp"
   echo "[env] installing dependencies and building mpo_core (with its extension)"
-  pip_or_die install -q numpy scipy ninja pybind11 "triton==3.9.0" pytest hypothesis tensorly tntorch safetensors tqdm tokenizers pyyaml "transformers==5.24.0" "peft==0.21.2"
+  pip_or_die install -q numpy scipy ninja pybind11 "triton==3.9.0" pytest hypothesis "coverage>=7.10" tensorly tntorch safetensors tqdm tokenizers pyyaml "transformers==5.24.0" "peft==0.21.2"
   pip_or_die install -q --no-build-isolation -e .
   # From outside the repository, so that the installed package (not ./mpo_core) is what imports.
   (cd / && MPO_CORE_ROOT="$ROOT" python - <<'PY'
