@@ -1,8 +1,8 @@
 """The ``heal`` workflow: compress a transformers checkpoint, then train its factors back toward the original.
 
 The student is the teacher's own model with its chosen linear layers compressed by
-:func:`mpo_core.compress.compress` (default ``n="auto"`` with calibration text: the family picks SVD or
-MPO per matrix, whitened by the inputs); healing trains every core (``--train-cores all``) or only the
+:func:`mpo_core.compress.compress` (default: the truncated SVD member, whitened by calibration text and
+allocated by measured layer sensitivity; ``--n auto`` lets the family pick per matrix); healing trains every core (``--train-cores all``) or only the
 auxiliaries (``auxiliary``), plus the encoder's biases and LayerNorms, to match the original's hidden states
 (and optionally its MLM logits) on a text stream, through the same teacher-matching core as ``distill``
 (:func:`mpobert.distill.workflow.match_teacher`: the one Trainer, checkpoints, ``--resume``, ``torchrun``,
@@ -44,7 +44,8 @@ class HealConfig(TeacherMatchConfig):
     """Settings of ``python -m mpobert heal`` (see :func:`heal`)."""
 
     budget: float = option(0.5, "entries kept: a fraction in (0, 1] of the targeted matrices' dense entries")
-    n: str = option("auto", "cores per matrix: auto (the family picks SVD or MPO per matrix), or 2 (SVD), 3, 4, 5")
+    n: str = option("2", "cores per matrix: 2 (truncated SVD, the member that won on every matrix measured), 3, 4, 5, "
+                         "or auto (the family picks per matrix; slower)")
     include: list[str] | None = option(None, "linear layers to compress (names, suffixes or globs; default the "
                                              "encoder's query key value attention.output.dense intermediate.dense "
                                              "output.dense)")
