@@ -4,7 +4,8 @@ Corpus format (BERT/ALBERT's): plain-text files, one sentence (or line) per
 line, documents separated by blank lines. :class:`PretrainingStream` reads the
 files lazily, one document at a time, so a corpus larger than memory works; its
 position (epoch, file, byte offset of the current document, instances already
-taken from it) is a small dict, saved in checkpoints and restored exactly.
+taken from it) is a small dict, saved in checkpoints and restored exactly (the
+reader and the position: :mod:`mpobert.data.documents`).
 
 Randomness never comes from a global generator: each document's instances are
 drawn from ``random.Random(f"{seed}:{epoch}:{file}:{offset}")``, so an instance
@@ -15,13 +16,13 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset
 
+from mpobert.data.documents import DocumentStream, corpus_files, read_documents  # noqa: F401 (re-exported)
 from mpobert.data.tokenizer import WordPieceTokenizer
 
 IGNORE_INDEX = -100
@@ -142,50 +143,15 @@ def sop_instances(
     return out
 
 
-def corpus_files(files: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """``files`` (one path or several) as a list of existing text files; a ValueError naming the problem otherwise."""
-    if isinstance(files, (str, os.PathLike)):
-        files = [files]
-    paths = [Path(f) for f in files]
-    if not paths:
-        raise ValueError("files must name at least one corpus file")
-    for f in paths:
-        if not f.is_file():
-            raise ValueError(f"corpus file {str(f)!r} does not exist")
-    return paths
-
-
-def read_documents(path: str | os.PathLike, offset: int = 0) -> Iterator[tuple[int, int, list[str]]]:
-    """The documents of a corpus file from byte ``offset`` on: ``(start_offset, next_offset, lines)`` each.
-
-    A document is a run of non-empty lines (stripped); blank lines separate documents. The offsets
-    are byte positions, so a stream that remembers ``start_offset`` resumes at that document.
-    """
-    with open(path, "rb") as f:
-        f.seek(offset)
-        start, lines = offset, []
-        pos = offset
-        for raw in iter(f.readline, b""):
-            pos += len(raw)
-            line = raw.decode("utf-8").strip()
-            if line:
-                lines.append(line)
-            else:
-                if lines:
-                    yield start, pos, lines
-                start, lines = pos, []
-        if lines:
-            yield start, pos, lines
-
-
-class PretrainingStream(IterableDataset):
+class PretrainingStream(DocumentStream, IterableDataset):
     """MLM + SOP instances streamed from plain-text corpus files, with a resumable position.
 
     Each item is a dict with ``input_ids``, ``token_type_ids``, ``labels`` (MLM,
     ``IGNORE_INDEX`` where no loss) and ``sentence_order_label``, all lists of int
     (the label an int). Iteration continues from the current position and, with
     ``loop=True``, starts a new epoch at the end of the last file. Use it with
-    ``num_workers=0`` (its position is tracked in the consuming process).
+    ``num_workers=0`` (its position is tracked in the consuming process). The reading and the
+    position are :class:`~mpobert.data.documents.DocumentStream`'s.
 
     Parameters
     ----------
@@ -203,6 +169,8 @@ class PretrainingStream(IterableDataset):
         Start over (next epoch) after the last file instead of stopping.
     """
 
+    nothing = "sentence pairs"
+
     def __init__(
         self,
         files: Sequence[str | os.PathLike],
@@ -212,8 +180,7 @@ class PretrainingStream(IterableDataset):
         seed: int = 0,
         loop: bool = True,
     ) -> None:
-        super().__init__()
-        self.files = corpus_files(files)
+        DocumentStream.__init__(self, files, loop)
         if not isinstance(tokenizer, WordPieceTokenizer):
             raise TypeError(f"tokenizer must be a WordPieceTokenizer, got {type(tokenizer).__name__}")
         if not isinstance(max_seq_len, int) or max_seq_len < 5:
@@ -224,23 +191,9 @@ class PretrainingStream(IterableDataset):
         self.max_seq_len = max_seq_len
         self.mlm_probability = mlm_probability
         self.seed = int(seed)
-        self.loop = loop
-        self._pos = {"epoch": 0, "file": 0, "offset": 0, "skip": 0}
 
-    def state_dict(self) -> dict[str, int]:
-        """The position after the last instance handed out: epoch, file, offset, skip."""
-        return dict(self._pos)
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a position returned by :meth:`state_dict`."""
-        keys = {"epoch", "file", "offset", "skip"}
-        if not isinstance(state, dict) or set(state) != keys:
-            raise ValueError(f"stream state must be a dict with keys {sorted(keys)}, got {state!r}")
-        if not 0 <= state["file"] < len(self.files):
-            raise ValueError(f"stream state names file {state['file']}, but the stream has {len(self.files)} files")
-        if not 0 <= state["offset"] <= self.files[state["file"]].stat().st_size:
-            raise ValueError(f"stream state offset {state['offset']} lies outside {str(self.files[state['file']])!r}")
-        self._pos = {k: int(v) for k, v in state.items()}
+    def document_items(self, epoch: int, file_idx: int, offset: int, doc: int, lines: Sequence[str]) -> list[Any]:
+        return self.document_instances(epoch, file_idx, offset, lines)
 
     def document_instances(self, epoch: int, file_idx: int, offset: int, sentences: Sequence[str]) -> list[dict[str, Any]]:
         """The (deterministic) instances of the document starting at ``offset`` in file ``file_idx``."""
@@ -253,28 +206,6 @@ class PretrainingStream(IterableDataset):
             masked, labels = mask_tokens(ids, tok.special_ids, tok.vocab_size, rng, self.mlm_probability, tok.mask_id)
             out.append({"input_ids": masked, "token_type_ids": types, "labels": labels, "sentence_order_label": sop})
         return out
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        produced_this_epoch = self._pos["file"] > 0 or self._pos["offset"] > 0
-        while True:
-            epoch, file_idx = self._pos["epoch"], self._pos["file"]
-            for start, nxt, sentences in read_documents(self.files[file_idx], self._pos["offset"]):
-                instances = self.document_instances(epoch, file_idx, start, sentences)
-                skip = self._pos["skip"] if start == self._pos["offset"] else 0
-                for k in range(skip, len(instances)):
-                    self._pos = {"epoch": epoch, "file": file_idx, "offset": start, "skip": k + 1}
-                    produced_this_epoch = True
-                    yield instances[k]
-                self._pos = {"epoch": epoch, "file": file_idx, "offset": nxt, "skip": 0}
-            if file_idx + 1 < len(self.files):
-                self._pos = {"epoch": epoch, "file": file_idx + 1, "offset": 0, "skip": 0}
-                continue
-            if not produced_this_epoch:
-                raise ValueError(f"corpus files {[str(f) for f in self.files]} yield no sentence pairs")
-            if not self.loop:
-                return
-            self._pos = {"epoch": epoch + 1, "file": 0, "offset": 0, "skip": 0}
-            produced_this_epoch = False
 
 
 def pad_collate(items: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:

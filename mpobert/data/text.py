@@ -1,24 +1,26 @@
 """Plain text for models with a Hugging Face tokenizer: a resumable stream of token sequences with held-out documents.
 
 The corpus format is pretraining's (one sentence per line, a blank line between documents) and
-the documents are read by the same resumable reader (:func:`~mpobert.data.pretraining.read_documents`).
+the documents are read, and the position kept, by the same resumable reader
+(:class:`~mpobert.data.documents.DocumentStream`).
 Used by distillation (teacher-matching on text) and by any workflow that feeds a
 ``transformers`` tokenizer's ids to a model: no labels, no masking, only ``input_ids``.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from mpobert.data.pretraining import corpus_files, pad_collate, read_documents
+from mpobert.data.documents import DocumentStream
+from mpobert.data.pretraining import pad_collate
 
 __all__ = ["TextStream", "heldout_batches"]
 
 
-class TextStream:
+class TextStream(DocumentStream):
     """Token sequences from plain-text files, streamed, resumable, with held-out documents.
 
     A document is a run of non-empty lines (blank lines separate documents). Its lines are
@@ -41,7 +43,7 @@ class TextStream:
 
     def __init__(self, files: Sequence[str | os.PathLike], tokenizer: Any, max_seq_len: int = 128, split: str = "train",
                  holdout_every: int = 20, loop: bool = True) -> None:
-        self.files = corpus_files(files)
+        super().__init__(files, loop, count_documents=True)
         if not isinstance(max_seq_len, int) or max_seq_len < 4:
             raise ValueError(f"max_seq_len must be an int >= 4, got {max_seq_len!r}")
         if split not in ("train", "heldout"):
@@ -49,24 +51,17 @@ class TextStream:
         if not isinstance(holdout_every, int) or holdout_every < 0 or (split == "heldout" and holdout_every == 0):
             raise ValueError(f"holdout_every must be an int >= 0 (>= 1 for the held-out split), got {holdout_every!r}")
         self.tokenizer, self.max_seq_len, self.split = tokenizer, max_seq_len, split
-        self.holdout_every, self.loop = holdout_every, loop
-        self._pos = {"epoch": 0, "file": 0, "offset": 0, "doc": 0, "skip": 0}
-
-    def state_dict(self) -> dict[str, int]:
-        """Position after the last sequence handed out."""
-        return dict(self._pos)
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a :meth:`state_dict`."""
-        if not isinstance(state, dict) or set(state) != set(self._pos):
-            raise ValueError(f"text stream state must have keys {sorted(self._pos)}, got {state!r}")
-        if not 0 <= state["file"] < len(self.files):
-            raise ValueError(f"text stream state names file {state['file']}, the stream has {len(self.files)}")
-        self._pos = {k: int(v) for k, v in state.items()}
+        self.holdout_every = holdout_every
+        self.nothing = f"{split} text"
 
     def _wanted(self, doc: int) -> bool:
         held = self.holdout_every > 0 and doc % self.holdout_every == 0
         return held == (self.split == "heldout")
+
+    def document_items(self, epoch: int, file_idx: int, offset: int, doc: int,
+                       lines: Sequence[str]) -> list[dict[str, list[int]]]:
+        """The packed sequences of document ``doc`` when this split wants it, else none."""
+        return [{"input_ids": ids} for ids in self.pack(lines)] if self._wanted(doc) else []
 
     def pack(self, lines: Sequence[str]) -> list[list[int]]:
         """Token ids of ``lines`` grouped greedily into sequences of at most ``max_seq_len`` tokens
@@ -84,31 +79,6 @@ class TextStream:
         if cur:
             groups.append(" ".join(cur))
         return tok(groups, truncation=True, max_length=self.max_seq_len)["input_ids"]
-
-    def __iter__(self) -> Iterator[dict[str, list[int]]]:
-        produced = False
-        while True:
-            epoch, file_idx = self._pos["epoch"], self._pos["file"]
-            doc = self._pos["doc"]
-            for start, nxt, lines in read_documents(self.files[file_idx], self._pos["offset"]):
-                if self._wanted(doc):
-                    skip = self._pos["skip"] if start == self._pos["offset"] else 0
-                    seqs = self.pack(lines)
-                    for k in range(skip, len(seqs)):
-                        self._pos = {"epoch": epoch, "file": file_idx, "offset": start, "doc": doc, "skip": k + 1}
-                        produced = True
-                        yield {"input_ids": seqs[k]}
-                doc += 1
-                self._pos = {"epoch": epoch, "file": file_idx, "offset": nxt, "doc": doc, "skip": 0}
-            if file_idx + 1 < len(self.files):
-                self._pos = {"epoch": epoch, "file": file_idx + 1, "offset": 0, "doc": doc, "skip": 0}
-                continue
-            if not produced:
-                raise ValueError(f"corpus files {[str(f) for f in self.files]} yield no {self.split} text")
-            if not self.loop:
-                return
-            self._pos = {"epoch": epoch + 1, "file": 0, "offset": 0, "doc": 0, "skip": 0}
-            produced = False
 
 
 def heldout_batches(stream: TextStream, batch_size: int, max_sequences: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
