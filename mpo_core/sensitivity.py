@@ -5,9 +5,10 @@ at a quarter of its dense entries (relative output error ``e_m = ||X (W - W')||^
 from the whitened spectrum), runs the model on the probe batches and measures the relative change of its
 output ``d_m = sum ||out' - out||^2 / sum ||out||^2``. The sensitivity is ``s_m = d_m / e_m``: to first
 order, the model's relative output error is ``sum_m s_m e_m`` when every layer is truncated a little.
-Measured on all-MiniLM-L6-v2, ``s`` spans 0.01 (attention queries) to 2.6 (the last FFN output): the
-relative output errors of different layers are not worth the same, which is why allocating by them alone
-loses to one uniform rank (``benchmarks/real_checkpoint.py``).
+On all-MiniLM-L6-v2 the sentence-cosine drop per unit of a layer's relative output error spans 0.01
+(attention queries) to 2.6 (the last FFN output): the relative output errors of different layers are not
+worth the same, which is why allocating by them alone lost to one uniform rank there (sentence cosine 0.72
+vs 0.80 at half the entries), and weighting them by ``s`` won (0.84).
 """
 from __future__ import annotations
 
