@@ -188,3 +188,40 @@ def test_gpu_model_measurement_runs_on_cpu():
     measured = gm.measured_fused_ops(rows, torch.float32, on="cpu")
     assert {(r["impl"], r["dir"]) for r in measured} == {(i, d) for i in ("fused", "torch") for d in ("fwd", "bwd")}
     assert all(r["measured_us"] > 0 and "model_us" not in r for r in measured)  # a CPU has no roofline
+
+
+# ----------------------------------------------------------------------------- modes beyond the smoke runs
+TINY_STEP = ["--presets", "tiny", "--tokens", "64", "--seq", "32", "--k", "1", "--repeats", "1"]
+
+
+def test_train_step_inference_lamb_bf16_rebuild_and_profile(tmp_path, capsys):
+    ts = _load("train_step")
+    ts.main([*TINY_STEP, "--variants", "mpobert", "bert", "--optimizers", "lamb", "--precision", "bf16", "--inference",
+             "--out", str(tmp_path / "a.json")])
+    rows = json.loads((tmp_path / "a.json").read_text())["rows"]
+    assert {(r["inference"], r["precision"], r["optimizer"]) for r in rows} == {(False, "bf16", "lamb"),
+                                                                               (True, "bf16", "none")}
+    ts.main([*TINY_STEP, "--variants", "mpobert", "--rebuild", "--out", str(tmp_path / "b.json")])
+    rebuild = json.loads((tmp_path / "b.json").read_text())["rebuild"]
+    (rrows,) = rebuild.values()
+    assert {r["what"] for r in rrows} == {"rebuild batched", "rebuild per layer", "dense GEMMs (64 tokens)"}
+    ts.main([*TINY_STEP, "--variants", "mpobert", "--profile", "mpobert", "--out", str(tmp_path / "c.json")])
+    assert "profile of one step" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--profile bert needs that variant"):
+        ts.main([*TINY_STEP, "--variants", "mpobert", "--profile", "bert"])
+
+
+def test_contract_throughput_bf16(tmp_path):
+    report = _load("contract_throughput").main(["--quick", "--tokens", "8", "--bonds", "16x", "--tntorch", "off",
+                                                "--min-time", "0.001", "--dtype", "bf16", "--out",
+                                                str(tmp_path / "c.json")])
+    assert report["dtype"] == "bf16" and report["rows"]
+
+
+def test_decompose_speed_llm_mode(tmp_path):
+    report = _load("decompose_speed").main(["--llm", "--shapes", "64x128", "--bonds", "4", "--rel-tols", "none",
+                                            "--contenders", "auto,randomized,tensorly,numpy", "--threads", "1",
+                                            "--json", str(tmp_path / "d.json")])
+    rows = {r["contender"]: r for r in report["rows"]}
+    assert set(rows) == {"auto", "randomized", "tensorly", "numpy"}
+    assert all(r["seconds"] > 0 and r["err"] <= 1 for r in rows.values()) and "x_vs_auto" in rows["numpy"]
