@@ -210,7 +210,7 @@ def mpo_linear(
         if backend is not None:
             raise BackendUnavailableError(
                 f"backend 'triton' cannot run mpo_linear here: no end core (d, i, j) whose padded size fits the kernel "
-                f"(mpo_core.kernels.mpo_matmul.padded_small_shape, both ways); first {tuple(cores[0].shape[1:])}, "
+                f"(mpo_core.kernels.tiles.padded_small_shape, both ways); first {tuple(cores[0].shape[1:])}, "
                 f"last {tuple(cores[-1].shape[:3])}; use backend='torch'"
             )
         chosen = "torch"
