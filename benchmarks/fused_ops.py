@@ -148,15 +148,15 @@ def measured_table(candidates: dict[str, Callable[[str], Callable[..., torch.Ten
     return rows
 
 
-def gpu_candidates(op_list, device: str = "cuda", dtype: torch.dtype = torch.bfloat16
+def gpu_candidates(op_list, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, compile_: bool = True
                    ) -> dict[str, Callable[[str], Callable[..., torch.Tensor]]]:
-    """The GPU run's contenders: torch eager and ``torch.compile``, ours by default and per backend that
-    runs ``op_list`` on ``device`` in ``dtype`` (on a CPU: the same flow, without ``torch.compile``,
-    whose C++ code generation takes minutes there)."""
+    """The GPU run's contenders: torch eager and ``torch.compile`` (``compile_``), ours by default and per
+    backend that runs ``op_list`` on ``device`` in ``dtype`` (on a CPU: the same flow, without
+    ``torch.compile``, whose C++ code generation takes minutes there)."""
     from mpo_core.ops.dispatch import why_unavailable
 
     cands: dict[str, Callable[[str], Callable[..., torch.Tensor]]] = {"torch_eager": _eager}
-    if torch.device(device).type == "cuda":
+    if compile_ and torch.device(device).type == "cuda":
         cands["torch_compile"] = lambda op: torch.compile(_eager(op))
     cands["ours(default)"] = lambda op: _ours(op, None)
     for backend in ("triton", "cuda"):
@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     size.add_argument("--tiny", action="store_true", help="one small shape, few repeats (smoke test; seconds on CPU)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--json", default="results/fused_ops.json", help="where to write the JSON report")
+    parser.add_argument("--no-torch-compile", action="store_true",
+                        help="leave torch.compile out of the contenders (its compiles take a minute or more)")
     parser.add_argument("--gpu-flow-on-cpu", action="store_true",
                         help="run the GPU measurement on the CPU (CI: every line of it runs without a GPU)")
     args = parser.parse_args(argv)
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         copy_bw = copy_bandwidth(device, 256 * 2**20 if device == "cuda" else 2**20)
         print(f"\nMEASURED on {info['device']} (sm_clock_MHz {info.get('sm_clock_MHz', 'n/a')}): copy "
               f"{copy_bw / 1e9:.1f} GB/s; model = roofline of {getattr(model_gpu(device), 'name', 'no modelled GPU')}")
-        rows = measured_table(gpu_candidates(OPS, device, dtype), OPS, shapes(args.quick, args.tiny), dtype, device,
+        rows = measured_table(gpu_candidates(OPS, device, dtype, not args.no_torch_compile), OPS, shapes(args.quick, args.tiny), dtype, device,
                               copy_bw, repeat)
         report.update(device=info["device"], device_info=info, copy_GBps=copy_bw / 1e9, measured=rows)
     elif backends()["cpp"]:
