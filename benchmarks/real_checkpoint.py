@@ -61,7 +61,7 @@ from mpobert.data.glue import BUNDLED_TASKS  # noqa: E402
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 COMPRESS_CONTENDERS = ("svd uniform", "svd allocated", "svd-llm", "mpo3 allocated", "mpo5 allocated", "mpo5 uniform",
                        "auto", "svd+calib", "auto+calib")
-PEFT_CONTENDERS = ("head only", "lora", "mpo auxiliary", "full")
+PEFT_CONTENDERS = ("lora", "mpo auxiliary", "full", "head only")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -335,7 +335,9 @@ def matched_lora_rank(base, mpo_targets: list[str], mpo_n: int) -> tuple[int, in
     return best[0], best[1], aux
 
 
-def run_peft(args, tokenizer, model_cls, spec, train_ex, dev_ex) -> tuple[list[dict], dict]:
+def run_peft(args, tokenizer, model_cls, spec, train_ex, dev_ex, partial: Callable[[list[dict], dict], None]
+             ) -> tuple[list[dict], dict]:
+    """Every PEFT contender at every lr and seed; ``partial(runs, meta)`` after each run (the JSON so far)."""
     pad = tokenizer.pad_token_id
     train_rows = encode(tokenizer, train_ex, args.max_len)
     dev_rows = encode(tokenizer, dev_ex, args.max_len)
@@ -357,6 +359,7 @@ def run_peft(args, tokenizer, model_cls, spec, train_ex, dev_ex) -> tuple[list[d
                 runs.append({"contender": contender, "lr": lr, "seed": seed, "accuracy": acc,
                              "trainable": _trainable(model), "train_s": seconds})
                 print(f"[peft] {contender:<14} lr {lr:<8g} seed {seed} acc {acc:.4f} ({seconds:.0f} s)", flush=True)
+                partial(runs, meta)
     return runs, meta
 
 
@@ -486,9 +489,14 @@ def _run(args, spec, train_ex, dev_ex, transformers) -> dict:
         print(format_table(rows, cols))
         payload["compress_plot"] = plot(rows, os.path.splitext(args.output)[0] + "_compress.png")
     if "peft" in sections:
-        runs, meta = run_peft(args, tokenizer, model_cls, spec, train_ex, dev_ex)
+        def partial(runs: list[dict], meta: dict) -> None:
+            write_json(args.output, {**payload, "peft_runs": runs, "peft": summarise_peft(runs), "peft_counts": meta,
+                                     "complete": False})
+
+        runs, meta = run_peft(args, tokenizer, model_cls, spec, train_ex, dev_ex, partial)
         payload["peft_runs"], payload["peft"], payload["peft_counts"] = runs, summarise_peft(runs), meta
         print(format_table(payload["peft"], ["contender", "trainable", "best_lr", "acc_mean", "acc_std", "seeds"]))
+    payload["complete"] = True
     write_json(args.output, payload)
     print(f"wrote {args.output}")
     return payload

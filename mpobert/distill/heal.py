@@ -29,7 +29,7 @@ from mpo_core.nn import MPOLinear, num_parameters, unmpo_ify
 from mpobert.data.text import TextStream, heldout_batches
 from mpobert.distill.evaluate import format_comparison
 from mpobert.distill.teacher import Teacher, load_teacher
-from mpobert.distill.workflow import TeacherMatchConfig, corpus_files, match_teacher, write_json
+from mpobert.distill.workflow import TeacherMatchConfig, match_teacher, training_corpus, write_json
 from mpobert.options import nested, option
 from mpobert.train import TrainConfig, setup_distributed
 
@@ -141,14 +141,14 @@ def heal(cfg: HealConfig) -> dict[str, Any]:
     start = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     with tempfile.TemporaryDirectory() as tmp:  # OUTPUT_DIR is created only once compression has worked
-        calibration_files = cfg.corpus or corpus_files(cfg, Path(tmp), 0, 1)
+        calibration_files = cfg.corpus or training_corpus(cfg, Path(tmp), 0, 1)
         student, compression = compress_student(cfg, teacher, calibration_files)
     compress_s = time.perf_counter() - start
     for module in student.modules():  # healing matches the teacher's eval-mode outputs: no dropout
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     out.mkdir(parents=True, exist_ok=True)
-    files = corpus_files(cfg, out, rank, world)
+    files = training_corpus(cfg, out, rank, world)
     trainable = heal_trainable(student, cfg.train_cores)
     student_params = num_parameters(student)
     if rank == 0:

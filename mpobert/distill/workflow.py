@@ -30,7 +30,7 @@ from mpobert.distill.teacher import Teacher, check_vocabulary, load_teacher
 from mpobert.options import nested, option
 from mpobert.train import TrainConfig, Trainer, setup_distributed
 
-__all__ = ["DistillConfig", "TeacherMatchConfig", "corpus_files", "distill", "match_teacher", "time_limit", "write_json"]
+__all__ = ["DistillConfig", "TeacherMatchConfig", "distill", "match_teacher", "time_limit", "training_corpus", "write_json"]
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -97,7 +97,7 @@ class DistillConfig(TeacherMatchConfig):
                                 optimizer="adamw", weight_decay=0.0, warmup_steps=10, log_every=10)
 
 
-def corpus_files(cfg: TeacherMatchConfig, out: Path, rank: int, world: int) -> list[str]:
+def training_corpus(cfg: TeacherMatchConfig, out: Path, rank: int, world: int) -> list[str]:
     """The training text files: ``cfg.corpus``, or the bundled pydoc corpus written once to ``out/corpus.txt``."""
     if cfg.corpus:
         return list(cfg.corpus)
@@ -212,7 +212,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     cfg.check_files()
     out = Path(cfg.train.output_dir)  # created only once the inputs proved valid
     out.mkdir(parents=True, exist_ok=True)
-    files = corpus_files(cfg, out, rank, world)
+    files = training_corpus(cfg, out, rank, world)
     _freeze_unused(student, cfg)
     student_params, teacher_params = student.parameter_report().total, teacher.num_params
     if rank == 0:
