@@ -303,6 +303,9 @@ class FamilyPlanner:
         self.fronts = {name: _pareto(points) for name, points in self.curves.items()}
 
     def _fixed_point(self, name: str, kind: str, ranks: list[int]) -> Point:
+        member = self.exact[name][kind][0]
+        if core_params(member.in_shape, member.out_shape, ranks) >= self.weights[name].numel():
+            return _dense_point(self.weights[name])  # as the allocation counts it: kept dense
         key = (name, kind, tuple(ranks))
         if key not in self._points:
             member, mpo = self.exact[name][kind]

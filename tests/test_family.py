@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -87,6 +87,7 @@ def _best_fixed(weights, budget, grams, sens):
 
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 10 ** 6), fraction=st.floats(0.12, 0.9), calibrated=st.booleans())
+@example(seed=0, fraction=0.84375, calibrated=False)  # a fixed plan's over-dense point was not counted as dense
 def test_auto_objective_is_at_most_every_fixed_members(seed, fraction, calibrated):
     weights = _matrices(seed)
     grams = None
