@@ -83,6 +83,8 @@ MUTATIONS: list[Mutation] = [
        "        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]\n",
        "        acc += 0.0 * tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]\n",
        MPO_MATMUL_TESTS),
+    _m("tiles/mode-padding", "off by one", "mpo_core/kernels/tiles.py",
+       "ip = next_power_of_2(i)\n", "ip = next_power_of_2(i - 1)\n", MPO_MATMUL_TESTS),
     # ---- Triton: LayerNorm, residual + dropout + LayerNorm, bias + GELU, column sum
     _m("layer_norm/variance-mask", "mask dropped", LN,
        "centered = tl.where(mask, h - mean, 0.0)", "centered = h - mean", FUSED_OPS_TESTS),
