@@ -175,6 +175,7 @@ class DemoConfig:
     embedding_size: int = option(64, "E")
     num_layers: int = option(2, "L")
     seed: int = option(0, "seed of the data split, the labelled subset, init and training")
+    threads: int = option(1, "torch CPU threads (0 = torch's default); torch's 2 ran ~10x slower on the loaded 2-core CPU")
     progress: str = option("plain", "progress display", choices=PROGRESS_MODES)
     device: str = option("auto", "'auto' (CUDA if available), 'cpu', 'cuda:0', ...")
 
@@ -425,6 +426,8 @@ def demo(cfg: DemoConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     if not cfg.finetune_lrs:
         raise ValueError("--finetune-lrs needs at least one learning rate")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     if cfg.quick:  # a smoke run for tests and first contact
         cfg = dataclasses.replace(cfg, pretrain_steps=100, finetune_epochs=2.0, finetune_lrs=cfg.finetune_lrs[:1], compare_scratch=False)
     out = Path(cfg.output_dir)
@@ -446,7 +449,6 @@ def demo(cfg: DemoConfig) -> dict[str, Any]:
                           optimizer=cfg.optimizer, warmup_steps=max(1, cfg.pretrain_steps // 10),
                           log_every=max(1, cfg.pretrain_steps // 20), **common)))
     pretrained = out / "pretrain" / "model"
-
     def finetune_from(output: str, lr: float, **source: Any) -> dict[str, Any]:
         return finetune(FinetuneConfig(
             **{**run, **source}, task="pydoc-topics", data_dir=[str(task_dir)], epochs=cfg.finetune_epochs,
@@ -479,8 +481,7 @@ def demo(cfg: DemoConfig) -> dict[str, Any]:
     print(report)
     print(f"\npretraining (MLM + SOP, {cfg.mlm_probability:.0%} masked) on the text of the {n_train} train paragraphs, "
           "no labels; loss, step: loss\n  " + ", ".join(f"{s}: {l:.3f}" for s, l in pre["loss_curve"]))
-    print(f"held-out (dev paragraphs) MLM accuracy {pre['eval']['mlm_accuracy']:.3f}, SOP accuracy "
-          f"{pre['eval']['sop_accuracy']:.3f}")
+    print(f"held-out (dev paragraphs) MLM accuracy {pre['eval']['mlm_accuracy']:.3f}, SOP {pre['eval']['sop_accuracy']:.3f}")
     acc, base = fine["eval"]["accuracy"], fine["majority_baseline"]["pydoc-topics"]["accuracy"]
     print(f"\nfine-tuning on pydoc-topics, {labelled} labelled train paragraphs, {cfg.finetune_epochs:g} epochs, "
           f"seed {cfg.seed}, AdamW at each lr of {cfg.finetune_lrs}; dev accuracy ({n_dev} paragraphs) by lr:")
