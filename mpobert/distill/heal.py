@@ -53,7 +53,8 @@ class HealConfig(TeacherMatchConfig):
                                              "and measure each layer's sensitivity (0: weight error only)")
     train_cores: str = option("all", "which factors heal: all cores, or only the auxiliaries (centrals frozen); the "
                                      "encoder's biases and LayerNorms train either way", choices=("all", "auxiliary"))
-    train: TrainConfig = nested(TrainConfig, "training", required=("output_dir",), max_steps=200, lr=2e-4,
+    # lr 3e-5: on all-MiniLM-L6-v2 at 50% it healed (held-out cosine 0.80 -> 0.87 in 1126 steps), 2e-4 diverged
+    train: TrainConfig = nested(TrainConfig, "training", required=("output_dir",), max_steps=200, lr=3e-5,
                                 optimizer="adamw", weight_decay=0.0, warmup_steps=10, log_every=10)
 
 
