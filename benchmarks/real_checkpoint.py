@@ -54,8 +54,9 @@ from _finetune import (  # noqa: E402
 
 from mpo_core.compress import analyze, compress  # noqa: E402
 from mpo_core.lightweight import LightweightConfig, get_lightweight_model  # noqa: E402
-from mpo_core.nn import MPOLinear, linear_weight, mpo_ify, replace_module, select_modules  # noqa: E402
-from mpo_core.shapes import core_params, full_ranks  # noqa: E402
+from mpo_core.family import family_members, uniform_ranks  # noqa: E402
+from mpo_core.nn import MPOLinear, linear_weight, replace_module, select_modules  # noqa: E402
+from mpo_core.shapes import core_params  # noqa: E402
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 COMPRESS_CONTENDERS = ("svd uniform", "svd allocated", "svd-llm", "mpo3 allocated", "mpo5 allocated", "mpo5 uniform",
@@ -78,39 +79,22 @@ def weight_error(original: dict[str, torch.Tensor], encoder) -> float:
     return num / den
 
 
-def _saves(mod, shapes: Callable, bond: int) -> bool:
-    """Whether ``mod`` as an MPO of ``shapes`` with every bond capped at ``bond`` holds fewer entries than dense."""
-    ins, outs = shapes(mod.in_features, mod.out_features)
-    ranks = [1] + [min(bond, f) for f in full_ranks(ins, outs)[1:-1]] + [1]
-    return core_params(ins, outs, ranks) < mod.in_features * mod.out_features
-
-
-def _uniform_bond(encoder, shapes: Callable, budget: int) -> int:
-    """The largest single bond whose total fits the budget (a matrix whose MPO would not save entries stays dense)."""
-    mods = [mod for _, mod in _targets(encoder)]
-
-    def size(bond: int) -> int:
-        total = 0
-        for mod in mods:
-            ins, outs = shapes(mod.in_features, mod.out_features)
-            ranks = [1] + [min(bond, f) for f in full_ranks(ins, outs)[1:-1]] + [1]
-            total += min(core_params(ins, outs, ranks), mod.in_features * mod.out_features)
-        return total
-
-    lo, hi = 1, max(max(m.in_features, m.out_features) for m in mods)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if size(mid) <= budget else (lo, mid - 1)
-    return lo
-
-
-def _svd_shapes(i: int, o: int):
-    return (i, 1), (1, o)
-
-
-def _balanced(n: int):
-    from mpo_core.shapes import factorize
-    return lambda i, o: (factorize(i, n), factorize(o, n))
+def compress_uniform(encoder, targets, n: int, budget: int, whitenings: dict | None = None) -> int:
+    """One bond cap for every matrix (:func:`mpo_core.family.uniform_ranks`; n=2: the truncated SVD), whitened when
+    ``whitenings`` are given (SVD-LLM); a matrix whose factors would not save entries stays dense. Returns the cap."""
+    members = {name: family_members(mod.in_features, mod.out_features, (n,))[0] for name, mod in targets}
+    found = uniform_ranks(members, budget)
+    if found is None:
+        raise ValueError(f"budget {budget} is below every matrix at bond 1 (n={n})")
+    bond, ranks = found
+    for name, mod in targets:
+        m = members[name]
+        if core_params(m.in_shape, m.out_shape, ranks[name]) >= mod.in_features * mod.out_features:
+            continue
+        layer = MPOLinear.from_linear(mod, m.in_shape, m.out_shape, max_bond=ranks[name],
+                                      decompose_kwargs={"input_cov": whitenings[name]} if whitenings else None)
+        replace_module(encoder, name, layer)
+    return bond
 
 
 def compress_as(contender: str, encoder, fraction: float, analyses: dict) -> dict[str, Any]:
@@ -124,22 +108,9 @@ def compress_as(contender: str, encoder, fraction: float, analyses: dict) -> dic
     start = time.perf_counter()
     info: dict[str, Any] = {}
     if contender in ("svd uniform", "mpo5 uniform"):
-        shapes = _svd_shapes if contender.startswith("svd") else _balanced(5)
-        bond = _uniform_bond(encoder, shapes, budget)
-        chosen = [n for n, m in targets if _saves(m, shapes, bond)]
-        if chosen:
-            mpo_ify(encoder, include=lambda name, mod: name in chosen, n=shapes, max_bond=bond, progress=False)
-        info["bond"] = bond
+        info["bond"] = compress_uniform(encoder, targets, 5 if contender.startswith("mpo5") else 2, budget)
     elif contender == "svd-llm":
-        whitenings = analyses["calib"].whitenings
-        bond = _uniform_bond(encoder, _svd_shapes, budget)
-        for name, mod in targets:
-            if not _saves(mod, _svd_shapes, bond):
-                continue
-            layer = MPOLinear.from_linear(mod, (mod.in_features, 1), (1, mod.out_features), max_bond=bond,
-                                          decompose_kwargs={"input_cov": whitenings[name]})
-            replace_module(encoder, name, layer)
-        info["bond"] = bond
+        info["bond"] = compress_uniform(encoder, targets, 2, budget, analyses["calib"].whitenings)
     else:
         n = {"svd allocated": 2, "mpo3 allocated": 3, "mpo5 allocated": 5, "auto": "auto",
              "svd+calib": 2, "auto+calib": "auto"}[contender]

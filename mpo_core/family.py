@@ -32,7 +32,7 @@ from mpo_core.mpo import MPO
 from mpo_core.shapes import core_params, factorize, full_ranks
 from mpo_core.whitening import Whitening, output_error
 
-__all__ = ["DEFAULT_CORES", "FamilyPlanner", "Member", "Plan", "PlanEntry", "Point", "family_member_name", "family_members", "member_curve", "plan"]
+__all__ = ["DEFAULT_CORES", "FamilyPlanner", "Member", "Plan", "PlanEntry", "Point", "family_member_name", "family_members", "uniform_ranks", "member_curve", "plan"]
 
 DEFAULT_CORES = (2, 3, 4, 5)
 """The numbers of cores ``n="auto"`` considers."""
@@ -133,16 +133,24 @@ def _relative(value_sq: float, norm_sq: float) -> float:
     return value_sq / norm_sq if norm_sq > 0 else 0.0
 
 
-def _evaluate(weight: torch.Tensor, member: Member, ranks: Sequence[int], whitening: Whitening | None) -> float:
+def _reference_sq(weight: torch.Tensor, whitening: Whitening | None) -> float:
+    """``||W||_F^2``, or ``||X W||_F^2`` with input statistics: what :func:`_evaluate`'s errors are relative to."""
+    if whitening is None:
+        return float((weight.to(torch.float64) ** 2).sum())
+    return output_error(weight, torch.zeros_like(weight), whitening.gram) ** 2
+
+
+def _evaluate(weight: torch.Tensor, member: Member, ranks: Sequence[int], whitening: Whitening | None,
+              reference_sq: float) -> float:
     """Relative squared error of the TT-SVD of ``weight`` (whitened when given) at ``ranks``, from its rebuild."""
     mpo = decompose(weight, member.in_shape, member.out_shape, max_bond=list(ranks), input_cov=whitening)
     if whitening is None:
         w = weight.to(torch.float64)
-        return _relative(float(((w - mpo.to_dense().to(torch.float64)) ** 2).sum()), float((w ** 2).sum()))
+        return _relative(float(((w - mpo.to_dense().to(torch.float64)) ** 2).sum()), reference_sq)
     error = mpo.metadata.get("output_error")  # computed by decompose for Kronecker whitening
     if error is None:
         error = output_error(weight, mpo.to_dense(), whitening.gram)
-    return _relative(error ** 2, output_error(weight, torch.zeros_like(weight), whitening.gram) ** 2)
+    return _relative(error ** 2, reference_sq)
 
 
 def _svd_points(mpo: MPO, member: Member) -> list[Point]:
@@ -163,6 +171,7 @@ def member_curve(weight: torch.Tensor, member: Member, whitening: Whitening | No
     dense = math.prod(mpo.shape)
     floor = core_params(member.in_shape, member.out_shape, [1] * (member.n + 1))
     seen, points = set(), []
+    reference_sq = _reference_sq(weight, whitening)
     for k in range(levels):
         size = int(dense * SMALLEST_LEVEL ** (1 - k / max(levels - 1, 1)))
         if size < floor:
@@ -172,7 +181,7 @@ def member_curve(weight: torch.Tensor, member: Member, whitening: Whitening | No
             continue
         seen.add(tuple(ranks))
         points.append(Point(member, ranks, core_params(member.in_shape, member.out_shape, ranks),
-                            _evaluate(weight, member, ranks, whitening)))
+                            _evaluate(weight, member, ranks, whitening, reference_sq)))
     return mpo, points
 
 
@@ -245,8 +254,9 @@ def _choose(fronts: Mapping[str, list[Point]], weights: Mapping[str, float], bud
         chosen[best[1]] = best[2]
 
 
-def _uniform_ranks(members: Mapping[str, Member], budget: int) -> dict[str, list[int]] | None:
-    """One bond cap for every matrix, the largest whose total (dense where smaller) meets the budget."""
+def uniform_ranks(members: Mapping[str, Member], budget: int) -> tuple[int, dict[str, list[int]]] | None:
+    """One bond cap for every matrix, the largest whose total meets the budget (a matrix whose factors would hold at
+    least its dense entries counts, and stays, dense): ``(cap, ranks per matrix)``, or ``None`` if even 1 is too big."""
     def ranks_at(cap: int) -> dict[str, list[int]]:
         return {name: consistent_ranks([1] + [min(cap, f) for f in full_ranks(m.in_shape, m.out_shape)[1:-1]] + [1],
                                        m.in_shape, m.out_shape) for name, m in members.items()}
@@ -261,7 +271,7 @@ def _uniform_ranks(members: Mapping[str, Member], budget: int) -> dict[str, list
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if size(ranks_at(mid)) <= budget else (lo, mid - 1)
-    return ranks_at(lo)
+    return lo, ranks_at(lo)
 
 
 def _fixed_point(weight: torch.Tensor, member: Member, ranks: list[int], exact: MPO, whitening: Whitening | None
@@ -271,7 +281,7 @@ def _fixed_point(weight: torch.Tensor, member: Member, ranks: list[int], exact: 
         return _dense_point(weight)
     if member.name == "svd":
         return next(p for p in _svd_points(exact, member) if p.ranks[1] == ranks[1])
-    return Point(member, ranks, params, _evaluate(weight, member, ranks, whitening))
+    return Point(member, ranks, params, _evaluate(weight, member, ranks, whitening, _reference_sq(weight, whitening)))
 
 
 class FamilyPlanner:
@@ -330,9 +340,9 @@ class FamilyPlanner:
                 options["allocated"] = allocate_ranks(mpos, budget=budget, weights=self.sens)
             except ValueError:
                 pass
-            uniform = _uniform_ranks(members, budget)
+            uniform = uniform_ranks(members, budget)
             if uniform is not None:
-                options["uniform"] = uniform
+                options["uniform"] = uniform[1]
             for how, ranks in options.items():
                 points = {name: self._fixed_point(name, kind, ranks[name]) for name in self.weights}
                 if sum(p.params for p in points.values()) > budget:
