@@ -5,13 +5,12 @@
 * :func:`evaluate` (:class:`EvaluateConfig`): a fine-tuned model on a task's dev split, with the majority baseline
 * :func:`convert` (:class:`ConvertConfig`): a local Hugging Face ALBERT/BERT/RoBERTa checkpoint to an MPOBERT directory
 * :func:`params` (:class:`ParamsConfig`): the parameter table of a model directory or a config
-* :func:`demo` (:class:`DemoConfig`): tokenizer, pretraining and fine-tuning on bundled data, end to end
 * :func:`distill` (:class:`DistillConfig`): a Hugging Face BERT/ALBERT/RoBERTa teacher into its MPOBERT
   conversion (defined in :mod:`mpobert.distill.workflow` with the teacher-matching pieces it assembles)
 * :func:`heal` (:class:`HealConfig`): a transformers checkpoint compressed (``mpo_core.compress``) and trained back
   toward the original through the same teacher-matching core (:mod:`mpobert.distill.heal`)
 
-Each returns a JSON-able dict. The settings classes declare their fields with
+``python -m mpobert demo`` (:mod:`mpobert.demo`) builds on these. Each returns a JSON-able dict. The settings classes declare their fields with
 :func:`mpobert.options.option`; ``python -m mpobert`` (:mod:`mpobert.cli`) generates its options
 from them, so a new workflow is a settings class plus a function here and one line in
 :data:`mpobert.cli.COMMANDS`. Training runs (:func:`pretrain`, :func:`finetune`) use the one
@@ -22,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ from mpo_core.nn import num_parameters
 from mpobert.config import MPOBertConfig
 from mpobert.data import (
     ExampleBatches, MultiTaskBatches, PretrainingStream, StreamBatches, WordPieceTokenizer, encode_examples, few_shot,
-    get_task, load_split, read_squad, split_sentences, squad_features, train_wordpiece, write_corpus, write_pydoc_topic_task,
+    get_task, load_split, read_squad, squad_features, train_wordpiece, write_corpus, write_pydoc_topic_task,
 )
 from mpobert.data.corpus import pydoc_documents
 from mpobert.distill.heal import HealConfig, heal
@@ -44,16 +42,16 @@ from mpobert.heads import MPOBertForPreTraining, MPOBertForQuestionAnswering, MP
 from mpobert.model import MPOBertModel, MPOBertPreTrainedModel
 from mpobert.multitask import MPOBertForMultiTask
 from mpobert.options import nested, option
-from mpobert.train import OPTIMIZERS, PROGRESS_MODES, TrainConfig, Trainer, setup_distributed
+from mpobert.train import TrainConfig, Trainer, setup_distributed
 
-__all__ = ["PRESETS", "TOKENIZER_FILE", "model_config", "PretrainConfig", "FinetuneConfig", "EvaluateConfig",
-           "ConvertConfig", "ParamsConfig", "DemoConfig", "DistillConfig", "HealConfig", "pretrain", "finetune", "evaluate",
-           "convert", "params", "demo", "distill", "heal"]
+__all__ = ["PRESETS", "PRESET_HELP", "TOKENIZER_FILE", "model_config", "PretrainConfig", "FinetuneConfig",
+           "EvaluateConfig", "ConvertConfig", "ParamsConfig", "DistillConfig", "HealConfig", "pretrain", "finetune",
+           "evaluate", "convert", "params", "distill", "heal"]
 
 PRESETS = {"tiny": MPOBertConfig.tiny, "mpobert12": MPOBertConfig.mpobert12, "mpobert24": MPOBertConfig.mpobert24,
            "mpobert48": MPOBertConfig.mpobert48, "mpobert48_plus": MPOBertConfig.mpobert48_plus}
 TOKENIZER_FILE = "tokenizer.json"
-_PRESET_HELP = f"preset {sorted(PRESETS)} or a JSON config file"
+PRESET_HELP = f"preset {sorted(PRESETS)} or a JSON config file"
 
 
 def model_config(spec: str, **overrides: Any) -> MPOBertConfig:
@@ -70,7 +68,7 @@ def model_config(spec: str, **overrides: Any) -> MPOBertConfig:
 class _RunConfig:
     """What pretraining and fine-tuning runs share besides the :class:`TrainConfig`."""
 
-    model_config: str = option("tiny", f"{_PRESET_HELP} for a model from scratch")
+    model_config: str = option("tiny", f"{PRESET_HELP} for a model from scratch")
     tokenizer: str | None = option(None, "vocab.txt or tokenizer.json (pretrain default: train a WordPiece vocab on the "
                                          "corpus; finetune default: the --model directory's)")
     batch_size: int = option(32, "per-device micro-batch size")
@@ -148,36 +146,8 @@ class ParamsConfig:
     """Settings of :func:`params`."""
 
     model: str | None = option(None, "model directory")
-    model_config: str = option("mpobert12", _PRESET_HELP)
+    model_config: str = option("mpobert12", PRESET_HELP)
     json: bool = option(False, "print JSON instead of the table")
-
-
-@dataclass(kw_only=True)
-class DemoConfig:
-    """Settings of :func:`demo` (defaults from the measurements in the README's MPOBERT section)."""
-
-    output_dir: str = option("results/demo", "where data, runs and demo_metrics.json go")
-    quick: bool = option(False, "smoke run (100 pretraining steps, 2 fine-tuning epochs, the first lr, no scratch twin)")
-    pretrain_steps: int = option(600, "MLM+SOP pretraining steps (on the text of all train paragraphs, no labels)")
-    pretrain_lr: float = option(2e-3, "pretraining peak learning rate")
-    optimizer: str = option("adamw", "pretraining optimizer", choices=OPTIMIZERS)
-    mlm_probability: float = option(0.3, "fraction of tokens to predict in pretraining")
-    compare_scratch: bool = option(True, "also fine-tune a random init the same way (labels, seed, lrs): what pretraining adds")
-    few_shot: int = option(32, "labelled train paragraphs per class for fine-tuning (0 = all 1224)")
-    finetune_epochs: float = option(20.0, "fine-tuning epochs over the labelled paragraphs")
-    finetune_lrs: list[float] = option([5e-4, 1e-3], "fine-tuning peak lrs (AdamW), each tried on both; each at its best")
-    batch_size: int = option(32, "batch size of both stages")
-    dropout: float = option(0.0, "hidden/attention/classifier dropout; a model this small underfits, so none")
-    max_seq_len: int = option(64, "tokens per sequence, both stages")
-    vocab_size: int = option(1000, "WordPiece vocabulary trained on the corpus")
-    model_config: str = option("tiny", _PRESET_HELP + ", with the sizes below")
-    hidden_size: int = option(128, "H (intermediate 4H, 4 heads, rank-4 adapters)")
-    embedding_size: int = option(64, "E")
-    num_layers: int = option(2, "L")
-    seed: int = option(0, "seed of the data split, the labelled subset, init and training")
-    threads: int = option(1, "torch CPU threads (0 = torch's default); torch's 2 ran ~10x slower on the loaded 2-core CPU")
-    progress: str = option("plain", "progress display", choices=PROGRESS_MODES)
-    device: str = option("auto", "'auto' (CUDA if available), 'cpu', 'cuda:0', ...")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -417,84 +387,3 @@ def params(cfg: ParamsConfig) -> dict[str, Any]:
         report = MPOBertForPreTraining(model_config(cfg.model_config)).parameter_report()
     print(json.dumps(report.to_dict(), indent=2) if cfg.json else report)
     return report.to_dict()
-
-
-# ---------------------------------------------------------------------------- demo
-def demo(cfg: DemoConfig) -> dict[str, Any]:
-    """End to end on bundled data: tokenizer, MLM+SOP pretraining, fine-tuning on pydoc-topics, and the same
-    fine-tuning from a random init, to measure what pretraining adds."""
-    t0 = time.perf_counter()
-    if not cfg.finetune_lrs:
-        raise ValueError("--finetune-lrs needs at least one learning rate")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.quick:  # a smoke run for tests and first contact
-        cfg = dataclasses.replace(cfg, pretrain_steps=100, finetune_epochs=2.0, finetune_lrs=cfg.finetune_lrs[:1], compare_scratch=False)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    task_dir = write_pydoc_topic_task(out / "data" / "pydoc-topics", seed=cfg.seed)
-    spec = get_task("pydoc-topics")
-    # Pretrain on the text of the train paragraphs only; the dev paragraphs are held out (MLM/SOP eval corpus).
-    write_corpus([split_sentences(e.text_a) for e in load_split(spec, task_dir, "train")], out / "pretrain" / "corpus.txt")
-    write_corpus([split_sentences(e.text_a) for e in load_split(spec, task_dir, "dev")], out / "heldout.txt")
-    model_config(cfg.model_config, hidden_size=cfg.hidden_size, embedding_size=cfg.embedding_size, num_layers=cfg.num_layers,
-                 intermediate_size=4 * cfg.hidden_size, num_heads=4, adapter_rank=4).save(out / "model_config.json")
-    run = dict(model_config=str(out / "model_config.json"), batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len,
-               dropout=cfg.dropout)
-    common = dict(seed=cfg.seed, progress=cfg.progress, device=cfg.device)
-    pre = pretrain(PretrainConfig(
-        **run, corpus=[str(out / "pretrain" / "corpus.txt")], eval_corpus=str(out / "heldout.txt"),
-        vocab_size=cfg.vocab_size, mlm_probability=cfg.mlm_probability,
-        train=TrainConfig(output_dir=str(out / "pretrain"), max_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
-                          optimizer=cfg.optimizer, warmup_steps=max(1, cfg.pretrain_steps // 10),
-                          log_every=max(1, cfg.pretrain_steps // 20), **common)))
-    pretrained = out / "pretrain" / "model"
-    def finetune_from(output: str, lr: float, **source: Any) -> dict[str, Any]:
-        return finetune(FinetuneConfig(
-            **{**run, **source}, task="pydoc-topics", data_dir=[str(task_dir)], epochs=cfg.finetune_epochs,
-            few_shot=cfg.few_shot, train=TrainConfig(output_dir=str(out / output), lr=lr, optimizer="adamw", **common)))
-    contenders = {"pretrained": dict(model=str(pretrained))}
-    if cfg.compare_scratch:  # the same fine-tuning from a randomly initialized model of the same config and vocab
-        contenders["scratch"] = dict(model_config=str(pretrained / "config.json"), tokenizer=str(pretrained / TOKENIZER_FILE))
-    runs = {name: {lr: finetune_from(f"finetune_{name}_lr{lr:g}", lr, **source) for lr in cfg.finetune_lrs}
-            for name, source in contenders.items()}  # each contender at every lr, same seed and labelled subset
-    best = {name: max(r, key=lambda lr: r[lr]["eval"]["accuracy"]) for name, r in runs.items()}
-    fine = runs["pretrained"][best["pretrained"]]
-    n_train, n_dev = (len(load_split(spec, task_dir, split)) for split in ("train", "dev"))
-    labelled = f"{cfg.few_shot} per class" if cfg.few_shot else f"all {n_train}"
-    result = {name: {"best_lr": best[name], "steps": r[best[name]]["steps"], "dev": r[best[name]]["eval"],
-                     "dev_accuracy_by_lr": {str(lr): r[lr]["eval"]["accuracy"] for lr in cfg.finetune_lrs},
-                     "model": str(out / f"finetune_{name}_lr{best[name]:g}" / "model")} for name, r in runs.items()}
-    gain = fine["eval"]["accuracy"] - result["scratch"]["dev"]["accuracy"] if "scratch" in runs else None
-    report = MPOBertForSequenceClassification.from_pretrained(result["pretrained"]["model"]).parameter_report()
-    summary = {
-        "parameters": report.to_dict(), "seed": cfg.seed,
-        "pretrain": {"steps": pre["steps"], "loss_curve": pre["loss_curve"], "heldout": pre["eval"],
-                     "tokens_per_s": pre["tokens_per_s"], "train_time_s": pre["train_time_s"]},
-        "finetune": {**result["pretrained"], "labelled": labelled, "epochs": cfg.finetune_epochs,
-                     "majority_baseline": fine["majority_baseline"]["pydoc-topics"]},
-        "finetune_from_scratch": result.get("scratch"),
-        "gain_dev_accuracy": gain, "total_time_s": time.perf_counter() - t0,
-    }
-    atomic_write(out / "demo_metrics.json", json.dumps(summary, indent=2).encode("utf-8"))
-    print("\n== MPOBERT demo (bundled pydoc corpus, CPU-sized) ==")
-    print(report)
-    print(f"\npretraining (MLM + SOP, {cfg.mlm_probability:.0%} masked) on the text of the {n_train} train paragraphs, "
-          "no labels; loss, step: loss\n  " + ", ".join(f"{s}: {l:.3f}" for s, l in pre["loss_curve"]))
-    print(f"held-out (dev paragraphs) MLM accuracy {pre['eval']['mlm_accuracy']:.3f}, SOP {pre['eval']['sop_accuracy']:.3f}")
-    acc, base = fine["eval"]["accuracy"], fine["majority_baseline"]["pydoc-topics"]["accuracy"]
-    print(f"\nfine-tuning on pydoc-topics, {labelled} labelled train paragraphs, {cfg.finetune_epochs:g} epochs, "
-          f"seed {cfg.seed}, AdamW at each lr of {cfg.finetune_lrs}; dev accuracy ({n_dev} paragraphs) by lr:")
-    for name, r in runs.items():
-        print(f"  {name if name == 'pretrained' else 'from a random init':>18}: "
-              + ", ".join(f"lr {lr:g} {r[lr]['eval']['accuracy']:.3f}" for lr in cfg.finetune_lrs))
-    print(f"pydoc-topics dev accuracy {acc:.3f} (pretrained, lr {best['pretrained']:g}) vs majority-class baseline "
-          f"{base:.3f} (Matthews corr. {fine['eval']['matthews_corrcoef']:.3f})")
-    if gain is not None:
-        sc = runs["scratch"][best["scratch"]]["eval"]
-        print(f"same fine-tuning from a random init: dev accuracy {sc['accuracy']:.3f} (lr {best['scratch']:g}, "
-              f"Matthews corr. {sc['matthews_corrcoef']:.3f})")
-        verdict = "pretraining helps on this run" if gain > 0 else "no gain from pretraining on this run"
-        print(f"=> {verdict}: {gain:+.3f} dev accuracy, each model at its best lr (seed {cfg.seed})")
-    print(f"total time {summary['total_time_s']:.0f} s; metrics written to {out / 'demo_metrics.json'}")
-    return summary
