@@ -23,8 +23,12 @@ Sections (``--sections``):
 ``peft``
     Fine-tuning at equal trainable counts: head only (pooler + classifier), peft LoRA (rank chosen so its
     count is within 10% of the MPO adapter's), MPO auxiliary-only (``mpo_core.lightweight``, centrals
-    frozen), and full fine-tuning; each contender at every one of its ``--*-lrs`` and every seed; the
-    table gives mean +- std over seeds at each contender's best lr.
+    frozen), full fine-tuning, and OPF (full fine-tuning with every targeted encoder matrix
+    over-parameterized as its exact MPO, ``mpo_core.opf``, merged back to dense before evaluation: the
+    deployed model has the original architecture and latency); each contender at every one of its
+    ``--*-lrs`` and every seed; the table gives mean +- std over seeds at each contender's best lr.
+    ``--resume`` keeps the runs of an earlier ``--output`` made with the same settings and runs only
+    the missing (contender, lr, seed) triples.
 
 ``--checkpoint random-tiny`` builds a tiny random BERT (and a word-level tokenizer of the task's words)
 in a temporary folder: for smoke runs only, its numbers mean nothing.
@@ -56,12 +60,15 @@ from mpo_core.compress import analyze, compress  # noqa: E402
 from mpo_core.lightweight import LightweightConfig, get_lightweight_model  # noqa: E402
 from mpo_core.family import family_members, uniform_ranks  # noqa: E402
 from mpo_core.nn import MPOLinear, linear_weight, replace_module, select_modules  # noqa: E402
+from mpo_core.opf import OverParameterization  # noqa: E402
 from mpo_core.shapes import core_params  # noqa: E402
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 COMPRESS_CONTENDERS = ("svd uniform", "svd allocated", "svd-llm", "mpo3 allocated", "mpo5 allocated", "mpo5 uniform",
                        "auto", "svd+calib", "auto+calib")
-PEFT_CONTENDERS = ("lora", "mpo auxiliary", "full", "head only")
+PEFT_CONTENDERS = ("lora", "mpo auxiliary", "full", "head only", "opf")
+# settings a PEFT run's accuracy depends on: --resume reuses earlier runs only where all of them match
+RUN_SETTINGS = ("task", "data_dir", "peft_targets", "mpo_n", "peft_epochs", "batch_size", "max_len", "limit")
 
 
 # ----------------------------------------------------------------------------------------------- compression
@@ -196,6 +203,14 @@ def peft_model(contender: str, base, lora_rank: int, mpo_targets: list[str], mpo
     if contender == "mpo auxiliary":
         return get_lightweight_model(model, LightweightConfig(target_modules=mpo_targets, n=mpo_n,
                                                               modules_to_save=head + ["pooler"]))
+    if contender == "opf":
+        names = [n for n, _ in _targets(model.base_model)]
+        prefix = model.base_model_prefix + "."
+        opf = OverParameterization(model, include=lambda name, mod: name.startswith(prefix)
+                                   and name[len(prefix):] in names, n=mpo_n)
+        opf.expand(opf.candidates)
+        model.opf = opf  # merged back after training (run_peft)
+        return model
     raise ValueError(f"unknown PEFT contender {contender!r}")
 
 
@@ -212,9 +227,27 @@ def matched_lora_rank(base, mpo_targets: list[str], mpo_n: int) -> tuple[int, in
     return best[0], best[1], aux
 
 
+def earlier_runs(args) -> list[dict]:
+    """The PEFT runs of an earlier ``--output`` with the same :data:`RUN_SETTINGS` and checkpoint (``--resume``)."""
+    if not args.resume or not os.path.isfile(args.output):
+        return []
+    import json
+
+    with open(args.output) as f:
+        old = json.load(f)
+    settings = old.get("settings", {})
+    differ = [k for k in RUN_SETTINGS if settings.get(k) != getattr(args, k)]
+    if old.get("checkpoint") != args.source:
+        differ.append("checkpoint")
+    if differ:
+        raise SystemExit(f"--resume: {args.output} was made with other {', '.join(differ)}; use another --output")
+    return [r for r in old.get("peft_runs", []) if r["contender"] in args.peft_contenders]
+
+
 def run_peft(args, tokenizer, model_cls, spec, train_ex, dev_ex, partial: Callable[[list[dict], dict], None]
              ) -> tuple[list[dict], dict]:
-    """Every PEFT contender at every lr and seed; ``partial(runs, meta)`` after each run (the JSON so far)."""
+    """Every PEFT contender at every lr and seed (but those ``--resume`` kept); ``partial(runs, meta)`` after each
+    run (the JSON so far)."""
     pad = tokenizer.pad_token_id
     train_rows = encode(tokenizer, train_ex, args.max_len)
     dev_rows = encode(tokenizer, dev_ex, args.max_len)
@@ -223,18 +256,30 @@ def run_peft(args, tokenizer, model_cls, spec, train_ex, dev_ex, partial: Callab
     rank, lora_count, aux_count = matched_lora_rank(base, args.peft_targets, args.mpo_n)
     meta = {"lora_rank": rank, "lora_trainable": lora_count, "mpo_trainable": aux_count}
     print(f"[peft] MPO auxiliary trainable {aux_count}, LoRA r={rank} trainable {lora_count}", flush=True)
-    lrs = {"head only": args.head_lrs, "lora": args.lora_lrs, "mpo auxiliary": args.mpo_lrs, "full": args.full_lrs}
-    runs = []
+    lrs = {"head only": args.head_lrs, "lora": args.lora_lrs, "mpo auxiliary": args.mpo_lrs, "full": args.full_lrs,
+           "opf": args.opf_lrs}
+    runs = earlier_runs(args)
+    done = {(r["contender"], r["lr"], r["seed"]) for r in runs}
+    if runs:
+        print(f"[peft] --resume: {len(runs)} runs kept from {args.output}", flush=True)
     for contender in args.peft_contenders:
         for lr in lrs[contender]:
             for seed in args.seeds:
+                if (contender, lr, seed) in done:
+                    continue
                 torch.manual_seed(seed)
                 fresh = model_cls.from_pretrained(args.checkpoint, num_labels=spec.num_labels)
                 model = peft_model(contender, fresh, rank, args.peft_targets, args.mpo_n)
+                trainable = _trainable(model)
                 seconds = train(model, train_rows, pad, lr, args.peft_epochs, args.batch_size, seed)
+                if contender == "opf":
+                    model.opf.merge()
+                    shapes = lambda m: {n: p.shape for n, p in m.named_parameters()}  # noqa: E731
+                    if shapes(model) != shapes(fresh):
+                        raise RuntimeError("OPF's merged model does not have the original architecture")
                 acc = accuracy(model, dev_rows, pad)
                 runs.append({"contender": contender, "lr": lr, "seed": seed, "accuracy": acc,
-                             "trainable": _trainable(model), "train_s": seconds})
+                             "trainable": trainable, "train_s": seconds})
                 print(f"[peft] {contender:<14} lr {lr:<8g} seed {seed} acc {acc:.4f} ({seconds:.0f} s)", flush=True)
                 partial(runs, meta)
     return runs, meta
@@ -300,6 +345,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lora-lrs", type=_floats, default=[3e-4, 1e-3, 3e-3])
     p.add_argument("--mpo-lrs", type=_floats, default=[1e-4, 3e-4, 1e-3])
     p.add_argument("--full-lrs", type=_floats, default=[3e-5, 1e-4, 3e-4])
+    p.add_argument("--opf-lrs", type=_floats, default=[3e-5, 1e-4, 3e-4])
+    p.add_argument("--resume", action="store_true", help="keep the PEFT runs of an earlier --output made with the "
+                   "same settings; run only the missing ones")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-len", type=int, default=64)
@@ -327,6 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     spec, train_ex, dev_ex = load_task(args.task, args.data_dir, seed=0)
     if args.limit:
         train_ex, dev_ex = train_ex[:args.limit], dev_ex[:args.limit]
+    args.source = args.checkpoint if args.checkpoint == "random-tiny" else os.path.abspath(args.checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         if args.checkpoint == "random-tiny":
             args.checkpoint = random_tiny_checkpoint(tmp, [e.text_a for e in train_ex + dev_ex])
@@ -339,9 +388,9 @@ def _run(args, spec, train_ex, dev_ex, transformers) -> dict:
         raise SystemExit(f"--checkpoint is a {config.model_type!r} model; this benchmark takes BERT and RoBERTa encoders")
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.checkpoint)
     model_cls = transformers.AutoModelForSequenceClassification
-    payload: dict[str, Any] = {"checkpoint": os.path.abspath(args.checkpoint), "model_type": config.model_type,
+    payload: dict[str, Any] = {"checkpoint": args.source, "model_type": config.model_type,
                                "task": spec.name, "train": len(train_ex), "dev": len(dev_ex),
-                               "settings": {k: v for k, v in vars(args).items() if k != "checkpoint"}}
+                               "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "source")}}
     sections = [s for s in args.sections.split(",") if s]
     if "compress" in sections:
         rows = run_compress(args, tokenizer, model_cls, spec, train_ex, dev_ex)

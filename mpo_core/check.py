@@ -131,7 +131,7 @@ BENCHMARK_RUNS: dict[str, tuple[list[str], list[str]]] = {
         ["--checkpoint", "random-tiny", "--limit", "64", "--budgets", "0.5", "--seeds", "0", "--peft-epochs", "1",
          "--finetune-epochs", "1", "--output", "{json}"],
         ["--checkpoint", "random-tiny", "--limit", "32", "--budgets", "0.5", "--seeds", "0", "--head-lrs", "1e-3",
-         "--lora-lrs", "1e-3", "--mpo-lrs", "1e-3", "--full-lrs", "1e-4", "--peft-epochs", "1", "--finetune-epochs", "1",
+         "--lora-lrs", "1e-3", "--mpo-lrs", "1e-3", "--full-lrs", "1e-4", "--opf-lrs", "1e-4", "--peft-epochs", "1", "--finetune-epochs", "1",
          "--compress-contenders", "svd uniform,svd-llm,mpo5 uniform,auto+calib", "--output", "{json}"]),
     "train_step": (["--presets", "tiny", "--repeats", "3", "--out", "{json}"],
                    ["--presets", "tiny", "--tokens", "64", "--seq", "32", "--k", "1",  # every contender
