@@ -29,6 +29,14 @@ Sections (``--sections``):
     ``--*-lrs`` and every seed; the table gives mean +- std over seeds at each contender's best lr.
     ``--resume`` keeps the runs of an earlier ``--output`` made with the same settings and runs only
     the missing (contender, lr, seed) triples.
+``heal`` (``benchmarks/_heal.py``)
+    Each ``--heal-contenders`` (SVD or MPO n=5, by weight error or calibrated, and ``auto+calib``) compressed
+    to each ``--heal-budgets`` and healed toward the original for the same ``--heal-steps`` with the library's
+    ``heal`` workflow (bundled pydoc corpus; held-out sentence cosine before and after).
+``convert``
+    MPOBERT's conversion of the checkpoint (one shared central per matrix kind) distilled for ``--heal-steps``
+    with ``distill``, beside ``--convert-contenders`` compressed per matrix to the same parameter count and
+    healed for the same steps.
 
 ``--checkpoint random-tiny`` builds a tiny random BERT (and a word-level tokenizer of the task's words)
 in a temporary folder: for smoke runs only, its numbers mean nothing.
@@ -52,6 +60,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import format_table, write_json  # noqa: E402
+from _heal import add_arguments, check_arguments, run_convert, run_heal  # noqa: E402
 from _finetune import (  # noqa: E402
     accuracy, cosine, encode, load_task, random_tiny_checkpoint, sentence_embeddings, text_batches, train,
 )
@@ -331,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--task", default="pydoc-topics")
     p.add_argument("--data-dir", help="GLUE-style task directory (train.tsv, dev.tsv); default for the bundled "
                    "tasks pydoc-topics (generated) and stdlib-docs (shipped)")
-    p.add_argument("--sections", default="compress,peft")
+    p.add_argument("--sections", default="compress,peft", help="any of compress, peft, heal, convert")
     p.add_argument("--budgets", type=_floats, default=[0.9, 0.7, 0.5, 0.3])
     p.add_argument("--compress-contenders", default=",".join(COMPRESS_CONTENDERS))
     p.add_argument("--calibration-texts", type=int, default=256)
@@ -354,7 +363,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--limit", type=int, default=0, help="use at most this many train and dev examples (smoke runs)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--output", default="results/real_checkpoint.json")
+    add_arguments(p)
     args = p.parse_args(argv)
+    check_arguments(p, args)
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.compress_contenders = [c for c in args.compress_contenders.split(",") if c]
     args.peft_contenders = [c for c in args.peft_contenders.split(",") if c]
@@ -379,6 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if args.checkpoint == "random-tiny":
             args.checkpoint = random_tiny_checkpoint(tmp, [e.text_a for e in train_ex + dev_ex])
+            args.work_dir = os.path.join(tmp, "runs")  # its runs cannot be re-used: the checkpoint is new each time
         return _run(args, spec, train_ex, dev_ex, transformers)
 
 
@@ -407,6 +419,15 @@ def _run(args, spec, train_ex, dev_ex, transformers) -> dict:
         runs, meta = run_peft(args, tokenizer, model_cls, spec, train_ex, dev_ex, partial)
         payload["peft_runs"], payload["peft"], payload["peft_counts"] = runs, summarise_peft(runs), meta
         print(format_table(payload["peft"], ["contender", "trainable", "best_lr", "acc_mean", "acc_std", "seeds"]))
+    heal_cols = ["section", "contender", "budget", "params", "lr", "cosine_before", "cosine_after", "steps", "train_s"]
+    if "heal" in sections:
+        payload["heal"] = run_heal(args)
+        write_json(args.output, {**payload, "complete": False})
+        print(format_table(payload["heal"], heal_cols))
+    if "convert" in sections:
+        dense = sum(m.weight.numel() for _, m in _targets(transformers.AutoModel.from_pretrained(args.checkpoint)))
+        payload["convert"] = run_convert(args, dense)
+        print(format_table(payload["convert"], heal_cols))
     payload["complete"] = True
     write_json(args.output, payload)
     print(f"wrote {args.output}")
