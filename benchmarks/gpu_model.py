@@ -70,15 +70,21 @@ def kernel_rows(jobs: int | None = None) -> list[dict]:
     return rows
 
 
+def mpobert12_params() -> int:
+    """Parameters of MPOBERT-12 for pre-training, counted on a model built on the meta device (no memory)."""
+    from mpobert import MPOBertForPreTraining
+    from mpobert.config import MPOBertConfig
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in MPOBertForPreTraining(MPOBertConfig.mpobert12()).parameters())
+
+
 def step_rows(dropout: bool) -> tuple[list[dict], dict]:
     """MPOBERT-12 (its config's sizes) fused vs unfused; and the bytes saved per step."""
     from mpobert.config import MPOBertConfig
 
     cfg = MPOBertConfig.mpobert12()
-    shape = gpu.BertShape(layers=cfg.num_layers, hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
-                         heads=cfg.num_heads, vocab=cfg.vocab_size, embedding=cfg.embedding_size,
-                         adapter_rank=cfg.adapter_rank, adapter_matrices=len(cfg.adapter_matrices),
-                         hidden_dropout=dropout)
+    shape = gpu.BertShape.from_config(cfg, mpobert12_params(), hidden_dropout=dropout)
     rows = []
     for fused in (True, False):
         rows.append({"variant": "fused" if fused else "unfused (torch eager)",

@@ -22,7 +22,7 @@ def _gemm_bwd(m: int, k: int, n: int, s: int, bias: bool = False) -> Cost:
     return c + Cost(flops_fma=m * n, bytes_read=s * m * n, bytes_written=s * n) if bias else c
 
 
-def mpobert_step(shape: BertShape = BertShape(), batch: int = 32, seq: int = 512, dtype_bytes: int = 2,
+def mpobert_step(shape: BertShape, batch: int = 32, seq: int = 512, dtype_bytes: int = 2,
                  fused: bool = True, sm_count: int = H100.sm_count) -> list[tuple[str, Cost]]:
     """Every kernel of one MPOBERT training step (forward + backward + LAMB), fused or unfused (model).
 
