@@ -1,8 +1,8 @@
 """Command line of MPOBERT: ``python -m mpobert {pretrain,finetune,evaluate,convert,params,demo,distill,heal}``.
 
-This module only parses: each subcommand is a workflow of :mod:`mpobert.workflows` (``demo``: of
-:mod:`mpobert.demo`) whose options are generated from its settings dataclass
-(:func:`mpobert.options.add_options`; the training options from :class:`~mpobert.train.TrainConfig`'s fields).
+This module only parses: each subcommand is a workflow of :mod:`mpobert.workflows` whose
+options are generated from its settings dataclass (:func:`mpobert.options.add_options`; the
+training options from :class:`~mpobert.train.TrainConfig`'s fields).
 
 Every subcommand takes ``--config FILE`` (JSON, or YAML when PyYAML is installed): its keys
 are the subcommand's long options (``max_steps`` or ``max-steps``) and become defaults that
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mpobert import demo, workflows
+from mpobert import workflows
 from mpobert.options import add_options, from_namespace
 from mpobert.train import NonFiniteLossError
 
@@ -43,7 +43,7 @@ COMMANDS = {
     "evaluate": Command(workflows.evaluate, workflows.EvaluateConfig),
     "convert": Command(workflows.convert, workflows.ConvertConfig),
     "params": Command(workflows.params, workflows.ParamsConfig),
-    "demo": Command(demo.demo, demo.DemoConfig),
+    "demo": Command(workflows.demo, workflows.DemoConfig),
     "distill": Command(workflows.distill, workflows.DistillConfig),
     "heal": Command(workflows.heal, workflows.HealConfig),
 }

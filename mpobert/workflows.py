@@ -5,12 +5,14 @@
 * :func:`evaluate` (:class:`EvaluateConfig`): a fine-tuned model on a task's dev split, with the majority baseline
 * :func:`convert` (:class:`ConvertConfig`): a local Hugging Face ALBERT/BERT/RoBERTa checkpoint to an MPOBERT directory
 * :func:`params` (:class:`ParamsConfig`): the parameter table of a model directory or a config
+* :func:`demo` (:class:`DemoConfig`): compress-and-heal of a classifier it trains on bundled data, calibrated vs
+  plain SVD at one budget (defined in :mod:`mpobert.demo`)
 * :func:`distill` (:class:`DistillConfig`): a Hugging Face BERT/ALBERT/RoBERTa teacher into its MPOBERT
   conversion (defined in :mod:`mpobert.distill.workflow` with the teacher-matching pieces it assembles)
 * :func:`heal` (:class:`HealConfig`): a transformers checkpoint compressed (``mpo_core.compress``) and trained back
   toward the original through the same teacher-matching core (:mod:`mpobert.distill.heal`)
 
-``python -m mpobert demo`` (:mod:`mpobert.demo`) builds on these. Each returns a JSON-able dict. The settings classes declare their fields with
+Each returns a JSON-able dict. The settings classes declare their fields with
 :func:`mpobert.options.option`; ``python -m mpobert`` (:mod:`mpobert.cli`) generates its options
 from them, so a new workflow is a settings class plus a function here and one line in
 :data:`mpobert.cli.COMMANDS`. Training runs (:func:`pretrain`, :func:`finetune`) use the one
@@ -35,6 +37,7 @@ from mpobert.data import (
     get_task, load_split, read_squad, squad_features, train_wordpiece, write_corpus, write_pydoc_topic_task,
 )
 from mpobert.data.corpus import pydoc_documents
+from mpobert.demo import DemoConfig, demo
 from mpobert.distill.heal import HealConfig, heal
 from mpobert.distill.workflow import DistillConfig, distill
 from mpobert.evaluation import evaluate_pretraining, evaluate_squad, evaluate_task, majority_baseline
@@ -44,14 +47,14 @@ from mpobert.multitask import MPOBertForMultiTask
 from mpobert.options import nested, option
 from mpobert.train import TrainConfig, Trainer, setup_distributed
 
-__all__ = ["PRESETS", "PRESET_HELP", "TOKENIZER_FILE", "model_config", "PretrainConfig", "FinetuneConfig",
-           "EvaluateConfig", "ConvertConfig", "ParamsConfig", "DistillConfig", "HealConfig", "pretrain", "finetune",
-           "evaluate", "convert", "params", "distill", "heal"]
+__all__ = ["PRESETS", "TOKENIZER_FILE", "model_config", "PretrainConfig", "FinetuneConfig", "EvaluateConfig",
+           "ConvertConfig", "ParamsConfig", "DemoConfig", "DistillConfig", "HealConfig", "pretrain", "finetune", "evaluate",
+           "convert", "params", "demo", "distill", "heal"]
 
 PRESETS = {"tiny": MPOBertConfig.tiny, "mpobert12": MPOBertConfig.mpobert12, "mpobert24": MPOBertConfig.mpobert24,
            "mpobert48": MPOBertConfig.mpobert48, "mpobert48_plus": MPOBertConfig.mpobert48_plus}
 TOKENIZER_FILE = "tokenizer.json"
-PRESET_HELP = f"preset {sorted(PRESETS)} or a JSON config file"
+_PRESET_HELP = f"preset {sorted(PRESETS)} or a JSON config file"
 
 
 def model_config(spec: str, **overrides: Any) -> MPOBertConfig:
@@ -68,7 +71,7 @@ def model_config(spec: str, **overrides: Any) -> MPOBertConfig:
 class _RunConfig:
     """What pretraining and fine-tuning runs share besides the :class:`TrainConfig`."""
 
-    model_config: str = option("tiny", f"{PRESET_HELP} for a model from scratch")
+    model_config: str = option("tiny", f"{_PRESET_HELP} for a model from scratch")
     tokenizer: str | None = option(None, "vocab.txt or tokenizer.json (pretrain default: train a WordPiece vocab on the "
                                          "corpus; finetune default: the --model directory's)")
     batch_size: int = option(32, "per-device micro-batch size")
@@ -146,7 +149,7 @@ class ParamsConfig:
     """Settings of :func:`params`."""
 
     model: str | None = option(None, "model directory")
-    model_config: str = option("mpobert12", PRESET_HELP)
+    model_config: str = option("mpobert12", _PRESET_HELP)
     json: bool = option(False, "print JSON instead of the table")
 
 

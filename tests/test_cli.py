@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpobert import MPOBertForPreTraining, MPOBertForSequenceClassification
+from mpobert import MPOBertForPreTraining
 from mpobert.cli import COMMANDS, main, parse_args
 from mpobert.options import add_options, flag_of
 from mpobert.train import TrainConfig
@@ -209,32 +209,6 @@ def test_convert_albert(tmp_path, capsys):
     model = MPOBertForPreTraining.from_pretrained(out)
     assert model.config.num_layers == 4 and (out / "tokenizer.json").exists()
     assert main(["convert", "--from", "albert", "--input", str(tmp_path / "missing"), "--output", str(out)]) == 2
-
-
-def test_demo_quick(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--output-dir", str(out), "--pretrain-steps", "3", "--finetune-epochs", "0.1",
-                 "--batch-size", "16", "--max-seq-len", "32", "--progress", "none", "--compare-scratch",
-                 "--hidden-size", "32", "--embedding-size", "16", "--finetune-lrs", "1e-3", "2e-3"]) == 0
-    text = capsys.readouterr().out
-    assert "dev accuracy" in text and "majority-class baseline" in text and "central cores" in text
-    assert "from a random init" in text and "32 per class" in text and "lr 0.002" in text
-    assert ("pretraining helps on this run" in text) != ("no gain from pretraining on this run" in text)
-    summary = json.loads((out / "demo_metrics.json").read_text())
-    assert summary["pretrain"]["steps"] == 3 and set(summary["pretrain"]["heldout"]) == {"loss", "mlm_accuracy", "sop_accuracy"}
-    assert 0.0 <= summary["finetune"]["dev"]["accuracy"] <= 1.0
-    assert summary["finetune_from_scratch"]["steps"] == summary["finetune"]["steps"]
-    for side in ("finetune", "finetune_from_scratch"):  # each reported at its best lr of the same sweep
-        by_lr = summary[side]["dev_accuracy_by_lr"]
-        assert set(by_lr) == {"0.001", "0.002"} and summary[side]["dev"]["accuracy"] == max(by_lr.values())
-    gain = summary["finetune"]["dev"]["accuracy"] - summary["finetune_from_scratch"]["dev"]["accuracy"]
-    assert summary["gain_dev_accuracy"] == pytest.approx(gain)
-    # the held-out corpus is the dev split: none of its paragraphs was pretrained on
-    dev = {e.text_a for e in load_split("pydoc-topics", out / "data" / "pydoc-topics", "dev")}
-    corpus = (out / "pretrain" / "corpus.txt").read_text()
-    assert not any(p in corpus for p in list(dev)[:50] if len(p) > 80)
-    model = MPOBertForSequenceClassification.from_pretrained(summary["finetune"]["model"])
-    assert model.config.num_labels == 5 and model.config.hidden_size == 32
 
 
 def test_diverging_run_exits_with_a_message(pretrained, tmp_path, capsys):

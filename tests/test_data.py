@@ -45,6 +45,17 @@ def test_tokenizer_special_ids_and_round_trip(tok, tmp_path):
     assert WordPieceTokenizer.from_file(tmp_path).vocab_size == tok.vocab_size  # directory: tokenizer.json
 
 
+def test_tokenizer_to_transformers_gives_the_same_ids(tok):
+    pytest.importorskip("transformers")
+    hf = tok.to_transformers()
+    a, b = "Handlers catch exceptions, quickly!", "A list display."
+    ids, types = tok.encode_pair(a, b, max_length=64)
+    got = hf(a, b)
+    assert got["input_ids"] == ids and got["token_type_ids"] == types
+    assert (hf.pad_token_id, hf.cls_token_id, hf.sep_token_id, hf.mask_token_id) == (0, 2, 3, 4)
+    assert hf.num_special_tokens_to_add(pair=False) == 2
+
+
 def test_tokenizer_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         WordPieceTokenizer.from_file(tmp_path / "nope.txt")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -126,6 +127,16 @@ class WordPieceTokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` (WordPiece continuation pieces joined)."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def to_transformers(self) -> Any:
+        """The same tokenizer as a ``transformers.PreTrainedTokenizerFast`` (same ids, specials and
+        ``[CLS] A [SEP] B [SEP]`` template), for ``transformers`` models and :class:`~mpobert.data.text.TextStream`;
+        it shares this tokenizer's backend. ``transformers`` is imported here, not at load time."""
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast(tokenizer_object=self._tok, unk_token="[UNK]", pad_token="[PAD]",
+                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                       model_input_names=["input_ids", "token_type_ids", "attention_mask"])
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``tokenizer.json`` (if ``path`` ends in .json) or a BERT ``vocab.txt``."""
