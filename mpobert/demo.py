@@ -131,6 +131,9 @@ def demo(cfg: DemoConfig) -> dict[str, Any]:
     batches = ExampleBatches(train_f, cfg.batch_size, 0, 1, seed=cfg.seed, pad_id=tok.pad_id)
     steps = max(1, int(cfg.epochs * batches.steps_per_epoch))
     common = dict(seed=cfg.seed, progress=cfg.progress, device=cfg.device)
+    print(f"[demo] training a BERT classifier (H={cfg.hidden_size}, L={cfg.num_layers}) on {len(train)} labelled "
+          f"paragraphs: {steps} steps; then compress to {cfg.budget:.0%} calibrated and plain, heal each "
+          f"{cfg.heal_steps} steps", flush=True)
     trained = Trainer(model, batches, TrainConfig(output_dir=str(out / "train"), max_steps=steps, lr=cfg.lr,
                                                   optimizer="adamw", warmup_steps=max(1, steps // 10),
                                                   log_every=max(1, steps // 10), **common)).train()
