@@ -38,30 +38,26 @@ Run ``python benchmarks/train_step.py`` (CPU default: MPOBERT-12 shape, 512 toke
 micro-batch, k = 1 and 4, AdamW; about 4 minutes on 2 cores), ``--full`` for both presets,
 k in {1, 4, 8}, 1024-16384 tokens and both optimizers (the GPU default adds bf16 autocast);
 ``--profile VARIANT`` prints the torch profiler's top operators of one step.
+The naive contender is in ``_naive.py``, the peak-memory probe in ``_memory.py``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import math
 import os
 import statistics
 import sys
-import threading
-import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks._common import device_description, format_table, write_json  # noqa: E402
+from benchmarks._memory import peak_memory  # noqa: E402
+from benchmarks._naive import NaiveMPOBert  # noqa: E402
 from mpo_core.accumulate import weight_cache  # noqa: E402
-from mpo_core.activation import gelu_approximate  # noqa: E402
 from mpo_core.gpu.timing import CLOCKS, time_calls  # noqa: E402
 from mpobert import MPOBertConfig, MPOBertModel  # noqa: E402
 from mpobert.optim import LAMB  # noqa: E402
@@ -75,90 +71,6 @@ DENSE_ACT = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 NAIVE_TOL = 1e-4
 """Largest max |difference| of the last hidden states (LayerNorm outputs, order 1) of ``naive`` and
 ``mpobert`` at start-up, float32: the two rebuild ``W`` in different orders (measured ~1e-6)."""
-
-
-# ---------------------------------------------------------------- the naive MPOBERT
-def naive_rebuild(cores: list[torch.Tensor]) -> torch.Tensor:
-    """Dense ``(in, out)`` matrix from MPO cores, as the public MPOBERT code does it: float32, left to right."""
-    t = cores[0].float()
-    for core in cores[1:]:
-        t = torch.tensordot(t, core.float(), dims=([t.dim() - 1], [0]))
-    n = len(cores)
-    t = t.reshape([s for c in cores for s in c.shape[1:3]])  # (i1, j1, ..., in, jn)
-    t = t.permute(list(range(0, 2 * n, 2)) + list(range(1, 2 * n, 2)))
-    return t.reshape(math.prod(c.shape[1] for c in cores), math.prod(c.shape[2] for c in cores))
-
-
-class NaiveMPOBert(nn.Module):
-    """The public-code MPOBERT: rebuild every ``W`` each forward, unfused LayerNorm and GELU.
-
-    Built from an :class:`mpobert.MPOBertModel` (one group), whose tensors it copies.
-    """
-
-    def __init__(self, source: MPOBertModel) -> None:
-        super().__init__()
-        cfg = source.config
-        if cfg.num_groups != 1:
-            raise ValueError("the naive model is written for one group (MPOBERT, not MPOBERT+)")
-        self.config = cfg
-        emb = source.embeddings
-        copy = lambda t: nn.Parameter(t.detach().clone())  # noqa: E731
-        self.word = nn.Embedding.from_pretrained(emb.word_embeddings.weight.detach().clone(), freeze=False)
-        self.pos = nn.Embedding.from_pretrained(emb.position_embeddings.weight.detach().clone(), freeze=False)
-        self.types = nn.Embedding.from_pretrained(emb.token_type_embeddings.weight.detach().clone(), freeze=False)
-        self.emb_ln = nn.LayerNorm(cfg.embedding_size, eps=cfg.layer_norm_eps)
-        self.emb_ln.weight, self.emb_ln.bias = copy(emb.ln_weight), copy(emb.ln_bias)
-        self.proj = nn.Linear(cfg.embedding_size, cfg.hidden_size)
-        self.proj.weight, self.proj.bias = copy(emb.projection.weight), copy(emb.projection.bias)
-        shared = source.encoder.groups[0]
-        self.central = nn.ParameterDict({m: copy(p) for m, p in shared.central.items()})
-        self.dense = nn.ParameterDict({m: copy(p) for m, p in shared.dense.items()})
-        self.bias = nn.ParameterDict({m: copy(p) for m, p in shared.bias.items()})
-        self.ln = nn.ModuleList(nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) for _ in range(2))
-        self.ln[0].weight, self.ln[0].bias = copy(shared.attn_ln_weight), copy(shared.attn_ln_bias)
-        self.ln[1].weight, self.ln[1].bias = copy(shared.ffn_ln_weight), copy(shared.ffn_ln_bias)
-        self.aux = nn.ModuleList()
-        self.adapters = nn.ModuleList()
-        for layer in source.encoder.layers:
-            self.aux.append(nn.ModuleDict({
-                m: nn.ParameterList(copy(c) if k != lin.central_index else nn.Parameter(torch.empty(0))
-                                    for k, c in enumerate(lin.cores))
-                for m, lin in layer.mpo.items()
-            }))
-            self.adapters.append(nn.ModuleDict({
-                m: nn.ParameterList([copy(a.U), copy(a.D)]) for m, a in layer.adapters.items()
-            }))
-        self.gelu = nn.GELU(approximate=gelu_approximate(cfg.activation))
-        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.pooler.weight, self.pooler.bias = copy(source.pooler.weight), copy(source.pooler.bias)
-
-    def _weight(self, l: int, m: str) -> torch.Tensor:
-        if m not in self.aux[l]:
-            return self.dense[m].T
-        cores = list(self.aux[l][m])
-        c = len(cores) // 2
-        cores[c] = self.central[m]
-        return naive_rebuild(cores)
-
-    def _project(self, l: int, m: str, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self._weight(l, m) + self.bias[m]
-        if m in self.adapters[l]:
-            u, d = self.adapters[l][m]
-            y = y + (x @ u) @ d
-        return y
-
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.config
-        b, s = input_ids.shape
-        pos = torch.arange(s, device=input_ids.device).expand(b, s)
-        x = self.word(input_ids) + self.pos(pos) + self.types(torch.zeros_like(input_ids))
-        h = self.proj(self.emb_ln(x))
-        for l in range(cfg.num_layers):
-            q, k, v = (self._project(l, m, h).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2) for m in "qkv")
-            ctx = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, cfg.hidden_size)
-            h = self.ln[0](h + self._project(l, "attn_out", ctx))
-            h = self.ln[1](h + self._project(l, "ffn_out", self.gelu(self._project(l, "ffn_in", h))))
-        return h, torch.tanh(self.pooler(h[:, 0]))
 
 
 # ---------------------------------------------------------------- contenders
@@ -210,84 +122,6 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     if name == "lamb":
         return LAMB(params, lr=1e-5, weight_decay=0.01)
     raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
-
-
-# ---------------------------------------------------------------- measurement
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _heap_probe() -> Callable[[], int] | None:
-    """Bytes the C heap has handed out now (glibc ``mallinfo2``: small blocks + mmapped ones), or ``None``."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        fn = libc.mallinfo2
-    except (OSError, AttributeError):
-        return None
-    fn.restype = _MallInfo2
-
-    def probe() -> int:
-        info = fn()
-        return info.uordblks + info.hblkhd
-
-    return probe
-
-
-class PeakHeap:
-    """Peak growth of the allocated C heap (torch's CPU tensors live there) over a ``with`` block,
-    sampled every ``interval`` seconds; resident-set size where ``mallinfo2`` is missing."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self.probe = _heap_probe() or self.rss
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.probe())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> "PeakHeap":
-        self.base = self.peak = self.probe()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.probe())
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.base
-
-
-@contextlib.contextmanager
-def peak_memory(device: torch.device, sink: list[int]):
-    """Appends to ``sink`` the peak memory growth over the ``with`` block (CUDA: ``max_memory_allocated``
-    over the allocated bytes before it; CPU: :class:`PeakHeap`); entered around each timed step."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        yield
-        torch.cuda.synchronize(device)
-        sink.append(torch.cuda.max_memory_allocated(device) - base)
-    elif not os.path.exists("/proc/self/statm"):
-        yield
-        sink.append(0)
-    else:
-        with PeakHeap() as mem:
-            yield
-        sink.append(mem.growth)
 
 
 @dataclass

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mpo_core import check
+from mpo_core.check import fused
 
 
 @pytest.mark.slow
@@ -32,8 +33,8 @@ def test_a_wrong_kernel_fails_the_check(tmp_path, monkeypatch):
     from mpo_core.ops import reference
 
     real = reference.bias_gelu
-    monkeypatch.setattr(check, "NORM_OPS", ())
-    monkeypatch.setattr(check, "DTYPES", (torch.float32,))
+    monkeypatch.setattr(fused, "NORM_OPS", ())
+    monkeypatch.setattr(fused, "DTYPES", (torch.float32,))
     # The reference is what the kernel is held to: shifting it makes the kernel "wrong".
     monkeypatch.setattr(reference, "bias_gelu", lambda x, b, activation="gelu": real(x, b, activation) * 1.001)
     out = tmp_path / "check.json"
@@ -69,7 +70,7 @@ def test_timed_path_runs_on_cpu_with_and_without_a_model():
         assert {r.what for r in timed} == {"y", "dx", "y (inference)"}
         assert all(r.measured_us > 0 for r in timed)
         assert all((r.model_us is not None and r.model_us > 0) == has_model for r in timed)
-        table = check._table(c.results)
+        table = check.verdict_table(c.results)
         assert ("no model" in table) != has_model
 
 
@@ -117,7 +118,7 @@ def test_dropout_is_held_to_the_independent_philox_mask(monkeypatch):
     assert [r.ok for r in _rows(c, "backward mask = Philox(seed) reference")] == [True]
     real = check.dropout_reference_mask
     # a reference drawn from another seed: the kernel's mask (right for its own seed) must not match it
-    monkeypatch.setattr(check, "dropout_reference_mask", lambda b, m, n, p, seed: real(b, m, n, p, seed + 1))
+    monkeypatch.setattr(fused, "dropout_reference_mask", lambda b, m, n, p, seed: real(b, m, n, p, seed + 1))
     bad = check.Checker("cpu", timed=False)
     check.check_fused_op(bad, "residual_dropout_layer_norm", "triton", torch.float32, 8, 64)
     failed = {r.what for r in bad.results if not r.ok}
