@@ -209,6 +209,34 @@ def _teacher_dir_vocab(tmp_path, extra_words: int):
     return path
 
 
+def test_transformers_student_runs_its_layers_on_given_inputs(mlm_teacher, corpus):
+    """Layer-local matching for any transformers encoder: fed its own hidden states it reproduces them; fed
+    other states, layer i's output is layer i run directly on them (the model's own mask); hooks are removed."""
+    from mpobert.distill import as_student
+
+    tok = load_teacher(mlm_teacher).tokenizer
+    batch = heldout_batches(TextStream([corpus], tok, 24, split="heldout", holdout_every=4, loop=False), 8, 8,
+                            tok.pad_token_id)[0]
+    assert bool((batch["attention_mask"] == 0).any())  # padding: the mask matters
+    model = transformers.BertForMaskedLM.from_pretrained(mlm_teacher, attn_implementation="eager")
+    view = as_student(model)
+    assert view.supports_layer_inputs
+    states = [s.detach() for s in view.hidden_states(batch)]
+    own = view.layer_states(batch, states[:-1], embeddings=True)
+    assert len(own) == len(states) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(own, states))
+    torch.manual_seed(0)
+    other = [torch.randn_like(s) for s in states[:-1]]
+    got = view.layer_states(batch, other, embeddings=False)
+    assert got[0] is other[0]
+    mask = (1.0 - batch["attention_mask"][:, None, None, :].float()) * torch.finfo(torch.float32).min  # eager: additive
+    for i, layer in enumerate(model.bert.encoder.layer):
+        out = layer(other[i], mask)
+        assert torch.allclose(got[i + 1], out[0] if isinstance(out, tuple) else out, atol=1e-5), i
+    assert all(torch.equal(a, b) for a, b in zip(view.hidden_states(batch), states))
+    with pytest.raises(ValueError, match="one hidden state per layer"):
+        view.layer_states(batch, other[:1], embeddings=False)
+
+
 def test_transformers_student_matches_and_heals(mlm_teacher, corpus, tmp_path):
     """Any transformers model is a student (the healing path): a copy of the teacher has zero loss and
     agrees exactly; the same model with MPO-factorized linears (lossy) gets closer to the teacher by training."""
@@ -222,6 +250,9 @@ def test_transformers_student_matches_and_heals(mlm_teacher, corpus, tmp_path):
     assert isinstance(as_student(same), HFStudent)
     out = Distiller(same, teacher, DistillLoss(logits_weight=1.0))(**held[0])
     assert set(out.terms) == {"hidden", "cosine", "logits"} and all(abs(v) < 1e-5 for v in out.terms.values()), out.terms
+    local = Distiller(same, teacher, DistillLoss(teacher_input_steps=1)).train()(**held[0])  # layer-local step
+    assert all(abs(v) < 1e-5 for v in local.terms.values()), local.terms
+    same.eval()
     metrics = evaluate_distillation(same, teacher, held)
     assert metrics["sentence_cosine"] > 1 - 1e-5 and max(metrics["layer_rel_error"]) < 1e-4
     assert metrics["mlm_agreement"] == 1.0
@@ -232,8 +263,8 @@ def test_transformers_student_matches_and_heals(mlm_teacher, corpus, tmp_path):
     mpo_ify(same, include=["*.intermediate.dense", "*.output.dense"], n=3, max_bond=4)
     set_trainable(same, "auxiliary")
     before = evaluate_distillation(same, wrapped, held)
-    with pytest.raises(ValueError, match="runs its layers on given inputs"):
-        Distiller(same, wrapped, DistillLoss(teacher_input_steps=2))
+    with pytest.raises(ValueError, match="attention probabilities"):
+        Distiller(same, wrapped, DistillLoss(attention_weight=1.0))
     model = Distiller(same, wrapped, DistillLoss())
     batches = StreamBatches(TextStream([corpus], tok, 24, holdout_every=4), 8, pad_id=tok.pad_token_id)
     cfg = TrainConfig(output_dir=str(tmp_path / "heal"), max_steps=20, optimizer="adamw", lr=3e-3, weight_decay=0.0,

@@ -6,7 +6,8 @@ output, then each layer) and, where it has an MLM head, its MLM logits. Two view
 * :class:`MPOBertStudent`: an MPOBERT model; it also runs single layers on given inputs (layer-local
   matching, ``teacher_input_steps``) and gives attention probabilities (the attention term);
 * :class:`HFStudent`: any ``transformers`` encoder (e.g. one whose ``nn.Linear`` layers were
-  replaced by ``MPOLinear`` with :func:`mpo_core.mpo_ify` or :func:`mpo_core.compress.compress`).
+  replaced by ``MPOLinear`` with :func:`mpo_core.mpo_ify` or :func:`mpo_core.compress.compress`); it runs
+  single layers on given inputs too (through hooks; not ALBERT, whose layers are shared groups).
 
 :func:`as_student` picks the view for a model. :func:`convert_student` builds MPOBERT's conversion
 of a :class:`~mpobert.distill.teacher.Teacher`.
@@ -133,6 +134,55 @@ class HFStudent(Student):
 
     def logits(self, batch: Batch) -> torch.Tensor:
         return self.model(**hf_inputs(batch, self.model)).logits
+
+    def _encoder(self) -> nn.Module:
+        return getattr(self.model, self.model.base_model_prefix, self.model)
+
+    def _layers(self) -> nn.ModuleList | None:
+        """The encoder's list of its ``num_layers`` layers (``None`` for ALBERT's shared layer groups)."""
+        if getattr(self.model.config, "model_type", None) == "albert":
+            return None
+        for module in self._encoder().modules():
+            if isinstance(module, nn.ModuleList) and len(module) == self.num_layers:
+                return module
+        return None
+
+    @property
+    def supports_layer_inputs(self) -> bool:  # type: ignore[override]
+        return self._layers() is not None
+
+    def layer_states(self, batch: Batch, inputs: Sequence[torch.Tensor], embeddings: bool) -> list[torch.Tensor]:
+        """One forward of the model in which hooks hand layer ``i`` the hidden state ``inputs[i]`` instead of its
+        predecessor's output (the model builds its own attention mask, whatever its transformers version)."""
+        layers = self._layers()
+        if layers is None:
+            raise ValueError(f"{type(self.model).__name__} has no list of {self.num_layers} layers to feed inputs to")
+        if len(inputs) != len(layers):
+            raise ValueError(f"inputs must hold one hidden state per layer ({len(layers)}), got {len(inputs)}")
+        seen: dict[Any, torch.Tensor] = {}
+
+        def feed(i: int) -> Any:
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+                if args:
+                    seen.setdefault("in", args[0])
+                    return (inputs[i], *args[1:]), kwargs
+                seen.setdefault("in", kwargs["hidden_states"])
+                return args, {**kwargs, "hidden_states": inputs[i]}
+            return hook
+
+        def keep(i: int) -> Any:
+            def hook(module: nn.Module, args: tuple, output: Any) -> None:
+                seen[i] = output[0] if isinstance(output, tuple) else output
+            return hook
+
+        handles = [h for i, layer in enumerate(layers)
+                   for h in (layer.register_forward_pre_hook(feed(i), with_kwargs=True), layer.register_forward_hook(keep(i)))]
+        try:
+            self._encoder()(**hf_inputs(batch, self.model))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [seen["in"] if embeddings else inputs[0], *(seen[i] for i in range(len(layers)))]
 
 
 def as_student(model: nn.Module | Student) -> Student:
