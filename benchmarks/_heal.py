@@ -38,9 +38,9 @@ def _row(section: str, contender: str, budget: float | None, lr: float, report: 
 def heal_contender(args, contender: str, budget: float, lr: float) -> dict[str, Any]:
     """Compress the checkpoint as ``contender`` to ``budget`` of the encoder matrices' entries, heal, report."""
     n, calibration = HEAL_CONTENDERS[contender]
-    name = f"heal_{contender}_{budget:g}_{args.heal_optimizer}{lr:g}_{args.heal_steps}"
+    name = f"heal_{contender}_{budget:g}_{args.heal_optimizer}{lr:g}_{args.heal_steps}_local{args.heal_teacher_input_steps}"
     cfg = HealConfig(teacher=args.checkpoint, budget=budget, n=n, calibration_sequences=calibration,
-                     threads=args.threads, train=_train(args, name, lr))
+                     teacher_input_steps=args.heal_teacher_input_steps, threads=args.threads, train=_train(args, name, lr))
     row = _row("heal", contender, budget, lr, heal(cfg))
     print(f"[heal] {budget:.2f} {contender:<11} lr {lr:g}: cosine {row['cosine_before']:.4f} -> "
           f"{row['cosine_after']:.4f} in {row['steps']} steps ({row['train_s']:.0f} s)", flush=True)
@@ -66,8 +66,10 @@ def run_convert(args, dense_entries: int) -> list[dict[str, Any]]:
     conversion's parameter count (same steps, each at every ``--heal-lrs``)."""
     rows = []
     for lr in args.distill_lrs:
-        train = _train(args, f"convert_mpobert_{args.heal_optimizer}{lr:g}_{args.heal_steps}", lr)
-        report = distill(DistillConfig(teacher=args.checkpoint, threads=args.threads, train=train))
+        train = _train(args, f"convert_mpobert_{args.heal_optimizer}{lr:g}_{args.heal_steps}"
+                             f"_local{args.heal_teacher_input_steps}", lr)
+        report = distill(DistillConfig(teacher=args.checkpoint, teacher_input_steps=args.heal_teacher_input_steps,
+                                       threads=args.threads, train=train))
         rows.append(_row("convert", "mpobert conversion", None, lr, report))
         print(f"[convert] MPOBERT lr {lr:g}: {report['student']['params']:,} parameters, cosine "
               f"{rows[-1]['cosine_before']:.4f} -> {rows[-1]['cosine_after']:.4f}", flush=True)
@@ -95,6 +97,8 @@ def add_arguments(p) -> None:
     p.add_argument("--heal-steps", type=int, default=300)
     p.add_argument("--heal-optimizer", default="adamw", choices=("adamw", "lamb"))
     p.add_argument("--heal-lrs", type=floats, default=[3e-5])
+    p.add_argument("--heal-teacher-input-steps", type=int, default=0,
+                   help="first steps of every heal/distill run layer-local (each layer fed the original's input)")
     p.add_argument("--distill-lrs", type=floats, default=[1e-3])
     p.add_argument("--work-dir", help="run directories of the heal and convert sections (finished ones are "
                    "re-used; default: beside --output, OUTPUT_runs)")
