@@ -8,7 +8,8 @@ backward recomputes it from ``(seed, offset)``. With ``p == 0`` no random number
 drawn and the kernel is exactly residual add + LayerNorm.
 
 Backward: the LayerNorm backward kernel of :mod:`.layer_norm` on ``h``, which also
-writes ``dr = dh * keep / (1 - p)``; ``dx = dh`` (and ``dr = dh`` when ``p == 0``).
+writes ``dr = dh * keep / (1 - p)``; ``dx = dh`` (and ``dr = dh`` when ``p == 0``), called by
+:mod:`mpo_core.ops.norm` directly.
 """
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mpo_core.kernels.layer_norm import (dropout_keep, normalize_row, block_and_warps, dropout_scale,
-                                         layer_norm_bwd)
+from mpo_core.kernels.layer_norm import block_and_warps, dropout_keep, dropout_scale, normalize_row
 
 
 @triton.jit
@@ -55,16 +55,3 @@ def residual_layer_norm_fwd(x: torch.Tensor, r: torch.Tensor, weight: torch.Tens
                                               offset, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                                               HAS_DROPOUT=p > 0, BLOCK_N=block, num_warps=warps)
     return y, h, mean, rstd
-
-
-def residual_layer_norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor | None,
-                            bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, p: float = 0.0,
-                            seed: int = 0, offset: int = 0
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Backward of :func:`residual_layer_norm_fwd`; returns ``(dx, dr, dweight, dbias)``.
-
-    With ``p == 0``, ``dr`` is the same tensor as ``dx`` (both equal ``dh``).
-    """
-    dr = torch.empty_like(h) if p > 0 else None
-    dh, dw, db = layer_norm_bwd(dy, h, weight, bias, mean, rstd, dr=dr, p=p, seed=seed, offset=offset)
-    return dh, (dr if dr is not None else dh), dw, db
