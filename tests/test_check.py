@@ -181,3 +181,41 @@ def test_gpu_sizes_and_what_is_not_checked():
     assert "no roofline model for NVIDIA H200" in check.not_checked_here(h200, "NVIDIA H200", (512,))[0]
     assert check.not_checked_here(a100, "NVIDIA A100-SXM4-80GB", (512,)) == []
     assert any("CUDA extension" in line for line in check.not_checked_here(check.Checker("cpu", False), "CPU", (16,)))
+
+
+# ----------------------------------------------------------------------------- the rest of the check, run here
+def test_checker_arguments_and_a_nan_result():
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda', got 'tpu'"):
+        check.Checker("tpu", timed=False)
+    with pytest.raises(ValueError, match="warmup must be >= 0 and repeat >= 1, got 1 and 0"):
+        check.Checker("cpu", timed=True, warmup=1, repeat=0)
+    with pytest.raises(ValueError, match="what must be one of \\['dx', 'y'\\] for mpo_linear, got 'dbias'"):
+        check.tolerance("mpo_linear", "dbias", torch.float32)
+    assert check.rel_err(torch.tensor([1.0, math.nan]), torch.ones(2)) == math.inf
+
+
+def test_mpo_linear_on_a_gpu_without_the_triton_matmul(monkeypatch):
+    """Below compute capability 8.0 (V100) dispatch refuses Triton's tl.dot kernel: the check says so and
+    compares the path mpo_linear takes there instead."""
+    from mpo_core.ops import dispatch
+
+    real = dispatch.why_unavailable
+    monkeypatch.setattr(dispatch, "why_unavailable", lambda op, backend, device, dtype: (
+        "compute capability (7, 0) < (8, 0)" if op == "mpo_linear" and backend == "triton"
+        else real(op, backend, device, dtype)))
+    c = check.Checker("cpu", timed=False, gpu_name="Tesla V100-SXM2-16GB", capability=(7, 0))
+    check.check_mpo_linear(c, 8, [((2, 4), (4, 2))], max_bond=4)
+    assert {r.check for r in c.results} == {"mpo_linear (default path)"} and all(r.ok for r in c.results)
+    assert len(c.not_checked) == 2 and all("compute capability (7, 0)" in line for line in c.not_checked)
+
+
+def test_benchmark_part_of_main_and_a_package_without_benchmarks(tmp_path, monkeypatch):
+    out = tmp_path / "check.json"
+    assert check.main(["--tiny", "--only", "benchmarks", "--benchmarks", "gpu_model", "--json", str(out)]) == 0
+    assert [(r["backend"], r["ok"]) for r in json.loads(out.read_text())["results"]] == [("gpu_model", True)]
+    from mpo_core.check import runs
+
+    monkeypatch.setattr(runs, "benchmarks_dir", lambda: None)  # an installed package: no benchmarks/ beside it
+    c = check.Checker("cpu", timed=False)
+    check.run_benchmarks(c, ["gpu_model"], tiny=True, out_dir=tmp_path)
+    assert not c.results and "benchmarks/ is not next to the package" in c.not_checked[0]
