@@ -1,0 +1,94 @@
+"""The benchmarks' options beyond their smoke runs (``--plot``, ``--pairs``, ``--threads``, the tntorch
+comparison, ...), their argument errors and the fallbacks a machine without a GPU, glibc or an
+optional library takes: executed here so that ``bash scripts/coverage.sh`` leaves only the GPU-only
+lines of docs/gpu.md. Timings mean nothing (tiny shapes)."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    """Import ``benchmarks/<name>.py`` as a module (it puts benchmarks/ on sys.path itself)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _exits(main, argv, message, capsys=None):
+    """``main(argv)`` stops with ``message`` (SystemExit's text, or argparse's on stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    text = str(exit_info.value.code) + (capsys.readouterr().err if capsys else "")
+    assert message in text, text
+
+
+# ----------------------------------------------------------------------------- train_step
+TINY_STEP = ["--presets", "tiny", "--seq", "32", "--repeats", "1", "--variants", "mpobert", "bert"]
+
+
+def test_train_step_pairs_threads_and_plot(tmp_path):
+    ts = _load("train_step")
+    before = torch.get_num_threads()
+    try:
+        ts.main([*TINY_STEP, "--pairs", "1x64", "2x32", "--threads", "1", "--out", str(tmp_path / "a.json"),
+                 "--plot", str(tmp_path / "a.png")])
+    finally:
+        torch.set_num_threads(before)
+    assert (tmp_path / "a.png").stat().st_size > 1000 and (tmp_path / "a.json").is_file()
+
+
+def test_train_step_arguments(capsys):
+    ts = _load("train_step")
+    assert ts.parse_pair("4x1024") == (4, 1024)
+    for text, message in (("4by1024", "expected KxTOKENS such as 4x1024"), ("0x64", "k and tokens must be >= 1")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            ts.parse_pair(text)
+    _exits(ts.main, [*TINY_STEP, "--tokens", "48", "--k", "1"], "48 tokens per micro-batch is not a multiple of --seq 32")
+    _exits(ts.main, [*TINY_STEP, "--tokens", "64", "--k", "0"], "--k, --tokens and --repeats must be >= 1")
+    _exits(ts.main, [*TINY_STEP, "--device", "cuda", "--clock", "cpu"], "--clock cpu is for CPU runs")
+    cfg = ts.PRESETS["tiny"]()
+    with pytest.raises(ValueError, match="unknown variant 'gpt'"):
+        ts.build_variant("gpt", cfg, None)
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        ts.make_optimizer("sgd", torch.nn.Linear(2, 2))
+
+
+def test_naive_mpobert_needs_one_group_and_keeps_dense_matrices_dense():
+    from benchmarks._naive import NaiveMPOBert
+    from mpobert import MPOBertModel
+
+    ts = _load("train_step")
+    with pytest.raises(ValueError, match="the naive model is written for one group"):
+        NaiveMPOBert(MPOBertModel(ts.PRESETS["tiny"](num_groups=2)))
+    cfg = ts.PRESETS["tiny"](hidden_dropout=0.0, attention_dropout=0.0, mpo_matrices=("ffn_in", "ffn_out"))
+    mpobert = MPOBertModel(cfg)
+    naive = NaiveMPOBert(mpobert)
+    assert "q" not in naive.aux[0] and ts.check_naive(mpobert, naive, cfg.vocab_size) <= ts.NAIVE_TOL
+
+
+def test_peak_memory_without_glibc_or_proc(monkeypatch):
+    from benchmarks import _memory
+
+    monkeypatch.setattr(_memory.ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(name)))
+    assert _memory._heap_probe() is None
+    heap = _memory.PeakHeap()
+    assert heap.probe == heap.rss and heap.rss() > 0  # the resident set instead
+    with heap:
+        big = torch.ones(1 << 22)  # 16 MiB, touched
+        big += 1
+    assert heap.growth >= 0
+    monkeypatch.setattr(_memory.os.path, "exists", lambda path: False)  # not Linux: no /proc/self/statm
+    sink: list[int] = []
+    with _memory.peak_memory(torch.device("cpu"), sink):
+        pass
+    assert sink == [0]
