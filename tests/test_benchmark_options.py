@@ -5,23 +5,10 @@ lines of docs/gpu.md. Timings mean nothing (tiny shapes)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _load(name: str):
-    """Import ``benchmarks/<name>.py`` as a module (it puts benchmarks/ on sys.path itself)."""
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from test_benchmarks import _load  # benchmarks/<name>.py as a module
 
 
 def _exits(main, argv, message, capsys=None):
