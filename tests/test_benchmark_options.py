@@ -5,6 +5,7 @@ lines of docs/gpu.md. Timings mean nothing (tiny shapes)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 import pytest
 import torch
@@ -79,3 +80,50 @@ def test_peak_memory_without_glibc_or_proc(monkeypatch):
     with _memory.peak_memory(torch.device("cpu"), sink):
         pass
     assert sink == [0]
+
+
+# ----------------------------------------------------------------------------- contract_throughput
+def test_contract_throughput_tntorch_calibrated_full_and_plot(tmp_path, monkeypatch, capsys):
+    from mpo_core.cost import calibration
+    from mpo_core.cost.devices import device_model
+
+    ct = _load("contract_throughput")
+    monkeypatch.setattr(calibration, "use_calibration", lambda device: device_model("cpu"))  # not re-measured here
+    out = ct.main(["--quick", "--full", "--bonds", "16x", "--tokens", "1", "--tntorch", "fwd", "--min-time", "0.001",
+                   "--skip-factor", "1.01", "--calibrated", "--out", str(tmp_path / "ct.json"), "--plot", str(tmp_path / "ct.png")])
+    printed = capsys.readouterr().out
+    assert "planning with the calibrated cost model" in printed and "tntorch / ours (measured)" in printed
+    assert (tmp_path / "ct.png").stat().st_size > 1000
+    fwd = [r for r in out["rows"] if r["mode"] == "fwd"]
+    assert fwd and all(r["tntorch_vs_auto"] is not None for r in fwd)  # timed, repeated or once when slow
+    assert any(r["skipped"] for r in out["rows"])  # a strategy modelled > 1.01x the best is not run
+    ct.main(["--quick", "--bonds", "16x", "--tokens", "1", "--tntorch", "off", "--no-skip", "--min-time", "0.001",
+             "--out", str(tmp_path / "all.json")])
+
+
+def test_contract_throughput_when_tntorch_is_missing_fails_or_differs(tmp_path, monkeypatch, capsys):
+    ct = _load("contract_throughput")
+    from mpo_core.nn import MPOLinear
+
+    layer = MPOLinear(16, 16, (2, 2, 4), (4, 2, 2))
+    cores = list(layer.cores)
+    measure = ct.timer(torch.device("cpu"), 0.001, min_reps=1)
+    monkeypatch.setattr(ct, "SLOW_CALL_S", 0.0)  # every tntorch call "slow": both timed by one call each
+    res = ct.run_case(32, 32, "full", 4, "fwd", torch.float32, torch.device("cpu"), measure, 8.0)
+    assert res["single_call_ms"] == ["auto (1 call)", "tntorch"] and res["tntorch_vs_auto"] > 0
+    broken = type("Broken", (), {"TTMatrix": staticmethod(lambda *a: (_ for _ in ()).throw(RuntimeError("no batch")))})
+    monkeypatch.setattr(ct, "tntorch", broken)
+    assert ct.tntorch_forward(cores, (2, 2, 4), (4, 2, 2), "fwd") == \
+        (None, "tntorch cannot apply a batch: RuntimeError: no batch")
+    monkeypatch.setattr(ct, "tntorch_forward", lambda *a: ((lambda x: x * 0), []))  # a wrong answer
+    res = ct.run_case(32, 32, "full", 4, "fwd", torch.float32, torch.device("cpu"), measure, 8.0)
+    assert res["tntorch_note"].startswith("tntorch result differs from ours")  # a wrong answer is not timed
+    monkeypatch.setitem(sys.modules, "tntorch", None)  # not installed
+    missing = _load("contract_throughput")
+    assert missing.tntorch is None and missing.tntorch_forward(cores, (2, 2, 4), (4, 2, 2), "fwd") == \
+        (None, "tntorch not installed")
+    missing.main(["--quick", "--bonds", "16x", "--tokens", "1", "--min-time", "0.001", "--out", str(tmp_path / "ct.json")])
+    assert "tntorch not installed: its column is left out" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match="--plot needs matplotlib"):
+        missing.check_plot_backend()
