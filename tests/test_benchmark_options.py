@@ -127,3 +127,46 @@ def test_contract_throughput_when_tntorch_is_missing_fails_or_differs(tmp_path, 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(SystemExit, match="--plot needs matplotlib"):
         missing.check_plot_backend()
+
+
+# ----------------------------------------------------------------------------- gpu_model
+def test_gpu_model_kernel_table_with_a_compile_error(tmp_path, monkeypatch, capsys):
+    from mpo_core.gpu import aot, registry
+
+    gm = _load("gpu_model")
+    spec = next(s for s in registry.kernel_specs() if not s.uses_dot)  # one small kernel: seconds
+    monkeypatch.setattr(registry, "kernel_specs", lambda: [spec])
+    real = aot.compile_all
+
+    def sm90_fails(specs, archs, jobs):
+        results = real(specs, archs, jobs)
+        for r in results:
+            if r.arch == 90:
+                r.error = "ptxas error (made up here)"
+        return results
+
+    monkeypatch.setattr(aot, "compile_all", sm90_fails)
+    report = gm.main(["--jobs", "1", "--json", str(tmp_path / "gm.json")])
+    (row,) = report["kernels"]
+    assert row["kernel"] == spec.name and row["regs_sm90"] == "compile error" and row["regs_sm80"] > 0
+    assert "3. per kernel" in capsys.readouterr().out
+
+
+def test_gpu_model_measured_beside_the_model_of_a_known_gpu(tmp_path, monkeypatch, capsys):
+    """The CUDA branch of gpu_model on an A100 (its name and model), its kernels timed on this CPU."""
+    import importlib
+
+    gm = _load("gpu_model")
+    fused_ops = importlib.import_module("fused_ops")  # benchmarks/ is on sys.path once a benchmark is loaded
+    monkeypatch.setattr(fused_ops, "model_gpu", lambda device: gm.gpu.A100)
+    rows = [r for r in gm.gpu.fused_op_rows(64, 4) if r["op"] == "layer_norm"]
+    measured = gm.measured_fused_ops(rows, torch.float32, on="cpu")
+    assert all(r["model_us"] > 0 and r["measured/model"] > 0 for r in measured)
+    real = gm.measured_fused_ops
+    monkeypatch.setattr(gm, "measured_fused_ops", lambda ops, dtype: real(rows, torch.float32, on="cpu"))
+    monkeypatch.setattr(gm, "device_info", lambda device: {"device": "NVIDIA A100-SXM4-80GB", "sm_clock_MHz": 1410})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    report = gm.main(["--no-compile", "--json", str(tmp_path / "gm.json")])
+    assert report["device"] == "NVIDIA A100-SXM4-80GB" and report["measured_fused_ops"]
+    assert all("model_us" in r for r in report["measured_fused_ops"])
+    assert "beside the model of A100" in capsys.readouterr().out
