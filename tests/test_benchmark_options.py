@@ -170,3 +170,53 @@ def test_gpu_model_measured_beside_the_model_of_a_known_gpu(tmp_path, monkeypatc
     assert report["device"] == "NVIDIA A100-SXM4-80GB" and report["measured_fused_ops"]
     assert all("model_us" in r for r in report["measured_fused_ops"])
     assert "beside the model of A100" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- fused_ops
+def test_fused_ops_gpu_sizes_contenders_and_model(monkeypatch):
+    from mpo_core.ops import dispatch
+
+    fo = _load("fused_ops")
+    assert fo.shapes(quick=True) == [(m, n) for m in (4096, 16384) for n in (768, 4096)]
+    assert len(fo.shapes(quick=False)) == 12 and fo.shapes(False, tiny=True) == [(64, 768)]
+    monkeypatch.setattr(dispatch, "device_capability", lambda device: (8, 0))  # an A100, seen from here
+    cands = fo.gpu_candidates(fo.OPS, "cuda", torch.bfloat16)
+    assert {"torch_eager", "torch_compile", "ours(default)", "ours(triton)"} <= set(cands)
+    assert "torch_compile" not in fo.gpu_candidates(fo.OPS, "cuda", torch.bfloat16, compile_=False)
+    monkeypatch.setattr(fo, "model_gpu", lambda device: fo.gpu.A100)  # its roofline beside times taken here
+    rows = fo.measured_table({"torch_eager": fo._eager, "ours(cpp)": lambda op: fo._ours(op, "cpp")},
+                             ("layer_norm",), [(16, 64)], torch.float32, "cpu", None, repeat=2)
+    assert rows and all(r["model_us"] > 0 and r["measured/model"] == r["us"] / r["model_us"] for r in rows)
+
+
+def test_fused_ops_cpu_cases_and_nothing_to_measure(tmp_path, monkeypatch, capsys):
+    fo = _load("fused_ops")
+    seen = []
+    monkeypatch.setattr(fo, "measured_table", lambda cands, ops, cases, *a: seen.append(cases) or [])
+    fo.main(["--quick", "--json", str(tmp_path / "a.json")])
+    assert seen == [[(m, n) for m in (512, 2048) for n in (768, 1024)]]
+    monkeypatch.setattr(fo, "backends", lambda: {"cpp": False, "cuda": False, "triton": False})
+    report = fo.main(["--quick", "--json", str(tmp_path / "b.json")])
+    assert "measured" not in report and "nothing to measure" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- fused_mpo_linear
+def test_fused_mpo_linear_beside_a_model_and_without_the_interpreter(tmp_path, monkeypatch, capsys):
+    fml = _load("fused_mpo_linear")
+    monkeypatch.setattr(fml, "model_of_device", lambda device: fml.A100)  # its roofline beside times taken here
+    rows = fml.measured_table([8], 4, torch.float32, "cpu", 1, 0, [(64, 96)])
+    assert rows and all(r["model_us_fused"] > 0 and r["measured/model_dense"] > 0 for r in rows)
+    fml.main(["--tiny", "--json", str(tmp_path / "a.json")])
+    assert "no GPU: nothing measured" in capsys.readouterr().out
+    monkeypatch.delenv("TRITON_INTERPRET")
+    _exits(fml.main, ["--tiny", "--cpu-check"], "--cpu-check needs TRITON_INTERPRET=1", capsys)
+
+
+def test_fused_mpo_linear_on_a_v100_prints_the_model_only(tmp_path, monkeypatch, capsys):
+    fml = _load("fused_mpo_linear")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    report = fml.main(["--tiny", "--json", str(tmp_path / "a.json")])
+    assert "measured" not in report
+    assert "Tesla V100-SXM2-16GB has compute capability (7, 0): the fused kernel needs >= 8.0" in capsys.readouterr().out
