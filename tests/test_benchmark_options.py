@@ -220,3 +220,26 @@ def test_fused_mpo_linear_on_a_v100_prints_the_model_only(tmp_path, monkeypatch,
     report = fml.main(["--tiny", "--json", str(tmp_path / "a.json")])
     assert "measured" not in report
     assert "Tesla V100-SXM2-16GB has compute capability (7, 0): the fused kernel needs >= 8.0" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- decompose_speed
+def test_decompose_speed_llm_against_tntorch_and_exact(tmp_path):
+    dsp = _load("decompose_speed")
+    report = dsp.main(["--llm", "--shapes", "64x128", "--bonds", "4", "--rel-tols", "none", "--contenders",
+                       "exact,tntorch", "--threads", "1", "--json", str(tmp_path / "llm.json")])
+    rows = {r["contender"]: r for r in report["rows"]}
+    assert set(rows) == {"exact", "tntorch"} and rows["exact"]["err/exact"] == 1.0
+    assert rows["tntorch"]["err/exact"] >= 1.0 - 1e-6  # TT-SVD at the same ranks: no better than exact truncation
+
+
+def test_decompose_speed_errors(monkeypatch):
+    import subprocess
+
+    dsp = _load("decompose_speed")
+    assert dsp.available("no_such_module_here") is False
+    with pytest.raises(RuntimeError, match="worker nope failed"):
+        dsp._run_worker({"contender": "nope", "threads": 1})
+    _exits(dsp.main, ["--threads", "0"], "--threads and --repeat must be >= 1")
+    monkeypatch.setattr(dsp, "threads_pinned", lambda threads: False)
+    monkeypatch.setattr(dsp.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 3))  # the pinned re-run fails
+    _exits(dsp.main, ["--layers", "1"], "3")
