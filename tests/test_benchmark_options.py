@@ -243,3 +243,47 @@ def test_decompose_speed_errors(monkeypatch):
     monkeypatch.setattr(dsp, "threads_pinned", lambda threads: False)
     monkeypatch.setattr(dsp.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 3))  # the pinned re-run fails
     _exits(dsp.main, ["--layers", "1"], "3")
+
+
+# ----------------------------------------------------------------------------- small benchmarks' options and errors
+def test_cpp_residual_layernorm_arguments_and_no_extension(monkeypatch, capsys):
+    crl = _load("cpp_residual_layernorm")
+    _exits(crl.main, ["--tiny", "--repeat", "0"], "--repeat must be >= 1, got 0", capsys)
+    _exits(crl.main, ["--tiny", "--threads", "0"], "--threads must be >= 1, got 0", capsys)
+    monkeypatch.setattr(crl, "extension", lambda: None)
+    before = torch.get_num_threads()
+    try:
+        assert crl.main(["--tiny", "--threads", "1"]) == 1
+    finally:
+        torch.set_num_threads(before)
+    assert "mpo_core._C is not built" in capsys.readouterr().err
+
+
+def test_op_overhead_cases_arguments_and_gpu_columns(tmp_path, monkeypatch, capsys):
+    oo = _load("op_overhead")
+    full = oo.cases(quick=False)
+    assert ("bias_gelu", 0.0, "gelu", 64, 3072) in full and all(c[2] == "gelu_tanh" for c in oo.cases(quick=True))
+    _exits(oo.main, ["--repeats", "0"], "--repeats must be >= 1 and --min-time > 0")
+    _exits(oo.main, ["--clock", "cpu", "--device", "cuda"], "--clock cpu is for CPU runs")
+    # a GPU run's table: the CUDA extension's columns in place of the C++ ones (measurement replaced)
+    monkeypatch.setattr(oo, "measure", lambda args: [{"op": "layer_norm", "cuda_fwd_us": 1.5}])
+    monkeypatch.setattr(oo, "device_description", lambda device: "NVIDIA A100-SXM4-80GB")
+    before = torch.get_num_threads()
+    try:
+        oo.main(["--device", "cuda", "--threads", "1", "--out", str(tmp_path / "oo.json")])
+    finally:
+        torch.set_num_threads(before)
+    printed = capsys.readouterr().out
+    assert "cuda_fwd_us" in printed and "cpp_fwd_us" not in printed
+
+
+def test_lightweight_vs_lora_arguments_and_one_contender(tmp_path, capsys):
+    from mpo_core.check import BENCHMARK_RUNS
+
+    lvl = _load("lightweight_vs_lora")
+    tiny = [a.replace("{json}", str(tmp_path / "lvl.json")) for a in BENCHMARK_RUNS["lightweight_vs_lora"][1]]
+    report = lvl.main([*tiny, "--contenders", "head", "--mpop-rounds", "0"])
+    assert {r["contender"] for r in report["summary"]} == {"head only"} and report["mpop_rounds"] in (None, [], {})
+    _exits(lvl.main, ["--contenders", "head,adapter"], "--contenders: unknown ['adapter']", capsys)
+    _exits(lvl.main, ["--contenders", "head,mpo", "--mpop-rounds", "1"], "--mpop-rounds needs the 'full' contender",
+           capsys)
