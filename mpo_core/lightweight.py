@@ -50,6 +50,7 @@ CONFIG_NAME = "mpo_adapter_config.json"
 WEIGHTS_NAME = "mpo_adapter.safetensors"
 LAYOUT_NAME = "mpo_layout.json"
 MODEL_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
 _TRAIN = ("auxiliary", "all", "central")
 
 
@@ -391,12 +392,15 @@ def save_mpo_model(model: nn.Module, save_directory: str | os.PathLike) -> None:
 
 def load_mpo_model(model_class: type, save_directory: str | os.PathLike) -> nn.Module:
     """Load what :func:`save_mpo_model` wrote: ``model_class(config)`` (a transformers model class),
-    its saved modules replaced by MPOs of the saved layout, every tensor loaded strictly."""
+    its saved modules replaced by MPOs of the saved layout, every tensor loaded strictly. Sharded
+    weights (``model.safetensors.index.json``, as ``python -m mpo_core.compress_checkpoint`` writes)
+    load the same way."""
     from safetensors.torch import load_model
 
     layout_path, weights = (os.path.join(save_directory, f) for f in (LAYOUT_NAME, MODEL_NAME))
+    index = os.path.join(save_directory, INDEX_NAME)
     for path in (layout_path, weights):
-        if not os.path.isfile(path):
+        if not os.path.isfile(path) and not (path == weights and os.path.isfile(index)):
             raise FileNotFoundError(f"{path} not found: save_mpo_model writes {LAYOUT_NAME} and {MODEL_NAME}")
     config_class = getattr(model_class, "config_class", None)
     if config_class is None:
@@ -426,5 +430,26 @@ def load_mpo_model(model_class: type, save_directory: str | os.PathLike) -> nn.M
         layer.origin = rec["origin"]
         layer.train(dense.training)
         replace_module(model, name, layer)
-    load_model(model, weights, strict=True)
+    if os.path.isfile(weights):
+        load_model(model, weights, strict=True)
+    else:
+        _load_shards(model, save_directory, index)
     return model.eval()
+
+
+def _load_shards(model: nn.Module, save_directory: str | os.PathLike, index: str) -> None:
+    """Load the shards of a ``model.safetensors.index.json`` (as ``compress_checkpoint`` writes) strictly:
+    a tensor the model lacks, or a model tensor no shard holds (other than a tied copy), is an error."""
+    from safetensors.torch import load_file
+
+    with open(index) as fh:
+        files = sorted(set(json.load(fh)["weight_map"].values()))
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(os.path.join(save_directory, name)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+    loaded = {params[k].data_ptr() for k in state if k in params}
+    missing = [k for k in missing if k in params and params[k].data_ptr() not in loaded]  # tied copies are loaded
+    if missing or unexpected:
+        raise ValueError(f"{save_directory}: checkpoint and model disagree: missing {missing[:5]}, unexpected {unexpected[:5]}")
