@@ -119,3 +119,9 @@ def test_weight_cache_of_a_ddp_model_and_shared_central_side():
         assert all(p.grad is None for p in model.parameters())
     finally:
         dist.destroy_process_group()
+
+
+def test_rounds_report_as_a_dict():
+    from mpo_core.compress_report import RoundsReport
+
+    assert RoundsReport(budget=100).to_dict() == {"budget": 100, "rounds": []}
