@@ -200,6 +200,23 @@ def test_peak_memory_is_one_matrix_not_the_model(tmp_path):
     assert model_bytes > 2 * bound  # the whole model would not fit under it
 
 
+def test_peak_memory_at_llm_size(tmp_path):
+    """One real-size 4096 x 11008 float32 matrix (180 MB) at bond 64, in a subprocess."""
+    (tmp_path / "in").mkdir()
+    weight = torch.randn(4096, 11008, generator=torch.Generator().manual_seed(0))
+    safetensors_torch.save_file({"model.layers.0.mlp.down_proj.weight": weight, "model.norm.weight": torch.ones(4096)},
+                                str(tmp_path / "in" / "model.safetensors"), metadata={"format": "pt"})
+    del weight
+    run = subprocess.run(cli(str(tmp_path / "in"), str(tmp_path / "out"), "--max-bond", "64", "--progress", "none",
+                             "--json", str(tmp_path / "summary.json")), cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    grew = summary["peak_rss_bytes"] - summary["baseline_rss_bytes"]
+    assert grew <= 1.25 * (4 + 16) * 4096 * 11008, f"peak grew {grew / (4096 * 11008):.1f} bytes per entry"
+    assert summary["worst_rel_error"] <= summary["worst_rel_bound"]
+
+
 @pytest.fixture()
 def small(tmp_path):
     return make_llama(tmp_path / "in", layers=1, shards=2)
@@ -254,6 +271,11 @@ def test_output_of_another_run_is_refused_untouched(small, tmp_path):
     with pytest.raises(ValueError, match="input shard model-00002-of-00002.safetensors has changed"):
         compress_checkpoint(small, out, max_bond=4, progress="none")
     assert folder_bytes(out) == before
+    killed = tmp_path / "killed"  # a run killed while writing its manifest left only the temporary file
+    killed.mkdir()
+    (killed / ".compress_checkpoint.json.x1y2.tmp").write_text("{")
+    compress_checkpoint(small, killed, max_bond=4, progress="none")
+    assert not list(killed.glob("*.tmp")) and (killed / "mpo_layout.json").is_file()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds no compress_checkpoint.json"):
@@ -272,3 +294,14 @@ def test_settings_and_budget():
     assert bond == math.floor(0.25 * 64 * 176 / (64 + 176))
     in_shape, out_shape, bond = matrix_shapes(Settings(n=3, budget=0.1, max_bond=4), 64, 176)
     assert len(in_shape) == 3 and bond <= 4
+
+
+def test_cores_cast_to_bfloat16_stay_within_the_certified_bound(small, tmp_path):
+    """Untruncated, so the cast to bfloat16 is the whole error: the bound must account for it."""
+    compress_checkpoint(small, tmp_path / "out", rel_tol=1e-9, dtype="bfloat16", progress="none")
+    layout = json.loads((tmp_path / "out" / LAYOUT_NAME).read_text())
+    for rec in layout.values():
+        assert rec["dtype"] == "bfloat16" and rec["error_bound"] < 1e-6 * rec["norm"]
+        assert rec["error_bound"] < rec["error"] <= rec["bound"], rec
+    report = merge_checkpoint(tmp_path / "out", tmp_path / "merged", reference=small, progress="none")
+    assert all(r["rel_error"] <= r["rel_bound"] for r in report["matrices"])

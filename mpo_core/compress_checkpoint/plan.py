@@ -237,11 +237,16 @@ def prepare_output(out_dir: str, wanted: dict[str, Any]) -> bool:
                     if name.startswith(".") and name.endswith(".tmp"):
                         os.unlink(os.path.join(folder, name))
         return True
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    # a run killed while writing its manifest leaves only atomic_write's temporary file of it
+    leftovers = [n for n in os.listdir(out_dir) if n.startswith(f".{MANIFEST_NAME}.") and n.endswith(".tmp")] \
+        if os.path.isdir(out_dir) else []
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or len(os.listdir(out_dir)) > len(leftovers)):
         raise ValueError(f"{out_dir} exists and holds no {MANIFEST_NAME}: not a compress_checkpoint run, "
                          f"nothing was written (give an empty or new folder)")
+    for name in leftovers:
+        os.unlink(os.path.join(out_dir, name))
+    atomic_write(path, (json.dumps(wanted, indent=2, sort_keys=True) + "\n").encode())  # the manifest first
     os.makedirs(os.path.join(out_dir, LEDGER_DIR), exist_ok=True)
-    atomic_write(path, (json.dumps(wanted, indent=2, sort_keys=True) + "\n").encode())
     return False
 
 
