@@ -37,7 +37,8 @@ def _decaying(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def make_llama(folder: Path, hidden: int = 64, inter: int = 176, layers: int = 2, kv: int = 32, vocab: int = 128,
-               shards: int = 3, dtype: torch.dtype = torch.float32, seed: int = 0, decay: bool = True) -> Path:
+               shards: int = 3, dtype: torch.dtype = torch.float32, seed: int = 0, decay: bool = True,
+               attention_bias: bool = False) -> Path:
     """LLaMA names and shapes (GQA k/v), ``shards`` safetensors files, the index and a LlamaConfig json."""
     gen = torch.Generator().manual_seed(seed)
     tensors = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=gen),
@@ -49,6 +50,8 @@ def make_llama(folder: Path, hidden: int = 64, inter: int = 176, layers: int = 2
                   "mlp.down_proj": (hidden, inter)}
         for name, (rows, cols) in shapes.items():
             tensors[p + name + ".weight"] = _decaying(rows, cols, gen) if decay else torch.randn(rows, cols, generator=gen)
+            if attention_bias and name.startswith("self_attn"):
+                tensors[p + name + ".bias"] = torch.randn(rows, generator=gen)
         tensors[p + "input_layernorm.weight"] = torch.ones(hidden)
         tensors[p + "post_attention_layernorm.weight"] = torch.ones(hidden)
     tensors = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
@@ -64,7 +67,7 @@ def make_llama(folder: Path, hidden: int = 64, inter: int = 176, layers: int = 2
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
               "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 4,
               "num_key_value_heads": 4 * kv // hidden, "vocab_size": vocab, "tie_word_embeddings": False,
-              "rms_norm_eps": 1e-6, "max_position_embeddings": 64, "hidden_act": "silu"}
+              "rms_norm_eps": 1e-6, "max_position_embeddings": 64, "hidden_act": "silu", "attention_bias": attention_bias}
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
@@ -88,7 +91,7 @@ SETTINGS = dict(max_bond=6, rel_tol=0.2)  # the cap wins on some matrices, rel_t
 def reference(tmp_path_factory):
     """A 4-layer checkpoint and its uninterrupted one-process compression."""
     base = tmp_path_factory.mktemp("ckpt")
-    ckpt = make_llama(base / "in", layers=4, shards=3)
+    ckpt = make_llama(base / "in", layers=4, shards=3, attention_bias=True)
     out = base / "ref"
     summary = compress_checkpoint(ckpt, out, progress="none", **SETTINGS)
     return ckpt, out, summary
@@ -135,6 +138,9 @@ def test_load_back_and_merge_back_within_the_bounds(reference, tmp_path):
     plain = transformers.LlamaForCausalLM.from_pretrained(merged)
     layer = model.model.layers[3].mlp.down_proj
     assert isinstance(layer, MPOLinear) and layer.ranks == layout["model.layers.3.mlp.down_proj"]["ranks"]
+    query = model.model.layers[1].self_attn.q_proj
+    assert layout["model.layers.1.self_attn.q_proj"]["bias"] and torch.equal(
+        query.bias, originals["model.layers.1.self_attn.q_proj.bias"])  # the bias, copied through, loads
     torch.testing.assert_close(layer.weight, plain.model.layers[3].mlp.down_proj.weight, rtol=0, atol=1e-5)
     tokens = torch.arange(12).reshape(1, 12)
     with torch.no_grad():
