@@ -277,6 +277,15 @@ def test_output_of_another_run_is_refused_untouched(small, tmp_path):
     with pytest.raises(ValueError, match="input shard model-00002-of-00002.safetensors has changed"):
         compress_checkpoint(small, out, max_bond=4, progress="none")
     assert folder_bytes(out) == before
+    import fcntl
+
+    holder = os.open(out, os.O_RDONLY)  # a run still writing there (e.g. a killed torchrun's live workers)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(ValueError, match="another compress_checkpoint is running in"):
+            compress_checkpoint(small, out, max_bond=4, progress="none")
+    finally:
+        os.close(holder)
     killed = tmp_path / "killed"  # a run killed while writing its manifest left only the temporary file
     killed.mkdir()
     (killed / ".compress_checkpoint.json.x1y2.tmp").write_text("{")

@@ -16,6 +16,7 @@ flight, which a rerun recomputes to the same bytes.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -30,7 +31,7 @@ from mpo_core.nn import name_matcher
 from mpo_core.shapes import capped_ranks, check_int, core_params, resolve_shapes
 
 __all__ = ["Settings", "Unit", "MANIFEST_NAME", "LEDGER_DIR", "LAYOUT_NAME", "OUT_DTYPES", "natural_key",
-           "plan_units", "matrix_shapes", "assign", "manifest", "prepare_output", "done_units", "read_record",
+           "plan_units", "matrix_shapes", "assign", "manifest", "lock_output", "prepare_output", "done_units", "read_record",
            "write_record"]
 
 MANIFEST_NAME = "compress_checkpoint.json"
@@ -212,6 +213,23 @@ def _differences(there: dict, here: dict) -> list[str]:
     if there.get("format") != here["format"] or there.get("version") != here["version"]:
         out.append(f"format {there.get('format')!r} v{there.get('version')!r} there, {here['format']!r} v{here['version']} now")
     return out
+
+
+def lock_output(out_dir: str) -> int:
+    """Create ``out_dir`` if needed and hold an exclusive ``flock`` on it (the descriptor; closed by the
+    caller, or with the process, even after ``kill -9``). ``ValueError`` when another process holds it:
+    two runs never write one folder (a killed ``torchrun``'s workers may live on)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir} exists and is not a folder: nothing was written")
+    os.makedirs(out_dir, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"another compress_checkpoint is running in {out_dir} (it holds the folder's lock): "
+                         f"wait for it or end it first") from None
+    return fd
 
 
 def prepare_output(out_dir: str, wanted: dict[str, Any]) -> bool:

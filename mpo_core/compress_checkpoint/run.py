@@ -16,9 +16,9 @@ import torch
 from mpo_core.compress_checkpoint.files import (INDEX_NAME, TORCH_DTYPES, TensorEntry, checkpoint_tensors, file_sha256,
                                                 read_tensor, safetensors_module, tensor_bytes, write_safetensors)
 from mpo_core.compress_checkpoint.plan import (LAYOUT_NAME, MANIFEST_NAME, OUT_DTYPES, Settings, Unit, assign,
-                                               done_units, manifest, matrix_shapes, natural_key, plan_units,
+                                               done_units, lock_output, manifest, matrix_shapes, natural_key, plan_units,
                                                prepare_output, read_record, write_record)
-from mpo_core.compress_checkpoint.report import Progress, format_summary, peak_rss_bytes, summarize
+from mpo_core.compress_checkpoint.report import Progress, peak_rss_bytes, summarize
 from mpo_core.decompose import decompose
 from mpo_core.io import atomic_write
 from mpo_core.rebuild import dense_matrix
@@ -215,17 +215,28 @@ def _run(in_dir: str, out_dir: str, settings: Settings, progress: str, rank: int
     units = plan_units(tensors, settings)
     names = {t.name for t in tensors}
     outcome: Any = None
+    lock = None
     if rank == 0:
         try:
             # the input's fingerprint: every shard's SHA-256 (one read of the input, rank 0 only)
             wanted = manifest(settings, {shard: file_sha256(path) for shard, path in shards.items()})
+            lock = lock_output(out_dir)
             outcome = ("ok", sorted(done_units(out_dir, units)) if prepare_output(out_dir, wanted) else [])
         except ValueError as exc:
             outcome = ("error", str(exc))
-    outcome = _share(outcome, world)
-    if outcome[0] == "error":
-        raise ValueError(outcome[1])
-    done = set(outcome[1])
+    try:
+        outcome = _share(outcome, world)
+        if outcome[0] == "error":
+            raise ValueError(outcome[1])
+        return _work(in_dir, out_dir, settings, progress, rank, world, units, names, set(outcome[1]), start, baseline)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _work(in_dir: str, out_dir: str, settings: Settings, progress: str, rank: int, world: int, units: list[Unit],
+          names: set[str], done: set[str], start: float, baseline: int) -> dict[str, Any]:
+    """This rank's share of the pending units, then (rank 0) the index once every rank is done."""
     mine = assign([u for u in units if u.file not in done], world)[rank]
     device = torch.device(settings.device)
     if device.type == "cuda" and device.index is None and world > 1:
@@ -255,7 +266,3 @@ def _run(in_dir: str, out_dir: str, settings: Settings, progress: str, rank: int
                    "world_size": world, "resumed_units": len(done), "units": len(units)}
     _share(None, world, gather=True)  # every rank returns after the index is written
     return summary
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    print(format_summary(summary), flush=True)
