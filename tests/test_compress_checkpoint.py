@@ -320,3 +320,11 @@ def test_cores_cast_to_bfloat16_stay_within_the_certified_bound(small, tmp_path)
         assert rec["error_bound"] < rec["error"] <= rec["bound"], rec
     report = merge_checkpoint(tmp_path / "out", tmp_path / "merged", reference=small, progress="none")
     assert all(r["rel_error"] <= r["rel_bound"] for r in report["matrices"])
+
+
+def test_conv1d_family_is_refused(small, tmp_path):
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="'gpt2' stores its linear layers as GPT-2's Conv1D"):
+        compress_checkpoint(small, tmp_path / "out", max_bond=4, progress="none")
+    assert not (tmp_path / "out").exists()

@@ -31,7 +31,7 @@ from mpo_core.nn import name_matcher
 from mpo_core.shapes import capped_ranks, check_int, core_params, resolve_shapes
 
 __all__ = ["Settings", "Unit", "MANIFEST_NAME", "LEDGER_DIR", "LAYOUT_NAME", "OUT_DTYPES", "natural_key",
-           "plan_units", "matrix_shapes", "assign", "manifest", "lock_output", "prepare_output", "done_units", "read_record",
+           "plan_units", "matrix_shapes", "assign", "manifest", "check_linear_layout", "lock_output", "prepare_output", "done_units", "read_record",
            "write_record"]
 
 MANIFEST_NAME = "compress_checkpoint.json"
@@ -139,6 +139,26 @@ def matrix_shapes(settings: Settings, rows: int, cols: int) -> tuple[tuple[int, 
                 high = mid - 1
         cap = low if cap is None else min(cap, low)
     return in_shape, out_shape, cap
+
+
+# transformers families whose linear layers are GPT-2's Conv1D, with (in, out) weights
+CONV1D_FAMILIES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+
+
+def check_linear_layout(in_dir: str) -> None:
+    """``ValueError`` for a checkpoint whose ``config.json`` names a family of ``Conv1D`` layers: their
+    ``(in, out)`` weights would be read as ``nn.Linear``'s ``(out, in)`` (not supported yet)."""
+    path = os.path.join(in_dir, "config.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as fh:
+            model_type = json.load(fh).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise ValueError(f"{path} is not a transformers config ({exc!r})") from None
+    if model_type in CONV1D_FAMILIES:
+        raise ValueError(f"{path}: model_type {model_type!r} stores its linear layers as GPT-2's Conv1D ((in, out) "
+                         f"weights); compress_checkpoint reads nn.Linear's (out, in) only: use mpo_core.compress on the model")
 
 
 def plan_units(tensors: list[TensorEntry], settings: Settings) -> list[Unit]:

@@ -16,8 +16,8 @@ import torch
 from mpo_core.compress_checkpoint.files import (INDEX_NAME, TORCH_DTYPES, TensorEntry, checkpoint_tensors, file_sha256,
                                                 read_tensor, safetensors_module, tensor_bytes, write_safetensors)
 from mpo_core.compress_checkpoint.plan import (LAYOUT_NAME, MANIFEST_NAME, OUT_DTYPES, Settings, Unit, assign,
-                                               done_units, lock_output, manifest, matrix_shapes, natural_key, plan_units,
-                                               prepare_output, read_record, write_record)
+                                               check_linear_layout, done_units, lock_output, manifest, matrix_shapes,
+                                               natural_key, plan_units, prepare_output, read_record, write_record)
 from mpo_core.compress_checkpoint.report import Progress, peak_rss_bytes, summarize
 from mpo_core.decompose import decompose
 from mpo_core.io import atomic_write
@@ -212,6 +212,7 @@ def compress_checkpoint(in_dir: str | os.PathLike, out_dir: str | os.PathLike, s
 def _run(in_dir: str, out_dir: str, settings: Settings, progress: str, rank: int, world: int) -> dict[str, Any]:
     start, baseline = time.perf_counter(), peak_rss_bytes()
     tensors, shards = checkpoint_tensors(in_dir)
+    check_linear_layout(in_dir)
     units = plan_units(tensors, settings)
     names = {t.name for t in tensors}
     outcome: Any = None
