@@ -328,3 +328,20 @@ def test_conv1d_family_is_refused(small, tmp_path):
     with pytest.raises(ValueError, match="'gpt2' stores its linear layers as GPT-2's Conv1D"):
         compress_checkpoint(small, tmp_path / "out", max_bond=4, progress="none")
     assert not (tmp_path / "out").exists()
+
+
+def test_command_line_compress_merge_and_errors(small, tmp_path, capsys):
+    from mpo_core.compress_checkpoint.cli import main
+
+    out, merged = tmp_path / "out", tmp_path / "merged"
+    assert main([str(small), str(out), "--budget", "0.2", "--progress", "none", "--json", str(tmp_path / "s.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "model.layers.*.mlp.up_proj.weight" in printed and "7 matrices" in printed
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["entries_after"] <= 0.2 * summary["entries_before"]  # --budget: a fraction of each matrix
+    assert main(["--merge", str(out), str(merged), "--reference", str(small), "--progress", "none"]) == 0
+    assert "worst measured relative error" in capsys.readouterr().out
+    assert main(["--merge", str(out), str(merged), "--progress", "none"]) == 2  # merged/ is not empty
+    assert "is not empty" in capsys.readouterr().err
+    assert main([str(small), str(tmp_path / "x"), "--progress", "none"]) == 2
+    assert "give max_bond, rel_tol or budget" in capsys.readouterr().err
