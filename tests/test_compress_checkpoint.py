@@ -345,3 +345,17 @@ def test_command_line_compress_merge_and_errors(small, tmp_path, capsys):
     assert "is not empty" in capsys.readouterr().err
     assert main([str(small), str(tmp_path / "x"), "--progress", "none"]) == 2
     assert "give max_bond, rel_tol or budget" in capsys.readouterr().err
+
+
+def test_load_back_refuses_a_checkpoint_missing_a_shard(small, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from mpo_core.lightweight import load_mpo_model
+
+    out = tmp_path / "out"
+    compress_checkpoint(small, out, max_bond=4, progress="none")
+    index_path = out / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.startswith("model.layers.0.mlp.up_proj")}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"checkpoint and model disagree: missing \['model.layers.0.mlp.up_proj.cores"):
+        load_mpo_model(transformers.LlamaForCausalLM, out)
