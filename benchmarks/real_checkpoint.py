@@ -108,7 +108,8 @@ def compress_uniform(encoder, targets, n: int, budget: int, whitenings: dict | N
         if core_params(m.in_shape, m.out_shape, ranks[name]) >= mod.in_features * mod.out_features:
             continue
         layer = MPOLinear.from_linear(mod, m.in_shape, m.out_shape, max_bond=ranks[name],
-                                      decompose_kwargs={"input_cov": whitenings[name]} if whitenings else None)
+                                      decompose_kwargs={"input_cov": whitenings[name]} if whitenings else None,
+                                      balance=True)  # as compress does (SVD-LLM too splits the singular values)
         replace_module(encoder, name, layer)
     return bond
 

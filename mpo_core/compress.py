@@ -204,6 +204,10 @@ def compress(
 ) -> CompressionReport:
     """MPOP compression: replace chosen linear layers in place by truncated :class:`MPOLinear`.
 
+    The new layers' cores are in the balanced gauge (:meth:`~mpo_core.mpo.MPO.balanced`): every bond's two
+    sides carry entries of the same size, so that healing or fine-tuning them with Adam is well scaled (the
+    TT-SVD's own gauge puts the whole norm in the last core, and input whitening makes the first core tiny).
+
     Parameters
     ----------
     model : nn.Module
@@ -349,7 +353,7 @@ def _apply(model: nn.Module, name: str, mod: nn.Module, weight: torch.Tensor, ch
     start = time.perf_counter()
     layer = MPOLinear.from_linear(source, in_shape, out_shape, max_bond=choice.ranks,
                                   strategy=mod.strategy if isinstance(mod, MPOLinear) else strategy,
-                                  decompose_kwargs={**kwargs, "input_cov": whitening})
+                                  decompose_kwargs={**kwargs, "input_cov": whitening}, balance=True)
     seconds += time.perf_counter() - start
     if isinstance(mod, MPOLinear):
         layer.cache_weight = mod.cache_weight

@@ -184,6 +184,30 @@ class MPO:
             cores[k - 1] = torch.tensordot(cores[k - 1], r.mT, dims=1)
         return self._replace(cores, canonical_center=center)
 
+    def balanced(self, sweeps: int = 8) -> "MPO":
+        """Return an equal MPO whose bonds are balanced for training: for every bond ``k`` and index ``b``, core
+        ``k``'s slice ``[..., b]`` and core ``k + 1``'s slice ``[b, ...]`` get the same root-mean-square entry.
+
+        Only a diagonal gauge changes (slice ``b`` of one core times ``d_b``, of the next divided by it), so
+        ``to_dense()`` is unchanged up to rounding and so are the bounds; the canonical form is given up. A
+        TT-SVD puts the whole norm in its last core, and an input-whitened one (``decompose(input_cov=)``) makes
+        the first core tiny and the last huge; an optimizer taking equal-size steps on every entry (Adam) then
+        moves the small core by a large relative amount. Balancing makes the entries comparable. ``sweeps``
+        left-to-right passes (a chain of ``n > 2`` cores converges geometrically; ``n = 2`` needs one).
+        """
+        if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 1:
+            raise ValueError(f"sweeps must be an int >= 1, got {sweeps!r}")
+        cores = [c.clone() for c in self.cores]
+        for _ in range(sweeps if self.n > 2 else 1):
+            for k in range(self.n - 1):
+                left, right = cores[k], cores[k + 1]
+                a = left.reshape(-1, left.shape[-1]).pow(2).mean(0).sqrt()
+                b = right.reshape(right.shape[0], -1).pow(2).mean(1).sqrt()
+                d = torch.where((a > 0) & (b > 0), (b / a.where(a > 0, torch.ones_like(a))).sqrt(), torch.ones_like(a))
+                cores[k] = left * d
+                cores[k + 1] = right / d.reshape(-1, 1, 1, 1)
+        return self._replace(cores, canonical_center=None)
+
     def round(self, max_bond: BondSpec = None, rel_tol: float | None = None) -> "MPO":
         """TT-rounding (recompression) of this MPO.
 

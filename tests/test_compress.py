@@ -269,3 +269,23 @@ def test_unmeetable_budget_fails_before_touching_the_model():
     assert not any(isinstance(m, MPOLinear) for m in model.modules())
     with pytest.raises(ValueError, match="rounds"):
         compress_in_rounds(model, 0.5, lambda m, r: None, rounds=0)
+
+
+def test_compressed_cores_are_balanced_for_training():
+    """compress returns the balanced gauge: with calibration (whitened, whose TT-SVD gauge has a tiny first core
+    and a huge last one) every bond index's two slices have equal RMS entries, and W is the whitened SVD's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 36))
+    x = torch.randn(400, 24) * 20.0
+    w = model[0].weight.detach().T.clone()
+    compress(model, budget=0.5, n=2, calibration=[x], progress=False)
+    layer = model[0]
+    assert isinstance(layer, MPOLinear)
+    left, right = layer.cores[0].detach(), layer.cores[1].detach()
+    a = left.reshape(-1, left.shape[-1]).pow(2).mean(0).sqrt()
+    b = right.reshape(right.shape[0], -1).pow(2).mean(1).sqrt()
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=0)
+    reference = decompose(w.double(), (24, 1), (1, 36), max_bond=layer.ranks[1], input_cov=(x.T @ x).double())
+    torch.testing.assert_close(layer.weight.detach().double().T, reference.to_dense(), rtol=1e-4, atol=1e-5)
+    raw = [float(c.pow(2).mean().sqrt()) for c in reference.cores]
+    assert max(raw) / min(raw) > 100  # what balancing undid

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -33,6 +33,7 @@ def test_whitened_svd_member_is_svd_llm_and_its_bound_is_the_output_error(rows, 
     x = _inputs(4 * rows + 8, rows, seed)
     rank = min(rank, rows, cols)
     mpo = decompose(w, (rows, 1), (1, cols), max_bond=rank, input_cov=x.T @ x)
+    assume(not mpo.metadata["whitening_rank_deficient"])  # a ridged Gram is another matrix (its own test below)
     approx = mpo.to_dense()
     torch.testing.assert_close(approx, _svd_llm(w, x, rank), rtol=1e-7, atol=1e-7 * float(w.abs().max()))
     true = float(torch.linalg.norm(x @ (w - approx)))

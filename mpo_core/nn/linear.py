@@ -234,6 +234,7 @@ class MPOLinear(nn.Module):
         shared_central: nn.Parameter | None = None,
         strategy: str = "auto",
         decompose_kwargs: dict | None = None,
+        balance: bool = False,
     ) -> "MPOLinear":
         """Decompose the ``in x out`` weight of a linear module (``nn.Linear``'s ``weight.T``, or a
         transformers ``Conv1D``'s ``weight``) by TT-SVD, see :func:`mpo_core.decompose`.
@@ -242,11 +243,15 @@ class MPOLinear(nn.Module):
         keeps the decomposition's guaranteed ``||W - W_mpo||_F`` bound. ``shared_central``
         replaces the decomposed central core by that (shared) parameter, as in MPOBERT.
         ``decompose_kwargs`` go to :func:`~mpo_core.decompose` as they are (e.g. its SVD options).
+        ``balance``: the cores in :meth:`~mpo_core.mpo.MPO.balanced` gauge (comparable entries for training)
+        instead of the TT-SVD's left-canonical one.
         """
         if not is_linear(linear):
             raise TypeError(f"linear must be an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         weight = linear_weight(linear)
         mpo = decompose(weight, in_shape, out_shape, max_bond, rel_tol, n=n, **(decompose_kwargs or {}))
+        if balance:
+            mpo = mpo.balanced()
         layer = cls.from_mpo(mpo.to(device=weight.device, dtype=weight.dtype), linear.bias, strategy=strategy)
         layer.origin = "linear" if isinstance(linear, nn.Linear) else "conv1d"
         if shared_central is not None:
