@@ -22,26 +22,10 @@ import math
 from typing import Mapping, Sequence
 
 from mpo_core.mpo import MPO
-from mpo_core.shapes import core_params
+from mpo_core.shapes import consistent_ranks, core_params
 from mpo_core.truncation import check_rel_tol
 
-__all__ = ["allocate_ranks", "allocation_bound", "budget_floor", "consistent_ranks", "resolve_budget"]
-
-
-def consistent_ranks(ranks: Sequence[int], in_shape: Sequence[int], out_shape: Sequence[int]) -> list[int]:
-    """Shrink bonds to the ranks a TT-SVD can actually produce.
-
-    Bond ``k`` can be at most ``r_{k-1} i_k j_k`` (rows of its unfolding given the left bond) and
-    at most ``r_{k+1} i_{k+1} j_{k+1}``; larger requests are clamped (left sweep, then right sweep).
-    """
-    r = list(ranks)
-    modes = [i * j for i, j in zip(in_shape, out_shape)]
-    n = len(modes)
-    for k in range(1, n):
-        r[k] = min(r[k], r[k - 1] * modes[k - 1])
-    for k in range(n - 1, 0, -1):
-        r[k] = min(r[k], r[k + 1] * modes[k])
-    return r
+__all__ = ["allocate_ranks", "allocation_bound", "budget_floor", "resolve_budget"]
 
 
 def allocation_bound(mpo: MPO, ranks: Sequence[int]) -> float:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from mpo_core.allocation import allocate_ranks, allocation_bound, budget_floor, consistent_ranks, resolve_budget
+from mpo_core.allocation import allocate_ranks, allocation_bound, budget_floor, resolve_budget
 from mpo_core.compress_report import CompressionReport, CompressionRound, MatrixCompression, RoundsReport
 from mpo_core.decompose import decompose
 from mpo_core.family import DEFAULT_CORES, FamilyPlanner, Member, family_member_name, family_members
@@ -41,7 +41,7 @@ from mpo_core.mpo import MPO
 from mpo_core.nn import (Include, MPOLinear, dense_module, is_linear, linear_weight, progress_bar, replace_module,
                          select_modules, set_trainable, shape_kwargs)
 from mpo_core.sensitivity import output_sensitivities
-from mpo_core.shapes import check_int, core_params, full_ranks, resolve_shapes
+from mpo_core.shapes import check_int, consistent_ranks, core_params, full_ranks, resolve_shapes
 from mpo_core.truncation import check_rel_tol
 from mpo_core.whitening import Whitening, collect_input_stats, output_error, whitening_factor
 

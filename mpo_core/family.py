@@ -26,10 +26,10 @@ from typing import Mapping, Sequence
 
 import torch
 
-from mpo_core.allocation import allocate_ranks, consistent_ranks
+from mpo_core.allocation import allocate_ranks
 from mpo_core.decompose import decompose
 from mpo_core.mpo import MPO
-from mpo_core.shapes import core_params, factorize, full_ranks
+from mpo_core.shapes import capped_ranks, core_params, factorize, full_ranks
 from mpo_core.whitening import Whitening, output_error
 
 __all__ = ["DEFAULT_CORES", "FamilyPlanner", "Member", "Plan", "PlanEntry", "Point", "family_member_name", "family_members", "uniform_ranks", "member_curve", "plan"]
@@ -258,8 +258,7 @@ def uniform_ranks(members: Mapping[str, Member], budget: int) -> tuple[int, dict
     """One bond cap for every matrix, the largest whose total meets the budget (a matrix whose factors would hold at
     least its dense entries counts, and stays, dense): ``(cap, ranks per matrix)``, or ``None`` if even 1 is too big."""
     def ranks_at(cap: int) -> dict[str, list[int]]:
-        return {name: consistent_ranks([1] + [min(cap, f) for f in full_ranks(m.in_shape, m.out_shape)[1:-1]] + [1],
-                                       m.in_shape, m.out_shape) for name, m in members.items()}
+        return {name: capped_ranks(m.in_shape, m.out_shape, cap) for name, m in members.items()}
 
     def size(r: dict[str, list[int]]) -> int:
         return sum(min(core_params(m.in_shape, m.out_shape, r[name]), math.prod(m.in_shape) * math.prod(m.out_shape))

@@ -17,7 +17,7 @@ from typing import Sequence, Union
 
 import torch
 
-__all__ = ["BondSpec", "bond_caps", "bond_limits", "bond_list", "capped_ranks", "check_int", "core_params", "factorize",
+__all__ = ["BondSpec", "bond_caps", "bond_limits", "bond_list", "capped_ranks", "check_int", "consistent_ranks", "core_params", "factorize",
            "full_ranks", "placement_order", "resolve_shapes"]
 
 BondSpec = Union[int, Sequence[int], None]
@@ -221,6 +221,23 @@ def capped_ranks(in_shape: Sequence[int], out_shape: Sequence[int], max_bond: Bo
     for k, (f, cap) in enumerate(zip(full[1:-1], bond_caps(in_shape, out_shape, max_bond))):
         ranks.append(min(f if cap is None else cap, ranks[-1] * in_shape[k] * out_shape[k]))
     return ranks + [1]
+
+
+def consistent_ranks(ranks: Sequence[int], in_shape: Sequence[int], out_shape: Sequence[int]) -> list[int]:
+    """Shrink requested bonds to the smallest consistent ones (an allocation's rank vector); :func:`capped_ranks`
+    is what a TT-SVD with caps produces.
+
+    Bond ``k`` can be at most ``r_{k-1} i_k j_k`` (rows of its unfolding given the left bond) and
+    at most ``r_{k+1} i_{k+1} j_{k+1}``; larger requests are clamped (left sweep, then right sweep).
+    """
+    r = list(ranks)
+    modes = [i * j for i, j in zip(in_shape, out_shape)]
+    n = len(modes)
+    for k in range(1, n):
+        r[k] = min(r[k], r[k - 1] * modes[k - 1])
+    for k in range(n - 1, 0, -1):
+        r[k] = min(r[k], r[k + 1] * modes[k])
+    return r
 
 
 def core_params(in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequence[int]) -> int:
