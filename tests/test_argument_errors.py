@@ -279,3 +279,21 @@ def test_sensitivity_needs_a_batch():
 
     with pytest.raises(ValueError, match="sensitivity probes need at least one calibration batch"):
         output_sensitivities(nn.Linear(2, 2), {}, {}, {}, [])
+
+
+# ----------------------------------------------------------------------------- compress
+def test_compress_errors_and_a_tolerance_no_member_meets():
+    from mpo_core.compress import analyze, compress, compress_in_rounds
+
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="cannot decompose layer '0' \\(\\(5, 3\\)\\): dim=5 cannot be factored"):
+        compress(nn.Sequential(nn.Linear(5, 3)), budget=0.9, n=3)  # 5 and 3 have no 3 factors >= 2
+    with pytest.raises(TypeError, match="finetune must be callable"):
+        compress_in_rounds(nn.Sequential(nn.Linear(8, 8)), 0.5, finetune="train")
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    analysis = analyze(model, include=["0"])
+    with pytest.raises(ValueError, match="analysis was made for layers \\['0'\\]"):
+        compress(model, budget=0.5, include=["1"], analysis=analysis)
+    report = compress(nn.Sequential(nn.Linear(16, 16)), rel_tol=1e-9, n="auto")  # exact needs every entry
+    (matrix,) = report.matrices
+    assert matrix.kept_dense

@@ -287,3 +287,39 @@ def test_lightweight_vs_lora_arguments_and_one_contender(tmp_path, capsys):
     _exits(lvl.main, ["--contenders", "head,adapter"], "--contenders: unknown ['adapter']", capsys)
     _exits(lvl.main, ["--contenders", "head,mpo", "--mpop-rounds", "1"], "--mpop-rounds needs the 'full' contender",
            capsys)
+
+
+# ----------------------------------------------------------------------------- real_checkpoint
+def test_real_checkpoint_arguments(tmp_path, capsys):
+    rc = _load("real_checkpoint")
+    base = ["--checkpoint", "random-tiny", "--output", str(tmp_path / "rc.json")]
+    _exits(rc.main, [*base, "--compress-contenders", "svd-llm,tucker"], "unknown compress contender 'tucker'", capsys)
+    _exits(rc.main, [*base, "--peft-contenders", "lora,ia3"], "unknown PEFT contender 'ia3'", capsys)
+    _exits(rc.main, ["--checkpoint", str(tmp_path), "--output", str(tmp_path / "rc.json")],
+           "is not a transformers checkpoint directory (no config.json)", capsys)
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text('{"model_type": "gpt2"}')
+    before = torch.get_num_threads()
+    try:
+        _exits(rc.main, ["--checkpoint", str(gpt2), "--limit", "8", "--threads", "1", "--output",
+                         str(tmp_path / "rc.json")], "--checkpoint is a 'gpt2' model")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_real_checkpoint_resume_keeps_only_runs_of_the_same_settings(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    rc = _load("real_checkpoint")
+    out = tmp_path / "rc.json"
+    settings = {k: f"value of {k}" for k in rc.RUN_SETTINGS}
+    args = SimpleNamespace(resume=True, output=str(out), source="/ckpt", peft_contenders=["lora"], **settings)
+    assert rc.earlier_runs(args) == []  # nothing written yet
+    runs = [{"contender": "lora", "lr": 1e-3, "seed": 0}, {"contender": "full", "lr": 1e-4, "seed": 0}]
+    out.write_text(json.dumps({"checkpoint": "/ckpt", "settings": settings, "peft_runs": runs}))
+    assert rc.earlier_runs(args) == runs[:1]  # only the contenders asked for
+    args.limit, args.source = "another limit", "/other"
+    with pytest.raises(SystemExit, match="was made with other limit, checkpoint; use another --output"):
+        rc.earlier_runs(args)
