@@ -49,7 +49,7 @@ class DemoConfig:
     budget: float = option(0.05, "entries kept: a fraction of the encoder's linear layers' dense entries")
     calibration_sequences: int = option(128, "train-text sequences whose activations calibrate the calibrated contender")
     heal_steps: int = option(100, "healing steps of each compressed model (hidden states toward the trained model's)")
-    heal_lr: float = option(3e-5, "healing peak learning rate (AdamW; heal's default)")
+    heal_lr: float = option(3e-5, "healing peak learning rate (AdamW; the lr this demo was measured with)")
     eval_sequences: int = option(128, "held-out (dev paragraph) sequences of the hidden-state metrics")
     max_error_ratio: float = option(0.8, "the gain holds when the calibrated model's held-out error is at most this "
                                          "fraction of the plain one's, compressed and healed, its cosine is higher and ...")
