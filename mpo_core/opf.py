@@ -61,7 +61,8 @@ def expand_linear(
     Parameters
     ----------
     linear : nn.Linear
-        Its ``weight.T`` is decomposed exactly (TT-SVD in float64), the bias copied.
+        Its ``weight.T`` is decomposed exactly (TT-SVD in float64, cores in the
+        :meth:`~mpo_core.mpo.MPO.balanced` gauge), the bias copied.
     n, in_shape, out_shape : optional
         Cores and mode sizes, as :func:`mpo_core.decompose` (shapes win over ``n``).
     min_bond : int or list of int, optional
@@ -86,7 +87,9 @@ def expand_linear(
     if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not (noise_std >= 0 and math.isfinite(noise_std)):
         raise ValueError(f"noise_std must be a finite float >= 0, got {noise_std!r}")
     weight = linear_weight(linear)
-    mpo = decompose(weight.double(), in_shape, out_shape, n=n if in_shape is None else None)
+    # balanced gauge: the TT-SVD's orthonormal cores have entries far smaller than its last core's, and Adam's
+    # equal-size steps would move them by a large relative amount
+    mpo = decompose(weight.double(), in_shape, out_shape, n=n if in_shape is None else None).balanced()
     target = _padded_ranks(min_bond, full_ranks(mpo.in_shape, mpo.out_shape))
     cores = []
     for k, src in enumerate(mpo.cores):

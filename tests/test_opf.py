@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from mpo_core import MPOLinear
+from mpo_core import MPOLinear, decompose
 from mpo_core.shapes import full_ranks
 from mpo_core.opf import OverParameterization, sync_optimizer, expand_linear, importance_scores, select_top
 
@@ -184,3 +184,14 @@ def test_static_rescore_picks_the_layer_that_matters():
     opf = OverParameterization(model, n=2)
     added, _ = opf.rescore(_batches(4), _loss, 1)
     assert added != ["a"] and len(opf.expanded) == 1
+
+
+def test_expanded_cores_are_balanced():
+    """The cores' RMS entries are comparable (balanced gauge), unlike the TT-SVD's, and W is unchanged."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    layer = expand_linear(linear, n=3)
+    rms = [float(c.detach().pow(2).mean().sqrt()) for c in layer.cores]
+    raw = [float(c.pow(2).mean().sqrt()) for c in decompose(linear.weight.detach().T.double(), n=3).cores]
+    assert max(rms) / min(rms) < 2.0 < max(raw) / min(raw)
+    torch.testing.assert_close(layer.to_linear().weight, linear.weight, rtol=1e-5, atol=1e-6)
