@@ -306,3 +306,24 @@ def test_mpo_ify_passes_method_and_seed_through():
     assert all(torch.equal(x, y) for x, y in zip(a, b))  # the seed reached decompose: reproducible
     assert not torch.equal(a[0], c[0])  # ... and it matters on the sketched route
     assert not torch.allclose(a[0].abs(), exact[0].abs(), atol=1e-6)  # the method reached it too
+
+
+def test_certify_grows_the_rank_when_the_certified_norm_misses_the_tolerance_by_rounding():
+    """``delta`` exactly at the eigenvalue tail of rank 5 (so the tail rule picks 5) on float32 data: the
+    certified ``||A - left right||²``, computed from the float32 product, exceeds ``delta²`` by rounding for
+    some matrices; ``_certify`` then grows the rank by one (``max(1, 5 // 8)``) and meets the tolerance."""
+    grown = 0
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        a = torch.randn(20, 60, generator=g) * torch.logspace(0, -3, 20).unsqueeze(1)
+        evals, _ = randomized._eig_desc(a @ a.mT)
+        delta = math.sqrt(float(evals[5:].sum()))
+        while randomized._rank_for(evals, 0.0, 20, delta) > 5:
+            delta = math.nextafter(delta, math.inf)
+        if randomized._rank_for(evals, 0.0, 20, delta) != 5:
+            continue
+        split = randomized.whole_range_split(a.clone(), 20, delta)
+        kept = split.left.shape[1]
+        assert kept in (5, 6) and split.discarded_sq <= delta * delta
+        grown += kept == 6
+    assert grown >= 1, "no matrix made the certified norm miss the tail rule's rank"
