@@ -85,3 +85,42 @@ def test_mpo_checkpoints_replaced_and_refused(tmp_path):
     save_mpo_model(plain, tmp_path / "plain")  # no transformers config to save
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         load_mpo_model(transformers.BertForSequenceClassification, tmp_path / "plain")
+
+
+def test_mpo_checkpoints_that_do_not_fit_the_model(tmp_path):
+    """Files missing, a checkpoint of another family, saved ranks a layer cannot hold, and sharded weights
+    with a tensor the model lacks: each refused with its reason."""
+    import shutil
+
+    model = bert()
+    compress(model, budget=0.5, include=["query"])
+    good = tmp_path / "good"
+    save_mpo_model(model, good)
+    cls = transformers.BertForSequenceClassification
+
+    def variant(name):
+        shutil.copytree(good, tmp_path / name)
+        return tmp_path / name
+
+    (v := variant("no_weights")).joinpath("model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors not found: save_mpo_model writes"):
+        load_mpo_model(cls, v)
+    config = json.loads((v := variant("gpt2")).joinpath("config.json").read_text())
+    v.joinpath("config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="holds a 'gpt2' model; BertForSequenceClassification expects 'bert'"):
+        load_mpo_model(cls, v)
+    layout = json.loads((v := variant("ranks")).joinpath("mpo_layout.json").read_text())
+    name = sorted(layout)[0]
+    layout[name]["ranks"] = [1] + [10**6] * (len(layout[name]["ranks"]) - 2) + [1]
+    v.joinpath("mpo_layout.json").write_text(json.dumps(layout))
+    with pytest.raises(ValueError, match=f"module '{name}': saved ranks \\[1, 1000000.* exceed the full ranks"):
+        load_mpo_model(cls, v)
+    state = load_file((v := variant("sharded")).joinpath("model.safetensors"))
+    v.joinpath("model.safetensors").unlink()
+    save_file({**state, "extra.weight": torch.zeros(2)}, v / "shard-1.safetensors")
+    v.joinpath("model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "shard-1.safetensors" for k in [*state, "extra.weight"]}}))
+    with pytest.raises(ValueError, match=r"checkpoint and model disagree: missing \[\], unexpected \['extra.weight'\]"):
+        load_mpo_model(cls, v)
+    save_file(state, v / "shard-1.safetensors")  # the same tensors, sharded: loads as the single file did
+    assert float((logits(load_mpo_model(cls, v)) - logits(model)).abs().max()) < 1e-6
