@@ -323,3 +323,91 @@ def test_real_checkpoint_resume_keeps_only_runs_of_the_same_settings(tmp_path):
     args.limit, args.source = "another limit", "/other"
     with pytest.raises(SystemExit, match="was made with other limit, checkpoint; use another --output"):
         rc.earlier_runs(args)
+
+
+def test_real_checkpoint_uniform_compression_keeps_small_matrices_dense_and_refuses_a_tiny_budget():
+    rc = _load("real_checkpoint")
+    encoder = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 2))
+    targets = list(encoder.named_children())
+    with pytest.raises(ValueError, match="budget 100 is below every matrix at bond 1 \\(n=2\\)"):
+        rc.compress_uniform(encoder, targets, 2, budget=100)  # bond 1: 128 + 66 entries
+    bond = rc.compress_uniform(encoder, targets, 2, budget=2048 + 128)
+    assert bond >= 2 and isinstance(encoder[0], rc.MPOLinear)
+    assert type(encoder[1]) is torch.nn.Linear  # 64 x 2 at bond 2: 132 entries >= its 128, kept dense
+
+
+def test_real_checkpoint_peft_model_and_plot_fallbacks(tmp_path, monkeypatch):
+    import transformers
+
+    rc = _load("real_checkpoint")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32)
+    base = transformers.BertForSequenceClassification(config)
+    with pytest.raises(ValueError, match="unknown PEFT contender 'adapter'"):
+        rc.peft_model("adapter", base, 1, ["query"], 3)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    assert rc.plot([{"contender": "svd", "budget": 0.5, "cosine": 0.9}], str(tmp_path / "p.png")) is None
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_real_checkpoint_tasks_and_heal_arguments(tmp_path, capsys):
+    rc = _load("real_checkpoint")
+    finetune = sys.modules[rc.load_task.__module__]
+    spec, train_ex, dev_ex = finetune.load_task("stdlib-docs", None, seed=0)  # bundled: shipped with the package
+    assert spec.name == "stdlib-docs" and train_ex and dev_ex
+    with pytest.raises(ValueError, match="--data-dir is required for task 'rte' \\(bundled: pydoc-topics, stdlib-docs\\)"):
+        finetune.load_task("rte", None, seed=0)
+    _exits(rc.main, ["--checkpoint", "random-tiny", "--heal-contenders", "svd,lora", "--output", str(tmp_path / "o.json")],
+           "unknown heal contender 'lora'", capsys)
+
+
+def test_real_checkpoint_convert_heals_contenders_at_the_conversions_size(monkeypatch):
+    """run_convert's orchestration (the distillation and the healing replaced): the conversion's parameter count
+    gives the per-matrix budget, and every --convert-contenders is healed at it at every --heal-lrs."""
+    from types import SimpleNamespace
+
+    rc = _load("real_checkpoint")
+    heal_mod = sys.modules[rc.run_convert.__module__]
+    assert heal_mod.matched_budget(700, 1000, 600) == 0.5  # 700 = (1000 - 600) dense outside + 0.5 * 600
+    with pytest.raises(ValueError, match="no per-matrix budget matches 1,100 parameters"):
+        heal_mod.matched_budget(1100, 1000, 600)
+    stats = {"sentence_cosine": 0.9, "layer_rel_error": [0.1]}
+    report = {"student": {"params": 700}, "teacher": {"params": 1000}, "before": stats, "after": stats,
+              "train": {"steps": 2, "train_time_s": 0.0}}
+    monkeypatch.setattr(heal_mod, "distill", lambda cfg: report)
+    healed = []
+    monkeypatch.setattr(heal_mod, "heal_contender", lambda args, c, budget, lr: healed.append((c, budget, lr))
+                        or {"contender": c, "budget": budget, "lr": lr, "section": "heal"})
+    args = SimpleNamespace(distill_lrs=[1e-3], heal_optimizer="adamw", heal_steps=2, heal_teacher_input_steps=0,
+                           work_dir="/nonexistent", checkpoint="ckpt", threads=1, convert_contenders=["svd", "mpo5"],
+                           heal_lrs=[1e-4, 3e-4])
+    rows = heal_mod.run_convert(args, dense_entries=600)
+    assert healed == [("svd", 0.5, 1e-4), ("svd", 0.5, 3e-4), ("mpo5", 0.5, 1e-4), ("mpo5", 0.5, 3e-4)]
+    assert [r["section"] for r in rows] == ["convert"] * 5 and rows[0]["contender"] == "mpobert conversion"
+
+
+TINY_PEFT = ["--checkpoint", "random-tiny", "--sections", "peft", "--limit", "16", "--seeds", "0", "--peft-epochs", "1"]
+
+
+def test_real_checkpoint_resume_runs_only_the_missing_peft_runs(tmp_path, capsys):
+    import json
+
+    rc = _load("real_checkpoint")
+    out = tmp_path / "rc.json"
+    settings = {"task": "pydoc-topics", "data_dir": None, "peft_targets": ["query", "value"], "mpo_n": 5,
+                "peft_epochs": 1, "batch_size": 16, "max_len": 64, "limit": 16}
+    kept = {"contender": "head only", "lr": 1e-3, "seed": 0, "accuracy": 0.125, "trainable": 1, "train_s": 0.0}
+    out.write_text(json.dumps({"checkpoint": "random-tiny", "settings": settings, "peft_runs": [kept]}))
+    payload = rc.main([*TINY_PEFT, "--peft-contenders", "head only", "--head-lrs", "1e-3,3e-3", "--resume",
+                       "--output", str(out)])
+    assert "--resume: 1 runs kept from" in capsys.readouterr().out
+    assert [(r["lr"], r["accuracy"] == 0.125) for r in payload["peft_runs"]] == [(1e-3, True), (3e-3, False)]
+
+
+def test_real_checkpoint_refuses_an_opf_merge_that_changes_the_architecture(tmp_path, monkeypatch):
+    from mpo_core.opf import OverParameterization
+
+    rc = _load("real_checkpoint")
+    monkeypatch.setattr(OverParameterization, "merge", lambda self: None)  # a merge that leaves the MPO modules
+    with pytest.raises(RuntimeError, match="OPF's merged model does not have the original architecture"):
+        rc.main([*TINY_PEFT, "--peft-contenders", "opf", "--opf-lrs", "1e-4", "--output", str(tmp_path / "o.json")])
