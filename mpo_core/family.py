@@ -230,9 +230,7 @@ def _choose(fronts: Mapping[str, list[Point]], weights: Mapping[str, float], bud
     for name in hulls:
         push(name)
     while total > budget and heap:
-        _, name, k = heapq.heappop(heap)
-        if index[name] != k:
-            continue
+        _, name, k = heapq.heappop(heap)  # one entry per matrix: pushed again only after its pop
         total -= hulls[name][k].params - hulls[name][k - 1].params
         index[name] = k - 1
         push(name)
@@ -343,9 +341,8 @@ class FamilyPlanner:
             if uniform is not None:
                 options["uniform"] = uniform[1]
             for how, ranks in options.items():
+                # allocate_ranks and uniform_ranks count a matrix as min(cores, dense), as _fixed_point does: in budget
                 points = {name: self._fixed_point(name, kind, ranks[name]) for name in self.weights}
-                if sum(p.params for p in points.values()) > budget:
-                    continue
                 candidate = _as_plan(points, self.curves, self.sens, f"{kind} {how}")
                 best.candidates[candidate.source] = candidate.objective
                 if candidate.objective < best.objective:
