@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import statistics
 import sys
@@ -394,8 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=os.path.join("results", "train_step.json"))
     ap.add_argument("--plot", default=None, help="also save a figure of the ratios (needs matplotlib)")
     args = ap.parse_args(argv)
-    if args.plot:
-        import matplotlib  # noqa: F401  (fail before measuring)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # fail before measuring
+        ap.error("--plot needs matplotlib, which is not installed (pip install matplotlib); run without --plot")
     cuda = torch.device(args.device).type == "cuda"
     big = args.full or cuda
     args.presets = args.presets or (["mpobert12", "mpobert24"] if big else ["mpobert12"])

@@ -6,4 +6,6 @@
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
 python -c "import coverage" >/dev/null 2>&1 || pip_or_die install -q "coverage>=7.10"
+# the benchmarks' --plot paths run under coverage only with matplotlib (the test setup does not install it)
+python -c "import matplotlib" >/dev/null 2>&1 || pip_or_die install -q matplotlib
 exec python scripts/coverage_check.py "$@"
