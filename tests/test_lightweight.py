@@ -1,9 +1,11 @@
 """Lightweight (auxiliary-only) fine-tuning with peft's verbs: choose, train, save only the trained tensors, load, merge."""
+import copy
 import json
 import os
 
 import pytest
 import torch
+from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
@@ -190,3 +192,25 @@ def test_save_mpo_model_is_all_or_nothing(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no MPOLinear"):
         save_mpo_model(bert(), tmp_path / "plain")
     assert not (tmp_path / "plain").exists()
+
+
+def test_lightweight_cores_are_balanced_and_older_configs_keep_the_tt_svd_gauge():
+    """New adapters start from balanced cores (comparable entries on both sides of every bond); a config saved
+    before ``balance`` existed loads with the TT-SVD gauge, so its base checkpoint still matches."""
+    from mpo_core.lightweight import LightweightConfig, get_lightweight_model
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(48, 64))
+    model = get_lightweight_model(copy.deepcopy(base), LightweightConfig(target_modules=["0"], n=3))
+    layer = model.base_model[0]
+    for k in range(layer.n - 1):
+        left, right = layer.cores[k].detach(), layer.cores[k + 1].detach()
+        a = left.reshape(-1, left.shape[-1]).pow(2).mean(0).sqrt()
+        b = right.reshape(right.shape[0], -1).pow(2).mean(1).sqrt()
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-7)
+    old = LightweightConfig(target_modules=["0"], n=3).to_dict()
+    del old["balance"]
+    assert LightweightConfig.from_dict(old).balance is False
+    plain = get_lightweight_model(copy.deepcopy(base), LightweightConfig.from_dict(old)).base_model[0]
+    rms = [float(c.detach().pow(2).mean().sqrt()) for c in plain.cores]
+    assert max(rms) / min(rms) > 2.0  # the TT-SVD gauge: the last core carries the norm

@@ -214,6 +214,7 @@ def mpo_ify(
     strategy: str = "auto",
     decompose_kwargs: dict | None = None,
     progress: bool | None = None,
+    balance: bool = False,
 ) -> MPOifyReport:
     """Replace chosen linear modules (``nn.Linear``, transformers ``Conv1D``) of ``model`` in place by
     :meth:`MPOLinear.from_linear`.
@@ -234,6 +235,8 @@ def mpo_ify(
         Further arguments of :func:`mpo_core.decompose` (e.g. its SVD options).
     progress : bool, optional
         A tqdm progress bar (default: on long runs at a terminal).
+    balance : bool, default False
+        Cores in the :meth:`~mpo_core.mpo.MPO.balanced` gauge (for training) instead of the TT-SVD's.
 
     Returns
     -------
@@ -256,7 +259,8 @@ def mpo_ify(
         start = time.perf_counter()
         try:
             layer = MPOLinear.from_linear(linear, max_bond=max_bond, rel_tol=rel_tol, strategy=strategy,
-                                          decompose_kwargs=decompose_kwargs, **shape_kwargs(n, *weight.shape))
+                                          decompose_kwargs=decompose_kwargs, balance=balance,
+                                          **shape_kwargs(n, *weight.shape))
         except ValueError as exc:
             raise ValueError(f"cannot decompose layer {name!r} ({weight.shape[0]}x{weight.shape[1]}): {exc}") from exc
         seconds = time.perf_counter() - start
