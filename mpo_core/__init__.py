@@ -8,7 +8,8 @@ Public API (re-exports only; see the submodules for the implementations):
 - :mod:`mpo_core.ops`: fused ops (``layer_norm``, ``residual_layer_norm``, ``bias_gelu``,
   ``mpo_linear``) dispatched to CUDA, Triton or torch;
 - :func:`compress` (MPOP), :class:`OverParameterization` / :func:`expand_linear` (OPF),
-  :class:`MPOEFeedForward` (MPOE): the MPO method family;
+  :class:`MPOEFeedForward` (MPOE; :func:`mpoe_ify` / :func:`unmpoe_ify` upcycle transformers models' FFNs into it):
+  the MPO method family;
 - :func:`backends`, :func:`extension`: what this installation can use, and the compiled ``mpo_core._C``.
 """
 from mpo_core import ops
@@ -21,6 +22,7 @@ from mpo_core.mpo import MPO
 from mpo_core.nn import MPOLinear, mpo_ify, set_trainable
 from mpo_core.opf import OverParameterization, expand_linear
 from mpo_core.shapes import factorize
+from mpo_core.upcycle import mpoe_ify, unmpoe_ify
 
 __all__ = [
     "MPO",
@@ -36,7 +38,9 @@ __all__ = [
     "extension",
     "factorize",
     "mpo_ify",
+    "mpoe_ify",
     "ops",
     "set_trainable",
+    "unmpoe_ify",
 ]
 __version__ = "0.1.0"

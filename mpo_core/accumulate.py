@@ -73,7 +73,22 @@ def _central_order(left: int, rows: int, d_in: int, middle: int, d_out: int, rig
     return "left" if left_first <= right_first else "right"
 
 
-def shared_central_weights(chains: Sequence[Sequence[torch.Tensor]], center: int, side: str | None = None) -> torch.Tensor:
+class _GradMul(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``factor`` (broadcast to the input's shape)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(factor)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (factor,) = ctx.saved_tensors
+        return grad * factor.to(grad.dtype), None
+
+
+def shared_central_weights(chains: Sequence[Sequence[torch.Tensor]], center: int, side: str | None = None,
+                           central_grad_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Dense matrices of several MPOs that share core ``center`` (the same tensor), built together.
 
     Parameters
@@ -84,6 +99,11 @@ def shared_central_weights(chains: Sequence[Sequence[torch.Tensor]], center: int
         Index of the shared core (``0 < center < n - 1``).
     side : {None, "left", "right"}
         Which stacked outer blocks meet the shared core first; ``None``: the cheaper by the cost model.
+    central_grad_scale : torch.Tensor, optional
+        Broadcastable to ``(L, *central.shape)``: chain ``l``'s contribution to the shared core's gradient
+        is multiplied by ``central_grad_scale[l]`` (the forward is unchanged; the other cores' gradients
+        too). Per-chain factors ``(L, 1, 1, 1, 1)``, or one mask ``(1, *central.shape)``; MPOE balances its
+        shared centrals this way. The shared core then meets the blocks in two batched GEMMs.
 
     Returns
     -------
@@ -108,13 +128,22 @@ def shared_central_weights(chains: Sequence[Sequence[torch.Tensor]], center: int
     rights = torch.stack([rebuild(list(ch[center + 1:]))[..., 0].reshape(d_out, -1) for ch in chains])
     left, right, middle = lefts.shape[1], rights.shape[2], ic * jc
     side = side or _central_order(left, left, d_in, middle, d_out, right, layers, central.dtype, central.device.type)
+    scaled = None
+    if central_grad_scale is not None:  # one copy of the central per chain, each with its gradient factor
+        scaled = _GradMul.apply(central.expand(layers, *central.shape), central_grad_scale)
     if side == "left":
-        t = (lefts.reshape(layers * left, d_in) @ central.reshape(d_in, middle * d_out)).view(layers, left * middle, d_out)
-        w = torch.bmm(t, rights)
+        if scaled is None:
+            t = lefts.reshape(layers * left, d_in) @ central.reshape(d_in, middle * d_out)
+        else:
+            t = torch.bmm(lefts, scaled.reshape(layers, d_in, middle * d_out))
+        w = torch.bmm(t.view(layers, left * middle, d_out), rights)
     else:
-        t = central.reshape(d_in * middle, d_out) @ rights.permute(1, 0, 2).reshape(d_out, layers * right)
-        t = t.view(d_in, middle, layers, right).permute(2, 0, 1, 3).reshape(layers, d_in, middle * right)
-        w = torch.bmm(lefts, t)
+        if scaled is None:
+            t = central.reshape(d_in * middle, d_out) @ rights.permute(1, 0, 2).reshape(d_out, layers * right)
+            t = t.view(d_in, middle, layers, right).permute(2, 0, 1, 3)
+        else:
+            t = torch.bmm(scaled.reshape(layers, d_in * middle, d_out), rights)
+        w = torch.bmm(lefts, t.reshape(layers, d_in, middle * right))
     il, jl = math.prod(in_shape[:center]), math.prod(out_shape[:center])
     ir, jr = math.prod(in_shape[center + 1:]), math.prod(out_shape[center + 1:])
     w = w.view(layers, il, jl, ic, jc, ir, jr).permute(0, 1, 3, 5, 2, 4, 6)

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Sequence, Union
 import torch
 from torch import nn
 
-from mpo_core.nn.dense import is_linear, linear_weight
+from mpo_core.nn.dense import dense_from_weight, is_linear, linear_weight
 from mpo_core.nn.linear import MPOLinear
 from mpo_core.shapes import BondSpec
 
@@ -63,16 +63,7 @@ def dense_module(layer: MPOLinear) -> nn.Module:
     linear = layer.to_linear()
     if layer.origin == "linear":
         return linear
-    from transformers.pytorch_utils import Conv1D
-
-    conv = Conv1D(layer.out_features, layer.in_features).to(device=linear.weight.device, dtype=linear.weight.dtype)
-    with torch.no_grad():
-        conv.weight.copy_(linear.weight.T)
-        if linear.bias is not None:
-            conv.bias.copy_(linear.bias)
-        else:
-            conv.bias.zero_()
-    return conv
+    return dense_from_weight(linear.weight.detach().T, linear.bias, "conv1d")
 
 
 @dataclass
