@@ -10,7 +10,11 @@ Large truncated splits use :mod:`mpo_core.randomized` (a randomized range finder
 small Gram matrix of a very wide unfolding) instead of a full SVD; their discarded norms are
 computed, not estimated, so ``error_bound`` stays a bound. Memory: the caller's matrix plus
 one working copy (in the SVD precision) written straight into the interleaved layout, which
-the splits overwrite in place where they can; everything else is a fraction of it.
+the splits overwrite in place where they can; everything else is a fraction of it. No working
+copy when the first core holds every input mode and no output mode (``in_shape[0] = rows``,
+``out_shape[0] = 1``: the truncated SVD member) and that split is sketched: the sketch reads
+the caller's matrix in place, column block by column block, converted to the SVD precision as
+it streams (memory: the matrix plus ``O((rows + cols) * bond)``).
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ import numpy as np
 import torch
 
 from mpo_core.mpo import MPO
-from mpo_core.randomized import OVERSAMPLE, POWER_ITERS, Split, gemm_rounding_slack, sketched_split, whole_range_split
+from mpo_core.randomized import (OVERSAMPLE, POWER_ITERS, Split, gemm_rounding_slack, sketched_split, squared_norm,
+                                 whole_range_split)
 from mpo_core.shapes import BondSpec, bond_caps, bond_limits, check_int, full_ranks, resolve_shapes
 from mpo_core.truncation import check_rel_tol, split_threshold, truncated_svd_split
 from mpo_core.whitening import Whitening, kronecker_factors, output_error, whitening_factor
@@ -88,14 +93,20 @@ def _route(method: str, rows: int, cols: int, cap: int | None, truncating: bool,
     return "whole"
 
 
-def _split(unfolding, cap, delta, route, oversample, power_iters, generator) -> tuple[Split, str]:
+def _split(unfolding, cap, delta, route, oversample, power_iters, generator, work_dtype,
+           owned: bool) -> tuple[Split, str]:
+    """One split by ``route``. An unfolding not ``owned`` is the caller's matrix itself, in any dtype and
+    strides: a sketch only reads it (block by block, in ``work_dtype``); any other route overwrites its
+    unfolding, so it gets its own contiguous working copy first."""
     rows, cols = unfolding.shape
     if route == "sketch":
         split = sketched_split(unfolding, cap, delta, oversample=oversample, power_iters=power_iters,
-                               generator=generator)
+                               generator=generator, dtype=work_dtype)
         if split is not None:
             return split, "sketch"
         route = "whole"  # the sketch would cover the smaller side: the Gram route is exact and cheaper
+    if not owned:
+        unfolding = unfolding.to(work_dtype, memory_format=torch.contiguous_format, copy=True)
     if route == "whole":
         return whole_range_split(unfolding, min(rows, cols) if cap is None else cap, delta), "whole"
     left, right, s, disc = truncated_svd_split(unfolding, cap, delta)
@@ -154,12 +165,15 @@ def decompose(
         Number of cores, when shapes are not given (or to check them).
     svd_dtype : {"float64", "float32", "input"}, default "float64"
         Precision of the working copy and of every SVD/GEMM. Cores are returned in the input's
-        dtype either way. In float32 each split adds its rounding to ``error_bound``:
+        dtype either way. Each split adds its rounding to ``error_bound``:
         ``(γ_{m+k} sqrt(r) + ||LᵀL - I||_2) ||W||_F`` with ``γ_p = p u / (1 - p u)``,
-        ``u = 2^-24``, ``m`` the unfolding's rows, ``k`` the sketch size (its smaller dimension
-        for an exact split), ``r`` the kept rank and ``L`` the split's left factor (its loss of
-        orthogonality measured in float64): the standard bound on the products that form the
-        kept rows (Higham, §3.5), first order in ``u``.
+        ``u`` the unit roundoff of the working precision (``2^-24`` in float32, ``2^-53`` in
+        float64: about ``1e-13 ||W||_F`` for a 4096-row unfolding at bond 256), ``m`` the
+        unfolding's rows, ``k`` the sketch size (its smaller dimension for an exact split),
+        ``r`` the kept rank and ``L`` the split's left factor (its loss of orthogonality
+        measured in float64): the standard bound on the products that form the kept rows
+        (Higham, §3.5), first order in ``u``. An exact decomposition's bound is therefore this
+        rounding term, not 0.
     method : {"auto", "exact", "randomized"}, default "auto"
         ``"exact"``: LAPACK SVD of every unfolding. ``"randomized"``: every truncated split by
         :func:`mpo_core.randomized.sketched_split` (randomized subspace iteration with
@@ -192,8 +206,9 @@ def decompose(
     -------
     MPO
         Cores on the input's device (a numpy input gives CPU tensors). ``error_bound`` is
-        ``sqrt(sum of the splits' squared discarded norms)`` (plus the float32 rounding
-        terms), a bound on ``||W - mpo.to_dense()||_F`` in exact arithmetic; ``norm`` is
+        ``sqrt(sum of the splits' squared discarded norms)`` plus the splits' rounding terms
+        (``metadata["rounding_bound"]``, see ``svd_dtype``), a bound on ``||W - mpo.to_dense()||_F``
+        before the cores are cast to the input's dtype; ``norm`` is
         ``||W||_F``; ``spectra[k]`` holds the singular values found at bond ``k + 1``: all
         of them for an exact split, the sketch's (lower bounds) for a sketched one; the cores
         left of the last are left-orthogonal (``canonical_center = n - 1``). ``metadata``
@@ -248,8 +263,16 @@ def decompose(
     clamped = [{"bond": k + 1, "requested": cap, "allowed": a}
                for k, (cap, a) in enumerate(zip(requested, allowed)) if cap is not None and cap > a]
 
-    rest = _interleaved_copy(matrix, in_shape, out_shape, work_dtype)
-    norm = float(torch.linalg.vector_norm(rest, dtype=torch.float64))
+    # a first unfolding that is the matrix itself (in_shape[0] = rows, out_shape[0] = 1: the SVD member)
+    # split by a sketch is read in place, block by block: no working copy of W at all
+    borrowed = in_shape[0] == matrix.shape[0] and out_shape[0] == 1 and _route(
+        method, *matrix.shape, bonds[0], bonds[0] is not None or rel_tol is not None, oversample,
+        power_iters) == "sketch"
+    if borrowed:
+        rest, norm = None, math.sqrt(squared_norm(matrix))
+    else:
+        rest = _interleaved_copy(matrix, in_shape, out_shape, work_dtype)
+        norm = float(torch.linalg.vector_norm(rest, dtype=torch.float64))
     delta = split_threshold(rel_tol, norm, n)
     generator = torch.Generator(device=matrix.device).manual_seed(seed)
     unit_roundoff = float(torch.finfo(work_dtype).eps) / 2
@@ -258,16 +281,16 @@ def decompose(
     routes, sketches, passes, weighted_passes = [], [], [], 1.0
     left_bond = 1
     for k in range(n - 1):
-        unfolding = rest.reshape(left_bond * in_shape[k] * out_shape[k], -1)
+        unfolding = matrix if rest is None else rest.reshape(left_bond * in_shape[k] * out_shape[k], -1)
         truncating = bonds[k] is not None or delta is not None
         route = _route(method, *unfolding.shape, bonds[k], truncating, oversample, power_iters)
-        split, route = _split(unfolding, bonds[k], delta, route, oversample, power_iters, generator)
+        split, route = _split(unfolding, bonds[k], delta, route, oversample, power_iters, generator, work_dtype,
+                              owned=rest is not None)
         left, rest = split.left, split.right
-        if work_dtype != torch.float64:
-            gram = left.double().mT @ left.double()
-            eta = float(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype), ord=2))
-            inner = unfolding.shape[0] + (split.sketch or min(unfolding.shape))
-            rounding += (gemm_rounding_slack(inner, left.shape[1], unit_roundoff) + eta) * norm
+        gram = left.double().mT @ left.double()
+        eta = float(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype), ord=2))
+        inner = unfolding.shape[0] + (split.sketch or min(unfolding.shape))
+        rounding += (gemm_rounding_slack(inner, left.shape[1], unit_roundoff) + eta) * norm
         size = unfolding.numel()
         del unfolding
         cores.append(left.reshape(left_bond, in_shape[k], out_shape[k], left.shape[1]))
@@ -284,9 +307,11 @@ def decompose(
     error_bound = math.sqrt(discarded_sq) + rounding
     rel_tol_met = None if rel_tol is None else error_bound <= rel_tol * norm * (1 + 1e-12) + 1e-300
     if rel_tol_met is False:
-        warnings.warn(
-            f"rel_tol={rel_tol} not met: max_bond={max_bond} caps the bonds at {bonds}, and the certified "
-            f"relative error bound is {error_bound / norm:.4g}", RuntimeWarning, stacklevel=2)
+        cause = (f"max_bond={max_bond} caps the bonds at {bonds}" if math.sqrt(discarded_sq) > rel_tol * norm
+                 else f"the {str(work_dtype).replace('torch.', '')} rounding term ({rounding / norm:.3g} relative) "
+                      f"exceeds it")
+        warnings.warn(f"rel_tol={rel_tol} not met: {cause}, and the certified relative error bound is "
+                      f"{error_bound / norm:.4g}", RuntimeWarning, stacklevel=2)
     return MPO(
         [c.to(matrix.dtype).contiguous() for c in cores],
         in_shape,

@@ -13,7 +13,9 @@ orthonormal columns and ``right = leftᵀ A``. Two routes find ``left``:
   pass; nothing truncated on a wide ``A``, the rotation ``Vᵀ A`` is done in place.
 
 Every product with ``A`` streams it in column blocks, so the extra memory of a split is
-``right`` plus ``O((m + N) k)``, never a second copy of ``A``.
+``right`` plus ``O((m + N) k)``, never a second copy of ``A``; a sketched split also reads an
+``A`` stored in a lower precision than its working one (``dtype=``), block by block, and never
+writes it.
 
 **Certified discarded norm.** With ``left`` orthonormal, ``||A - left right||_F² = ||A||_F² -
 ||right||_F²``. When that difference is at least ``CANCELLATION_GUARD`` of ``||A||²`` it is
@@ -38,7 +40,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Split", "sketched_split", "whole_range_split", "range_basis", "orthonormalize_", "gemm_rounding_slack"]
+__all__ = ["Split", "sketched_split", "whole_range_split", "range_basis", "orthonormalize_", "gemm_rounding_slack",
+           "squared_norm"]
 
 OVERSAMPLE = 10
 POWER_ITERS = 1
@@ -73,12 +76,18 @@ def _column_blocks(a: torch.Tensor, width: int = 0):
     return [slice(j, j + step) for j in range(0, a.shape[1], step)]
 
 
-def _sum_sq(x: torch.Tensor) -> float:
+def squared_norm(x: torch.Tensor) -> float:
     """``||x||_F²`` accumulated in float64 (block by block for lower precisions: no float64 copy)."""
     if x.dtype == torch.float64:
         return float(torch.linalg.vector_norm(x)) ** 2
     x = x.reshape(x.shape[0], -1)
     return sum(float((x[:, blk].double() ** 2).sum()) for blk in _column_blocks(x))
+
+
+def _block(a: torch.Tensor, blk: slice, dtype: torch.dtype) -> torch.Tensor:
+    """Columns ``blk`` of ``a`` in the working ``dtype`` (a converted copy when ``a`` is stored in another)."""
+    chunk = a[:, blk]
+    return chunk if chunk.dtype == dtype else chunk.to(dtype)
 
 
 def orthonormalize_(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,30 +115,44 @@ def orthonormalize_(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, r2 if r is None else r2 @ r
 
 
-def range_basis(a: torch.Tensor, k: int, power_iters: int, generator: torch.Generator) -> torch.Tensor:
-    """Orthonormal ``m x k`` basis of the dominant range of ``a`` (randomized subspace iteration, streamed)."""
+def range_basis(a: torch.Tensor, k: int, power_iters: int, generator: torch.Generator,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Orthonormal ``m x k`` basis of the dominant range of ``a`` (randomized subspace iteration, streamed).
+
+    ``dtype``: the working precision (default ``a``'s); each column block of ``a`` is converted to it as read.
+    """
+    dtype = dtype or a.dtype
     blocks = _column_blocks(a, k)
-    y = a.new_zeros(a.shape[0], k)
+    y = a.new_zeros(a.shape[0], k, dtype=dtype)
     for blk in blocks:
-        chunk = a[:, blk]
-        omega = torch.randn(chunk.shape[1], k, generator=generator, dtype=a.dtype, device=a.device)
+        chunk = _block(a, blk, dtype)
+        omega = torch.randn(chunk.shape[1], k, generator=generator, dtype=dtype, device=a.device)
         y.addmm_(chunk, omega)
     for _ in range(power_iters):
         q = orthonormalize_(y)[0]
-        y = a.new_zeros(a.shape[0], k)
+        y = a.new_zeros(a.shape[0], k, dtype=dtype)
         for blk in blocks:
-            chunk = a[:, blk]
+            chunk = _block(a, blk, dtype)
             y.addmm_(chunk, chunk.mT @ q)
     return orthonormalize_(y)[0]
 
 
 def _project(a: torch.Tensor, left: torch.Tensor, a_sq: float) -> tuple[torch.Tensor, float, int]:
-    """``right = leftᵀ a``, its certified ``||a - left right||_F²``, and the passes that cost."""
-    right = left.mT @ a
-    diff = a_sq - _sum_sq(right)
+    """``right = leftᵀ a``, its certified ``||a - left right||_F²``, and the passes that cost.
+
+    ``a`` stored in another precision than ``left``'s is converted block by block.
+    """
+    if a.dtype == left.dtype:
+        right = left.mT @ a
+    else:
+        right = left.new_empty(left.shape[1], a.shape[1])
+        for blk in _column_blocks(a, left.shape[1]):
+            right[:, blk] = left.mT @ _block(a, blk, left.dtype)
+    diff = a_sq - squared_norm(right)
     if diff >= CANCELLATION_GUARD * a_sq:
         return right, diff, 1
-    direct = sum(_sum_sq(torch.addmm(a[:, blk], left, right[:, blk], alpha=-1)) for blk in _column_blocks(a))
+    direct = sum(squared_norm(torch.addmm(_block(a, blk, left.dtype), left, right[:, blk], alpha=-1))
+                 for blk in _column_blocks(a))
     return right, direct, 2
 
 
@@ -201,6 +224,7 @@ def sketched_split(
     oversample: int = OVERSAMPLE,
     power_iters: int = POWER_ITERS,
     generator: torch.Generator,
+    dtype: torch.dtype | None = None,
 ) -> Split | None:
     """Randomized split of ``a`` with a certified discarded norm (see the module docstring).
 
@@ -208,7 +232,11 @@ def sketched_split(
     allowed discarded norm (``None``: keep ``max_bond``). With ``delta``, the rank grows until
     the certified norm meets it or reaches the cap. Returns ``None`` when the sketch would
     cover the smaller dimension: the caller then splits exactly (:func:`whole_range_split`).
+    ``dtype`` is the working precision (default ``a``'s): an ``a`` stored in a lower one (a float32
+    weight split in float64) is read block by block, converted as it streams, never copied whole;
+    ``a`` is only read.
     """
+    dtype = dtype or a.dtype
     small = min(a.shape)
     cap = small if max_bond is None else min(max_bond, small)
     want = cap if max_bond is not None else min(INITIAL_RANK, cap)
@@ -218,11 +246,11 @@ def sketched_split(
         if k >= small:
             return None
         if a_sq is None:
-            a_sq, passes = _sum_sq(a), 1
-        q = range_basis(a, k, power_iters, generator)
+            a_sq, passes = squared_norm(a), 1
+        q = range_basis(a, k, power_iters, generator, dtype)
         ritz = q.new_zeros(k, k)
         for blk in _column_blocks(a, k):
-            b = q.mT @ a[:, blk]
+            b = q.mT @ _block(a, blk, dtype)
             ritz.addmm_(b, b.mT)
         evals, v = _eig_desc(ritz)
         passes += 2 + 2 * power_iters

@@ -13,15 +13,16 @@ pre-contraction all rebuild through :func:`rebuild`.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from functools import lru_cache
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import torch
 
 from mpo_core.cost import DeviceModel, device_model, gemm_cost
 
-__all__ = ["MergeTree", "dense_matrix", "left_to_right", "plan_merge", "rebuild"]
+__all__ = ["MergeTree", "dense_matrix", "dense_row_blocks", "left_to_right", "plan_merge", "rebuild"]
 
 MergeTree = Union[int, tuple]
 """A core index, or ``(left subtree, right subtree)``."""
@@ -130,15 +131,41 @@ def rebuild(cores: Sequence[torch.Tensor], tree: MergeTree | None = None, interl
         ranks = tuple(int(c.shape[0]) for c in cores) + (int(cores[-1].shape[3]),)
         first = cores[0]
         tree = _cheapest_tree(in_shape, out_shape, ranks, first.dtype, device_model(first.device.type))
-    merged = _merge(tree, cores)
-    if interleaved:
-        return merged
-    d_left, _, d_right = merged.shape
-    interleaved = merged.view(d_left, *[s for k in range(n) for s in (in_shape[k], out_shape[k])], d_right)
-    perm = [0] + list(range(1, 2 * n + 1, 2)) + list(range(2, 2 * n + 1, 2)) + [2 * n + 1]
-    return interleaved.permute(perm).reshape(d_left, math.prod(in_shape), math.prod(out_shape), d_right)
+    with torch.profiler.record_function(REBUILD_SCOPE):
+        merged = _merge(tree, cores)
+        if interleaved:
+            return merged
+        d_left, _, d_right = merged.shape
+        interleaved = merged.view(d_left, *[s for k in range(n) for s in (in_shape[k], out_shape[k])], d_right)
+        perm = [0] + list(range(1, 2 * n + 1, 2)) + list(range(2, 2 * n + 1, 2)) + [2 * n + 1]
+        return interleaved.permute(perm).reshape(d_left, math.prod(in_shape), math.prod(out_shape), d_right)
 
 
 def dense_matrix(cores: Sequence[torch.Tensor], tree: MergeTree | None = None) -> torch.Tensor:
     """The dense ``(prod(in_shape), prod(out_shape))`` matrix of a whole MPO (``d_0 = d_n = 1``): :func:`rebuild`."""
     return rebuild(cores, tree)[0, :, :, 0]
+
+
+def dense_row_blocks(cores: Sequence[torch.Tensor], max_entries: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """The dense matrix of a whole MPO as consecutive row blocks ``(first row, W[first:first + b])``.
+
+    Rows are ``(i_1, ..., i_n)`` in C order, so fixing the leading input modes selects a contiguous
+    block: the first ``d`` modes are fixed one value at a time and mode ``d`` is sliced, with ``d``
+    the smallest depth at which one value of mode ``d`` spans at most ``max_entries`` entries (or
+    ``n - 1``); each block is one :func:`dense_matrix` of the sliced chain. Never the whole ``W``
+    at once (unless it fits in ``max_entries``).
+    """
+    in_shape = [int(c.shape[1]) for c in cores]
+    cols = math.prod(int(c.shape[2]) for c in cores)
+    depth = 0
+    while depth < len(cores) - 1 and math.prod(in_shape[depth + 1:]) * cols > max_entries:
+        depth += 1
+    inner = math.prod(in_shape[depth + 1:])
+    step = max(1, max_entries // (inner * cols))
+    row = 0
+    for prefix in itertools.product(*(range(m) for m in in_shape[:depth])):
+        fixed = [c[:, i:i + 1] for c, i in zip(cores, prefix)]
+        for start in range(0, in_shape[depth], step):
+            block = dense_matrix(fixed + [cores[depth][:, start:start + step]] + list(cores[depth + 1:]))
+            yield row, block
+            row += block.shape[0]

@@ -219,7 +219,9 @@ def test_peak_memory_at_llm_size(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     grew = summary["peak_rss_bytes"] - summary["baseline_rss_bytes"]
-    assert grew <= 1.25 * (4 + 16) * 4096 * 11008, f"peak grew {grew / (4096 * 11008):.1f} bytes per entry"
+    # target: 3x the float32 matrix; n=2 sketched reads it in place (no float64 working copy, no float64
+    # rebuild: 1.25x measured), so 2x leaves room for allocator noise and fails with either copy back
+    assert grew <= 2 * 4 * 4096 * 11008, f"peak grew {grew / (4 * 4096 * 11008):.2f}x the float32 matrix"
     assert summary["worst_rel_error"] <= summary["worst_rel_bound"]
 
 

@@ -2,13 +2,14 @@
 import itertools
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpo_core import decompose
 from mpo_core.cost import device_model
-from mpo_core.rebuild import dense_matrix, plan_merge, rebuild
+from mpo_core.rebuild import dense_matrix, dense_row_blocks, plan_merge, rebuild
 
 
 def _einsum_chain(cores):
@@ -50,6 +51,21 @@ def test_dense_matrix_is_the_matrix_decompose_factored_and_to_dense_uses_it():
     mpo = decompose(w, (2, 3, 4), (3, 5, 2))
     torch.testing.assert_close(dense_matrix(mpo.cores), w, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(mpo.to_dense(), w, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("max_entries", [1, 30, 31, 200, 10**6])
+@pytest.mark.parametrize("modes", [[(24, 1), (1, 30)], [(2, 3), (3, 5), (4, 2)], [(3, 2), (1, 3), (4, 1), (2, 5)]])
+def test_dense_row_blocks_tile_the_dense_matrix(modes, max_entries):
+    g = torch.Generator().manual_seed(1)
+    ranks = [1] + [3] * (len(modes) - 1) + [1]
+    cores = [torch.randn(ranks[k], i, j, ranks[k + 1], dtype=torch.float64, generator=g) for k, (i, j) in enumerate(modes)]
+    dense = _einsum_chain(cores)[0, :, :, 0]
+    blocks = list(dense_row_blocks(cores, max_entries))
+    assert [r for r, _ in blocks] == list(itertools.accumulate([0] + [b.shape[0] for _, b in blocks[:-1]]))
+    torch.testing.assert_close(torch.cat([b for _, b in blocks]), dense, rtol=1e-12, atol=1e-12)
+    assert all(b.numel() <= max(max_entries, dense.shape[1]) for _, b in blocks)  # one row at least
+    if max_entries >= dense.numel():
+        assert len(blocks) == 1
 
 
 def test_rebuild_is_differentiable_and_the_default_tree_is_the_cheapest():
