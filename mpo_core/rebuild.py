@@ -22,7 +22,11 @@ import torch
 
 from mpo_core.cost import DeviceModel, device_model, gemm_cost
 
-__all__ = ["MergeTree", "dense_matrix", "dense_row_blocks", "left_to_right", "plan_merge", "rebuild"]
+__all__ = ["REBUILD_SCOPE", "MergeTree", "dense_matrix", "dense_row_blocks", "left_to_right", "plan_merge", "rebuild"]
+
+REBUILD_SCOPE = "mpo_core::rebuild"
+"""The ``torch.profiler.record_function`` scope every dense rebuild runs in (:func:`rebuild`,
+:func:`mpo_core.accumulate.build_weight_blocks`): a profile shows it as one named range."""
 
 MergeTree = Union[int, tuple]
 """A core index, or ``(left subtree, right subtree)``."""
