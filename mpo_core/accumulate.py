@@ -43,7 +43,8 @@ from torch import nn
 
 from mpo_core.cost import device_model, gemm_cost
 from mpo_core.nn import MPOLinear
-from mpo_core.rebuild import dense_matrix, rebuild
+from mpo_core.nn.linear import LOW_RANK_SCOPE, with_update
+from mpo_core.rebuild import REBUILD_SCOPE, dense_matrix, rebuild
 
 __all__ = ["weight_cache", "build_weight_blocks", "shared_central_weights", "exclude_cores_from_ddp", "mpo_core_names"]
 
@@ -87,6 +88,18 @@ class _GradMul(torch.autograd.Function):
         return grad * factor.to(grad.dtype), None
 
 
+def _stacked_block(chains: Sequence[Sequence[torch.Tensor]], indices: range) -> torch.Tensor:
+    """Cores ``indices`` of every chain merged left to right, all chains at once: ``(L, d_left, I, J, d_right)``
+    (modes in C order), one batched contraction per core instead of one rebuild per chain."""
+    acc = torch.stack([ch[indices[0]] for ch in chains])
+    for k in indices[1:]:
+        core = torch.stack([ch[k] for ch in chains])
+        layers, d_left, rows, cols, _ = acc.shape
+        acc = torch.einsum("laIJd,ldijb->laIiJjb", acc, core).reshape(
+            layers, d_left, rows * core.shape[2], cols * core.shape[3], core.shape[4])
+    return acc
+
+
 def shared_central_weights(chains: Sequence[Sequence[torch.Tensor]], center: int, side: str | None = None,
                            central_grad_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Dense matrices of several MPOs that share core ``center`` (the same tensor), built together.
@@ -110,7 +123,7 @@ def shared_central_weights(chains: Sequence[Sequence[torch.Tensor]], center: int
     torch.Tensor
         ``(L, prod(in_shape), prod(out_shape))``, C order, differentiable with respect to every core.
         Per layer the left cores ``0..center-1`` and the right cores ``center+1..n-1`` are merged
-        into one block each (:func:`mpo_core.rebuild.rebuild`); the stacked blocks then meet the
+        into one block each (all layers in one batched contraction per core); the stacked blocks then meet the
         shared core in one GEMM and one batched GEMM, whichever side first the cost model prices cheaper.
     """
     n = len(chains[0])
@@ -124,8 +137,8 @@ def shared_central_weights(chains: Sequence[Sequence[torch.Tensor]], center: int
     out_shape = [int(c.shape[2]) for c in chains[0]]
     layers = len(chains)
     # (L, I_left * J_left, d_in) and (L, d_out, I_right * J_right), modes in C order within each block
-    lefts = torch.stack([rebuild(list(ch[:center]))[0].reshape(-1, d_in) for ch in chains])
-    rights = torch.stack([rebuild(list(ch[center + 1:]))[..., 0].reshape(d_out, -1) for ch in chains])
+    lefts = _stacked_block(chains, range(center)).reshape(layers, -1, d_in)
+    rights = _stacked_block(chains, range(center + 1, n)).reshape(layers, d_out, -1)
     left, right, middle = lefts.shape[1], rights.shape[2], ic * jc
     side = side or _central_order(left, left, d_in, middle, d_out, right, layers, central.dtype, central.device.type)
     scaled = None
@@ -156,26 +169,45 @@ def _group_key(layer: MPOLinear) -> tuple:
             cores[0].dtype, cores[0].device)
 
 
+def _stacked_updates(stacked: torch.Tensor, updates: list) -> torch.Tensor:
+    """``stacked[l] + U_l D_l`` for each layer ``l`` with an update (:meth:`MPOLinear.attach_update`)."""
+    if all(u is None for u in updates):
+        return stacked
+    if all(u is not None for u in updates):
+        with torch.profiler.record_function(LOW_RANK_SCOPE):
+            return torch.baddbmm(stacked, torch.stack([u.U for u in updates]), torch.stack([u.D for u in updates]))
+    return torch.stack([with_update(w, u) for w, u in zip(stacked, updates)])
+
+
 def build_weight_blocks(layers: list[MPOLinear]) -> list[tuple[torch.Tensor, list[int]]]:
-    """The layers' dense weights in ``nn.Linear``'s ``(out, in)`` layout, with graph, as blocks
-    ``(weights (G, out, in), indices of the G layers)``: layers sharing a central are built together,
-    and their block is back-propagated as one tensor (no per-layer slicing in the backward)."""
+    """The layers' dense weights (attached updates included) in ``nn.Linear``'s ``(out, in)`` layout, with
+    graph, as blocks ``(weights (G, out, in), indices of the G layers)``: layers sharing a central are built
+    together, and their block is back-propagated as one tensor (no per-layer slicing in the backward)."""
     groups: dict[tuple, list[int]] = {}
     for i, layer in enumerate(layers):
         groups.setdefault(_group_key(layer), []).append(i)
     blocks = []
-    for idx in groups.values():
-        c = layers[idx[0]].central_index
-        if len(idx) > 1 and 0 < c < layers[idx[0]].n - 1:
-            stacked = shared_central_weights([list(layers[i].cores) for i in idx], c)
-            blocks.append((stacked.transpose(1, 2).contiguous(), idx))
-        else:
-            blocks.extend((dense_matrix(list(layers[i].cores)).T.contiguous()[None], [i]) for i in idx)
+    with torch.profiler.record_function(REBUILD_SCOPE):
+        for idx in groups.values():
+            c = layers[idx[0]].central_index
+            if len(idx) > 1 and 0 < c < layers[idx[0]].n - 1:
+                stacked = shared_central_weights([list(layers[i].cores) for i in idx], c)
+                stacked = _stacked_updates(stacked, [layers[i].update for i in idx])
+                blocks.append((stacked.transpose(1, 2).contiguous(), idx))
+            else:
+                blocks.extend((with_update(dense_matrix(list(layers[i].cores)), layers[i].update).T.contiguous()[None],
+                               [i]) for i in idx)
     return blocks
 
 
+def _weight_tensors(layer: MPOLinear) -> list[torch.Tensor]:
+    """What ``layer``'s dense weight is built from: its cores and its attached update's ``U`` and ``D``."""
+    update = layer.update
+    return [*layer.cores, *((update.U, update.D) if update is not None else ())]
+
+
 def _versions(layers: list[MPOLinear]) -> list[tuple[int, ...]]:
-    return [tuple(c._version for c in layer.cores) for layer in layers]
+    return [tuple(t._version for t in _weight_tensors(layer)) for layer in layers]
 
 
 def _all_reduce_mean(grads: list[torch.Tensor], group) -> None:
@@ -220,7 +252,7 @@ def weight_cache(module: nn.Module, process_group: object = None) -> Iterator[No
     if any(layer.step_weight is not None for layer in layers):
         raise RuntimeError("weight_cache is already active on a layer of this module (nested weight_cache)")
     grad = torch.is_grad_enabled()
-    track = [layer for layer in layers if grad and any(c.requires_grad for c in layer.cores)]
+    track = [layer for layer in layers if grad and any(t.requires_grad for t in _weight_tensors(layer))]
     frozen = [layer for layer in layers if layer not in track]
     device_type = layers[0].cores[0].device.type if layers else "cpu"
     with torch.autocast(device_type, enabled=False):
@@ -255,15 +287,16 @@ def weight_cache(module: nn.Module, process_group: object = None) -> Iterator[No
     if outs:
         torch.autograd.backward(outs, grads)
     if process_group is not None:
-        cores = {id(c): c for layer in track for c in layer.cores if c.requires_grad}
+        cores = {id(c): c for layer in track for c in _weight_tensors(layer) if c.requires_grad}
         present = [c.grad for c in cores.values() if c.grad is not None]
         _all_reduce_mean(present, process_group)
 
 
 def mpo_core_names(module: nn.Module) -> list[str]:
-    """Qualified names of every MPO core of ``module``'s layers, each alias of a shared core included
+    """Qualified names of every MPO core of ``module``'s layers (and of their attached updates' ``U`` and
+    ``D``, whose gradients also arrive when :func:`weight_cache` ends), each alias of a shared core included
     (a shared central is reachable under one name per layer and one in its owner)."""
-    ids = {id(c) for layer in _layers(module) for c in layer.cores}
+    ids = {id(c) for layer in _layers(module) for c in _weight_tensors(layer)}
     return [name for name, p in module.named_parameters(remove_duplicate=False) if id(p) in ids]
 
 
@@ -277,7 +310,7 @@ def exclude_cores_from_ddp(module: nn.Module, broadcast: bool = True) -> list[st
     names = mpo_core_names(module)
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
     if broadcast and dist.is_initialized():
-        cores = {id(c): c for layer in _layers(module) for c in layer.cores}
+        cores = {id(c): c for layer in _layers(module) for c in _weight_tensors(layer)}
         with torch.no_grad():
             for core in cores.values():
                 dist.broadcast(core.data, src=0)

@@ -20,8 +20,12 @@ from mpo_core.ops import bias_gelu, layer_norm, residual_layer_norm
 from mpo_core.shapes import capped_ranks
 from mpobert.config import MATRICES, MPOBertConfig
 
-__all__ = ["LowRankAdapter", "SharedGroup", "LayerBiasesNorms", "MPOBertLayer", "MPOBertEncoder", "MPOBertEmbeddings", "attention_bool_mask",
+__all__ = ["ADAPTER_SCOPE", "LowRankAdapter", "SharedGroup", "LayerBiasesNorms", "MPOBertLayer", "MPOBertEncoder", "MPOBertEmbeddings", "attention_bool_mask",
            "central_shape"]
+
+
+ADAPTER_SCOPE = "mpobert::adapter"
+"""The ``torch.profiler.record_function`` scope of every adapter product (a profile shows them as one range)."""
 
 
 class LowRankAdapter(nn.Module):
@@ -44,7 +48,8 @@ class LowRankAdapter(nn.Module):
             self.D.normal_(0.0, self.init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x @ self.U) @ self.D
+        with torch.profiler.record_function(ADAPTER_SCOPE):
+            return (x @ self.U) @ self.D
 
     def extra_repr(self) -> str:
         return f"in_features={self.U.shape[0]}, out_features={self.D.shape[1]}, rank={self.U.shape[1]}"
@@ -146,6 +151,8 @@ class MPOBertLayer(nn.Module):
             for name in config.adapter_matrices:
                 self.adapters[name] = LowRankAdapter(*config.matrix_dims(name), config.adapter_rank,
                                                      config.adapter_init_std)
+                if name in self.mpo:  # W(l) = MPO(l) + U(l) D(l), folded into one GEMM where W is dense
+                    self.mpo[name].attach_update(self.adapters[name])
 
     @property
     def group(self) -> SharedGroup:
@@ -157,9 +164,12 @@ class MPOBertLayer(nn.Module):
         """Where this layer's biases and LayerNorms live: its group, or its own :class:`LayerBiasesNorms`."""
         return self.group if self.own is None else self.own
 
-    def project(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W(l)`` for matrix ``name`` (no bias): MPO (or the group's dense matrix) plus the adapter."""
-        y = self.mpo[name](x) if name in self.mpo else F.linear(x, self.group.dense[name])
+    def project(self, name: str, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W(l) + bias`` for matrix ``name``: its MPO with the adapter attached (one GEMM wherever ``W``
+        is dense: :meth:`~mpo_core.nn.MPOLinear.attach_update`), or the group's dense matrix plus the adapter."""
+        if name in self.mpo:
+            return self.mpo[name](x, bias)
+        y = F.linear(x, self.group.dense[name], bias)
         if name in self.adapters:
             y = y + self.adapters[name](x)
         return y
@@ -169,18 +179,18 @@ class MPOBertLayer(nn.Module):
         cfg, group = self.config, self.norms  # biases and LayerNorms: the group's, or this layer's own
         b, s, h = hidden.shape
         heads = [
-            (self.project(m, hidden) + group.bias[m]).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+            self.project(m, hidden, group.bias[m]).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
             for m in ("q", "k", "v")
         ]
         ctx = F.scaled_dot_product_attention(*heads, attn_mask=mask,
                                              dropout_p=cfg.attention_dropout if self.training else 0.0)
         ctx = ctx.transpose(1, 2).reshape(b, s, h)
-        attn = self.project("attn_out", ctx) + group.bias["attn_out"]
+        attn = self.project("attn_out", ctx, group.bias["attn_out"])
         # under autocast the sublayer output may be in another dtype than the residual stream
         hidden = residual_layer_norm(hidden, attn.to(hidden.dtype), group.attn_ln_weight, group.attn_ln_bias, cfg.layer_norm_eps,
                                      dropout_p=cfg.hidden_dropout, training=self.training)
-        inner = bias_gelu(self.project("ffn_in", hidden), group.bias["ffn_in"], cfg.activation)
-        out = self.project("ffn_out", inner) + group.bias["ffn_out"]
+        inner = bias_gelu(self.project("ffn_in", hidden, group.bias["ffn_in"]), None, cfg.activation)
+        out = self.project("ffn_out", inner, group.bias["ffn_out"])
         return residual_layer_norm(hidden, out.to(hidden.dtype), group.ffn_ln_weight, group.ffn_ln_bias, cfg.layer_norm_eps,
                                    dropout_p=cfg.hidden_dropout, training=self.training)
 

@@ -214,8 +214,11 @@ def test_core_names_cover_every_alias_of_a_shared_core():
     aliases = {n for n, p in params.items() if p is central}
     assert len(aliases) == model.config.num_layers + 1 and aliases <= names  # every layer's name and the owner's
     core_ids = {id(c) for m in model.modules() if isinstance(m, MPOLinear) for c in m.cores}
-    assert all(id(params[n]) in core_ids for n in names)
-    assert {n for n, p in params.items() if id(p) in core_ids} == names
+    update_ids = {id(t) for m in model.modules() if isinstance(m, MPOLinear) and m.update is not None
+                  for t in (m.update.U, m.update.D)}
+    assert update_ids  # the adapters are attached: their gradients also arrive when weight_cache ends
+    assert {n for n, p in params.items() if id(p) in core_ids | update_ids} == names
+    assert "encoder.layers.0.adapters.q.U" in names
 
 
 # ---------------------------------------------------------------- data parallel (2 gloo processes)

@@ -14,13 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpo_core.contract import Route, check_strategy, choose_route, contract, dense_weight, explain_route
+from mpo_core.contract import Route, check_strategy, choose_route, contract, dense_weight, explain, explain_route
 from mpo_core.decompose import decompose
 from mpo_core.mpo import MPO, validate_cores
 from mpo_core.nn.dense import is_linear, linear_weight
+from mpo_core.rebuild import dense_matrix
 from mpo_core.shapes import BondSpec, capped_ranks, resolve_shapes
 
-__all__ = ["MPOLinear"]
+__all__ = ["LOW_RANK_SCOPE", "MPOLinear"]
+
+LOW_RANK_SCOPE = "mpo_core::low_rank_update"
+"""The ``torch.profiler.record_function`` scope of every product with an attached low-rank update
+(:meth:`MPOLinear.attach_update`): ``U D`` where it is folded into ``W``, ``(x U) D`` where it is not."""
 
 
 class MPOLinear(nn.Module):
@@ -63,6 +68,8 @@ class MPOLinear(nn.Module):
         Set only inside :func:`mpo_core.accumulate.weight_cache`: the dense weight built once for
         the optimizer step, ``(out_features, in_features)`` like ``nn.Linear.weight``; the forward
         then is ``nn.Linear``'s GEMM with it.
+    update : nn.Module or None
+        A low-rank term of the weight, ``W = MPO + U D`` (:meth:`attach_update`).
     """
 
     def __init__(
@@ -97,6 +104,7 @@ class MPOLinear(nn.Module):
         self.step_weight: torch.Tensor | None = None
         self.route_memo: dict[tuple, bool] = {}  # gemm-vs-plan answers of mpo_core.contract.route
         self._mpo_view: tuple[tuple, MPO] | None = None
+        self._update: tuple[nn.Module, ...] = ()  # held by reference: its owner registers its parameters
         self.reset_parameters()
 
     # ------------------------------------------------------------------ structure
@@ -148,8 +156,40 @@ class MPOLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense ``(out_features, in_features)`` weight, as ``nn.Linear.weight`` (differentiable)."""
-        return dense_weight(list(self.cores)).T
+        """The dense ``(out_features, in_features)`` weight, as ``nn.Linear.weight`` (differentiable;
+        the attached :attr:`update` included)."""
+        return with_update(dense_weight(list(self.cores)), self.update).T
+
+    @property
+    def update(self) -> nn.Module | None:
+        """The attached low-rank term ``U D`` of the weight (:meth:`attach_update`), or ``None``."""
+        return self._update[0] if self._update else None
+
+    def attach_update(self, update: nn.Module | None) -> None:
+        """Make the weight ``W = MPO + U D``: ``update.U`` is ``(in_features, r)``, ``update.D`` is
+        ``(r, out_features)``, both read at every call; ``None`` detaches it.
+
+        The layer holds ``update`` by reference (its owner registers its parameters, as MPOBERT's
+        layers own their adapters). Where ``W`` is dense (inside :func:`~mpo_core.accumulate.weight_cache`,
+        the cached ``W``, the dense plan) ``U D`` is added to it once, so each call is one GEMM; the
+        other plans add ``(x U) D`` to their output.
+        """
+        if update is None:
+            self._update = ()
+        else:
+            u, d = getattr(update, "U", None), getattr(update, "D", None)
+            if not isinstance(u, torch.Tensor) or not isinstance(d, torch.Tensor):
+                raise TypeError(f"update must have tensors U and D, got {type(update).__name__}")
+            if u.dim() != 2 or d.dim() != 2 or u.shape[0] != self.in_features or d.shape[1] != self.out_features \
+                    or u.shape[1] != d.shape[0]:
+                raise ValueError(f"update needs U ({self.in_features}, r) and D (r, {self.out_features}), "
+                                 f"got U {tuple(u.shape)} and D {tuple(d.shape)}")
+            first = self.cores[0]
+            if u.dtype != first.dtype or d.dtype != first.dtype or u.device != first.device or d.device != first.device:
+                raise ValueError(f"update's U and D must be {first.dtype} on {first.device} like the cores, got "
+                                 f"{u.dtype}/{d.dtype} on {u.device}/{d.device}")
+            self._update = (update,)
+        self._cached = None
 
     def reset_parameters(self) -> None:
         """Random cores such that the dense ``W`` has ``nn.Linear``'s weight variance ``1 / (3 in_features)``.
@@ -261,7 +301,10 @@ class MPOLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """Contract back into an ``nn.Linear`` (rebuilt in float64, so exact to the dtype's rounding)."""
         with torch.no_grad():
+            update = self.update
             w = dense_weight([c.double() for c in self.cores])
+            if update is not None:
+                w = w + update.U.double() @ update.D.double()
             first = self.cores[0]
             linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                                device=first.device, dtype=first.dtype)
@@ -274,25 +317,40 @@ class MPOLinear(nn.Module):
     def _cached_weight(self) -> torch.Tensor:
         # ParameterList's own iteration costs ~7 us (an attribute lookup per index): read its dict.
         # A new dtype or device means new storage, so the pointer and version identify the values.
-        key = tuple((c.data_ptr(), c._version) for c in self.cores._parameters.values())
+        update = self.update
+        tensors = [*self.cores._parameters.values(), *((update.U, update.D) if update is not None else ())]
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
         if self._cached is None or self._cached[0] != key:
             with torch.no_grad():
-                self._cached = (key, dense_weight(list(self.cores)).T.contiguous())
+                self._cached = (key, with_update(dense_weight(list(self.cores)), update).T.contiguous())
         return self._cached[1]
 
-    def _gemm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``x @ w.T + bias`` with a dense ``(out_features, in_features)`` ``w``: ``nn.Linear``'s GEMM and
-        layout (the ``(in, out)`` layout measured up to 1.27x slower at 1-8 tokens on CPU)."""
-        return F.linear(x, w, self.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W + b``; ``bias`` is added instead of the layer's own (for a bias held elsewhere, e.g. one
+        shared by several layers), in the same GEMM."""
+        b = self.bias if bias is None else bias
+        update = self.update
         route = choose_route(x, self)
-        if route == "step W":  # inside mpo_core.accumulate.weight_cache
-            return self._gemm(x, self.step_weight)
-        if route == "cached W":
-            return self._gemm(x, self._cached_weight())
+        if route == "cached W" and torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (bias, *((update.U, update.D) if update is not None else ()))):
+            route = "planned"  # the cached W carries no gradient to a trainable update or bias
+        if route == "step W":  # inside mpo_core.accumulate.weight_cache (the update is in the step weight)
+            return F.linear(x, self.step_weight, b)
+        if route == "cached W":  # nn.Linear's GEMM and (out, in) layout: (in, out) measured up to 1.27x
+            return F.linear(x, self._cached_weight(), b)  # slower at 1-8 tokens on CPU
         self._cached = None
-        return contract(x, list(self.cores), self.bias, strategy=self.strategy)
+        cores = list(self.cores)
+        if update is None:
+            return contract(x, cores, b, strategy=self.strategy)
+        plan = explain(x, cores, b, self.strategy)
+        if plan.strategy == "dense":  # the update folded into the rebuilt W: one GEMM
+            w = with_update(dense_matrix(cores, plan.chosen.order), update)
+            x2d = x.reshape(-1, x.shape[-1])
+            y = x2d @ w if b is None else torch.addmm(b, x2d, w)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        with torch.profiler.record_function(LOW_RANK_SCOPE):
+            low_rank = (x @ update.U) @ update.D
+        return contract(x, cores, b, strategy=self.strategy) + low_rank
 
     def explain(self, x: torch.Tensor | int) -> Route:
         """How :meth:`forward` would compute ``x``'s output (a tensor, or a token count under the current
@@ -307,3 +365,12 @@ class MPOLinear(nn.Module):
             f"bias={self.bias is not None}, strategy={self.strategy!r}"
             + ("" if self.error_bound is None else f", error_bound={self.error_bound:.3g}")
         )
+
+
+def with_update(w: torch.Tensor, update: nn.Module | None) -> torch.Tensor:
+    """``w + U D`` for a dense ``(in, out)`` ``w`` and an update with ``U`` ``(in, r)``, ``D`` ``(r, out)``
+    (:meth:`MPOLinear.attach_update`); ``w`` itself when ``update`` is ``None``."""
+    if update is None:
+        return w
+    with torch.profiler.record_function(LOW_RANK_SCOPE):
+        return torch.addmm(w, update.U, update.D)

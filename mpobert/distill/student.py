@@ -109,7 +109,7 @@ class MPOBertStudent(Student):
         cfg = self.model.config
         lyr = self.model.base_model.encoder.layers[layer]
         b, s, _ = hidden_in.shape
-        q, k = ((lyr.project(m, hidden_in) + lyr.norms.bias[m]).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        q, k = (lyr.project(m, hidden_in, lyr.norms.bias[m]).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
                 for m in ("q", "k"))
         scores = q @ k.transpose(-1, -2) / math.sqrt(cfg.head_dim)
         scores = scores.masked_fill(~attention_mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
