@@ -81,13 +81,20 @@ def squared_norm(x: torch.Tensor) -> float:
     if x.dtype == torch.float64:
         return float(torch.linalg.vector_norm(x)) ** 2
     x = x.reshape(x.shape[0], -1)
-    return sum(float((x[:, blk].double() ** 2).sum()) for blk in _column_blocks(x))
+    return sum(float(torch.linalg.vector_norm(chunk)) ** 2 for _, chunk in _blocks(x, torch.float64))
 
 
-def _block(a: torch.Tensor, blk: slice, dtype: torch.dtype) -> torch.Tensor:
-    """Columns ``blk`` of ``a`` in the working ``dtype`` (a converted copy when ``a`` is stored in another)."""
-    chunk = a[:, blk]
-    return chunk if chunk.dtype == dtype else chunk.to(dtype)
+def _blocks(a: torch.Tensor, dtype: torch.dtype, width: int = 0):
+    """``(columns, a[:, columns] in dtype)`` for :func:`_column_blocks`: views when ``a`` is stored in ``dtype``,
+    else copies into one buffer reused for every block (valid until the next block is drawn), laid out as the
+    blocks are (a transposed weight's blocks stay transposed: the conversion is a plain copy, BLAS takes either)."""
+    blocks = _column_blocks(a, width)
+    buffer = None if a.dtype == dtype else torch.empty_like(a[:, blocks[0]], dtype=dtype)
+    for blk in blocks:
+        chunk = a[:, blk]
+        if buffer is not None:
+            chunk = buffer[:, :chunk.shape[1]].copy_(chunk)
+        yield blk, chunk
 
 
 def orthonormalize_(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,17 +129,14 @@ def range_basis(a: torch.Tensor, k: int, power_iters: int, generator: torch.Gene
     ``dtype``: the working precision (default ``a``'s); each column block of ``a`` is converted to it as read.
     """
     dtype = dtype or a.dtype
-    blocks = _column_blocks(a, k)
     y = a.new_zeros(a.shape[0], k, dtype=dtype)
-    for blk in blocks:
-        chunk = _block(a, blk, dtype)
+    for _, chunk in _blocks(a, dtype, k):
         omega = torch.randn(chunk.shape[1], k, generator=generator, dtype=dtype, device=a.device)
         y.addmm_(chunk, omega)
     for _ in range(power_iters):
         q = orthonormalize_(y)[0]
         y = a.new_zeros(a.shape[0], k, dtype=dtype)
-        for blk in blocks:
-            chunk = _block(a, blk, dtype)
+        for _, chunk in _blocks(a, dtype, k):
             y.addmm_(chunk, chunk.mT @ q)
     return orthonormalize_(y)[0]
 
@@ -146,13 +150,12 @@ def _project(a: torch.Tensor, left: torch.Tensor, a_sq: float) -> tuple[torch.Te
         right = left.mT @ a
     else:
         right = left.new_empty(left.shape[1], a.shape[1])
-        for blk in _column_blocks(a, left.shape[1]):
-            right[:, blk] = left.mT @ _block(a, blk, left.dtype)
+        for blk, chunk in _blocks(a, left.dtype, left.shape[1]):
+            right[:, blk] = left.mT @ chunk
     diff = a_sq - squared_norm(right)
     if diff >= CANCELLATION_GUARD * a_sq:
         return right, diff, 1
-    direct = sum(squared_norm(torch.addmm(_block(a, blk, left.dtype), left, right[:, blk], alpha=-1))
-                 for blk in _column_blocks(a))
+    direct = sum(squared_norm(torch.addmm(chunk, left, right[:, blk], alpha=-1)) for blk, chunk in _blocks(a, left.dtype))
     return right, direct, 2
 
 
@@ -249,8 +252,8 @@ def sketched_split(
             a_sq, passes = squared_norm(a), 1
         q = range_basis(a, k, power_iters, generator, dtype)
         ritz = q.new_zeros(k, k)
-        for blk in _column_blocks(a, k):
-            b = q.mT @ _block(a, blk, dtype)
+        for _, chunk in _blocks(a, dtype, k):
+            b = q.mT @ chunk
             ritz.addmm_(b, b.mT)
         evals, v = _eig_desc(ritz)
         passes += 2 + 2 * power_iters
