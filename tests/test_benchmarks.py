@@ -225,3 +225,19 @@ def test_decompose_speed_llm_mode(tmp_path):
     rows = {r["contender"]: r for r in report["rows"]}
     assert set(rows) == {"auto", "randomized", "tensorly", "numpy"}
     assert all(r["seconds"] > 0 and r["err"] <= 1 for r in rows.values()) and "x_vs_auto" in rows["numpy"]
+
+
+def test_checkpoint_compress_one_shard_and_extrapolation(tmp_path):
+    report = _load("checkpoint_compress").main(["--layers", "2", "--procs", "1", "--one-shard", "--hidden", "128",
+                                                "--intermediate", "256", "--vocab", "256", "--max-bond", "8",
+                                                "--workdir", str(tmp_path / "work"), "--json", str(tmp_path / "c.json")])
+    (row,) = report["rows"]
+    assert report["partial"] and not report["seven_b_shaped"] and row["matrices"] == 14 and row["layers"] == 2
+    assert row["matrices/s"] > 0 and row["GB/s"] > 0 and row["x_largest_fp32"] > 0
+    assert not any((tmp_path / "work").iterdir())  # every shard deleted after its run
+    cpu = report["extrapolated_cpu"]["cpu_1proc"]
+    assert cpu["70B_s"] > cpu["7B_s"] > row["seconds"]
+    gpu = report["model_gpu"]
+    assert gpu["7B_1gpu"]["matrices"] == 32 * 7 and gpu["70B_1gpu"]["matrices"] == 80 * 7
+    assert gpu["7B_8gpu"]["seconds"] < gpu["7B_1gpu"]["seconds"] < gpu["70B_1gpu"]["seconds"]
+

@@ -13,6 +13,9 @@ from mpo_core.check.verdict import Checker, Result
 
 # Each benchmark's quick run (GPU) and tiny run (CPU smoke, also tests/test_benchmarks.py); {json}: report path.
 BENCHMARK_RUNS: dict[str, tuple[list[str], list[str]]] = {
+    "checkpoint_compress": (["--layers", "1", "--procs", "1", "--json", "{json}"],
+                            ["--layers", "1", "--hidden", "128", "--intermediate", "256", "--vocab", "256",
+                             "--max-bond", "8", "--json", "{json}"]),
     "contract_throughput": (["--quick", "--out", "{json}"],
                             ["--quick", "--tokens", "8", "--tntorch", "off", "--min-time", "0.001", "--out", "{json}"]),
     "cpp_residual_layernorm": (["--quick", "--json", "{json}"], ["--tiny", "--json", "{json}"]),
