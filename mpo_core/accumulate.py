@@ -44,7 +44,7 @@ from torch import nn
 from mpo_core.cost import device_model, gemm_cost
 from mpo_core.nn import MPOLinear
 from mpo_core.nn.linear import LOW_RANK_SCOPE, with_update
-from mpo_core.rebuild import REBUILD_SCOPE, dense_matrix, rebuild
+from mpo_core.rebuild import REBUILD_SCOPE, dense_matrix
 
 __all__ = ["weight_cache", "build_weight_blocks", "shared_central_weights", "exclude_cores_from_ddp", "mpo_core_names"]
 

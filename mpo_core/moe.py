@@ -214,7 +214,8 @@ class MoEFeedForward(nn.Module):
             raise ValueError(f"x must have last dimension hidden_size={self.hidden_size}, got {getattr(x, 'shape', None)}")
         x2d = x.reshape(-1, self.hidden_size)
         routing = route(self.router(x2d), self.top_k, self.capacity_factor, self.gate)
-        w_in, b_in, w_out, b_out = self.expert_weights(routing)
+        # unbind: one backward for all experts (indexing w[e] would scatter into a zero (E, ...) tensor per expert)
+        w_in, b_in, w_out, b_out = (None if t is None else t.unbind(0) for t in self.expert_weights(routing))
         token = torch.arange(x2d.shape[0], device=x.device)[:, None].expand_as(routing.index)[routing.keep]
         expert = routing.index[routing.keep]
         order = torch.argsort(expert, stable=True)

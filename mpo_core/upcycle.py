@@ -156,10 +156,11 @@ def balance_loss(model: nn.Module) -> torch.Tensor:
 
 
 def add_balance_loss(model: nn.Module, coef: float = 0.01) -> "HookHandles":
-    """Register hooks on ``model`` so that each forward's ``output.loss`` includes ``coef * balance_loss(model)``.
+    """Register hooks on ``model`` so that each training forward's ``output.loss`` includes ``coef * balance_loss(model)``.
 
     A pre-hook clears the layers' last losses (a layer the forward skips adds nothing stale); the forward
-    hook adds the sum to ``output.loss`` when the model computed one, and sets ``output.balance_loss``
+    hook adds the sum to ``output.loss`` when the model computed one and is in training mode (in eval mode
+    ``loss`` stays the task's loss, e.g. for perplexity), and always sets ``output.balance_loss``
     (outputs must be transformers ``ModelOutput``s or dicts: ``return_dict=False`` tuples are a TypeError).
     Returns a handle whose ``remove()`` removes both hooks.
     """
@@ -176,7 +177,7 @@ def add_balance_loss(model: nn.Module, coef: float = 0.01) -> "HookHandles":
         if not isinstance(output, dict):
             raise TypeError(f"add_balance_loss needs dict-like outputs (return_dict=True), got {type(output).__name__}")
         aux = balance_loss(module)
-        if output.get("loss") is not None:
+        if module.training and output.get("loss") is not None:
             output["loss"] = output["loss"] + coef * aux
         output["balance_loss"] = aux
         return output
@@ -320,7 +321,8 @@ def mpoe_ify(
     gate : {"unit_sum", "switch"}
         :data:`mpo_core.moe.GATES`; ``"switch"`` scales top-1 outputs by the router probability (not exact at init).
     noise_std, seed : float, int
-        Seeded perturbation of each MPO expert's auxiliaries (relative to each core's RMS); 0: exact copies.
+        ``seed`` draws the routers (``N(0, 0.02^2)``, the same for MPO and dense experts) and the perturbation
+        of each MPO expert's auxiliaries (``noise_std``, relative to each core's RMS; 0: exact copies).
     train : {"all", "auxiliary"}
         :func:`set_moe_trainable` afterwards.
     progress : bool, optional
@@ -368,7 +370,7 @@ def mpoe_ify(
     if experts == "mpo":
         kwargs.update(central_grad=central_grad, mask_prob=mask_prob)
     report = UpcycleReport(experts, num_experts, top_k, num_parameters(model))
-    generator = torch.Generator().manual_seed(seed)
+    generator, routers = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
     built = []
     for name, block, layout, up, down in progress_bar(plans, "mpoe_ify", progress):
         act = _get(block, layout.act)
@@ -380,7 +382,8 @@ def mpoe_ify(
         else:
             moe = SwitchFeedForward.from_dense(up, down, num_experts, top_k, activation=act, **kwargs)
         moe.train(block.training)
-        with torch.no_grad():
+        with torch.no_grad():  # routers from the seed alone: MPO and dense experts of one seed route alike
+            moe.router.weight.copy_(torch.randn(moe.router.weight.shape, generator=routers) * 0.02)
             w_in, _, w_out, _ = moe.expert_weights()
         error = max(_relative_errors(w_in, linear_weight(up)), _relative_errors(w_out, linear_weight(down)))
         dense = sum(p.numel() for m in (up, down) for p in m.parameters())

@@ -118,6 +118,10 @@ def test_balance_loss_reaches_the_model_loss_and_the_routers(name):
     grad_all = torch.autograd.grad(out.loss, router)[0]
     assert torch.allclose(grad_all, grad_task + 0.5 * grad_aux, atol=1e-6)
     assert float(grad_aux.abs().max()) > 0
+    model.eval()  # evaluation reports the task's loss; the balance loss is still there to read
+    evaluated = model(**batch)
+    assert torch.allclose(evaluated.loss, plain.loss) and torch.allclose(evaluated.balance_loss, expected_aux)
+    model.train()
     handle.remove()
     again = model(**batch)
     assert "balance_loss" not in again and torch.allclose(again.loss, plain.loss)
