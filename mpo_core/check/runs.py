@@ -30,6 +30,7 @@ BENCHMARK_RUNS: dict[str, tuple[list[str], list[str]]] = {
     "methods_demo": (["--steps", "20", "--aux-steps", "10", "--output", "{json}"],
                      ["--steps", "2", "--aux-steps", "1", "--hidden", "32", "--layers", "1", "--intermediate", "64",
                       "--max-seq-len", "16", "--output", "{json}"]),
+    "mpoe_upcycle": (["--quick", "--seeds", "0,1", "--output", "{json}"], ["--quick", "--output", "{json}"]),
     "op_overhead": (["--quick", "--out", "{json}"], ["--quick", "--repeats", "1", "--min-time", "0.001", "--out", "{json}"]),
     "real_checkpoint": (
         ["--checkpoint", "random-tiny", "--limit", "64", "--budgets", "0.5", "--seeds", "0", "--peft-epochs", "1",
