@@ -88,6 +88,32 @@ class _GradMul(torch.autograd.Function):
         return grad * factor.to(grad.dtype), None
 
 
+class _SharedGemm(torch.autograd.Function):
+    """``a[l] @ c`` for every ``l`` in one GEMM; ``c``'s gradient sums ``scale[l] * a[l]^T g[l]`` (one GEMM)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, c: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, c, scale)
+        return (a.reshape(-1, a.shape[2]) @ c).view(a.shape[0], a.shape[1], c.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, c, scale = ctx.saved_tensors
+        g = grad.reshape(-1, c.shape[1])
+        grad_a = (g @ c.T).view(a.shape) if ctx.needs_input_grad[0] else None
+        grad_c = None
+        if ctx.needs_input_grad[1]:
+            grad_c = (a * scale.to(a.dtype)[:, None, None]).reshape(-1, a.shape[2]).T @ g
+        return grad_a, grad_c, None
+
+
+def _shared_gemm(a: torch.Tensor, c: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``(L, m, k) @ (k, n) -> (L, m, n)`` as one GEMM, ``scale`` (``(L,)``) weighting each ``l`` in ``c``'s gradient."""
+    if scale is None:
+        return (a.reshape(-1, a.shape[2]) @ c).view(a.shape[0], a.shape[1], c.shape[1])
+    return _SharedGemm.apply(a, c, scale)
+
+
 def _stacked_block(chains: Sequence[Sequence[torch.Tensor]], indices: range) -> torch.Tensor:
     """Cores ``indices`` of every chain merged left to right, all chains at once: ``(L, d_left, I, J, d_right)``
     (modes in C order), one batched contraction per core instead of one rebuild per chain."""
@@ -113,10 +139,9 @@ def shared_central_weights(chains: Sequence[Sequence[torch.Tensor]], center: int
     side : {None, "left", "right"}
         Which stacked outer blocks meet the shared core first; ``None``: the cheaper by the cost model.
     central_grad_scale : torch.Tensor, optional
-        Broadcastable to ``(L, *central.shape)``: chain ``l``'s contribution to the shared core's gradient
-        is multiplied by ``central_grad_scale[l]`` (the forward is unchanged; the other cores' gradients
-        too). Per-chain factors ``(L, 1, 1, 1, 1)``, or one mask ``(1, *central.shape)``; MPOE balances its
-        shared centrals this way. The shared core then meets the blocks in two batched GEMMs.
+        Shapes the shared core's gradient (the forward and the other cores' gradients are unchanged):
+        ``(L,)`` multiplies chain ``l``'s contribution by ``central_grad_scale[l]``; a tensor of the core's
+        shape multiplies its whole gradient entry by entry (a mask). MPOE balances its shared centrals so.
 
     Returns
     -------
@@ -141,22 +166,17 @@ def shared_central_weights(chains: Sequence[Sequence[torch.Tensor]], center: int
     rights = _stacked_block(chains, range(center + 1, n)).reshape(layers, d_out, -1)
     left, right, middle = lefts.shape[1], rights.shape[2], ic * jc
     side = side or _central_order(left, left, d_in, middle, d_out, right, layers, central.dtype, central.device.type)
-    scaled = None
-    if central_grad_scale is not None:  # one copy of the central per chain, each with its gradient factor
-        scaled = _GradMul.apply(central.expand(layers, *central.shape), central_grad_scale)
+    per_chain = None
+    if central_grad_scale is not None and central_grad_scale.shape == central.shape:  # one mask for every chain
+        central = _GradMul.apply(central, central_grad_scale)
+    elif central_grad_scale is not None:
+        per_chain = central_grad_scale.reshape(layers)
     if side == "left":
-        if scaled is None:
-            t = lefts.reshape(layers * left, d_in) @ central.reshape(d_in, middle * d_out)
-        else:
-            t = torch.bmm(lefts, scaled.reshape(layers, d_in, middle * d_out))
+        t = _shared_gemm(lefts, central.reshape(d_in, middle * d_out), per_chain)
         w = torch.bmm(t.view(layers, left * middle, d_out), rights)
-    else:
-        if scaled is None:
-            t = central.reshape(d_in * middle, d_out) @ rights.permute(1, 0, 2).reshape(d_out, layers * right)
-            t = t.view(d_in, middle, layers, right).permute(2, 0, 1, 3)
-        else:
-            t = torch.bmm(scaled.reshape(layers, d_in * middle, d_out), rights)
-        w = torch.bmm(lefts, t.reshape(layers, d_in, middle * right))
+    else:  # (rights_l^T C^T)^T = C rights_l, the shared core on the right of the product
+        t = _shared_gemm(rights.transpose(1, 2), central.reshape(d_in * middle, d_out).T, per_chain)
+        w = torch.bmm(lefts, t.transpose(1, 2).reshape(layers, d_in, middle * right))
     il, jl = math.prod(in_shape[:center]), math.prod(out_shape[:center])
     ir, jr = math.prod(in_shape[center + 1:]), math.prod(out_shape[center + 1:])
     w = w.view(layers, il, jl, ic, jc, ir, jr).permute(0, 1, 3, 5, 2, 4, 6)

@@ -365,12 +365,11 @@ class MPOEFeedForward(MoEFeedForward):
         if routing is None or not (self.training and torch.is_grad_enabled()) or self.central_grad == "none":
             return None, None
         if self.central_grad == "bernoulli":
-            return tuple((torch.rand(c.shape, device=c.device) >= self.mask_prob)[None]
+            return tuple(torch.rand(c.shape, device=c.device) >= self.mask_prob
                          for c in (self.experts_in[0].central, self.experts_out[0].central))
         kept = routing.counts(kept_only=True).float()
         total = kept.sum().clamp_min(1.0)
         factors = torch.where(kept > 0, total / (self.num_experts * kept.clamp_min(1.0)), torch.zeros_like(kept))
-        factors = factors.reshape(-1, 1, 1, 1, 1)
         return factors, factors
 
     def expert_weights(self, routing: Routing | None = None) -> ExpertWeights:

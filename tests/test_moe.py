@@ -192,3 +192,31 @@ def test_validation():
     lin_in, lin_out = _ffn(1)
     with pytest.raises(TypeError, match="MPOLinear"):
         MPOEFeedForward.from_mpo(lin_in, lin_out, 2)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_shared_central_gradient_scale_against_per_chain_rebuilds(side):
+    """shared_central_weights' central_grad_scale: per chain (L,) factors and a mask, both sides of the product,
+    against each chain rebuilt alone (mpo_core.rebuild.dense_matrix) in float64."""
+    from mpo_core.accumulate import shared_central_weights
+    from mpo_core.rebuild import dense_matrix
+
+    g = torch.Generator().manual_seed(0)
+    central = torch.randn(4, 2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    chains = [[torch.randn(1, 2, 2, 4, dtype=torch.float64, generator=g, requires_grad=True), central,
+               torch.randn(5, 3, 2, 1, dtype=torch.float64, generator=g, requires_grad=True)] for _ in range(3)]
+    probe = torch.randn(3, 12, 12, dtype=torch.float64, generator=g)
+    parts = []  # each chain's own gradient contributions, from a plain rebuild
+    for ch, p in zip(chains, probe):
+        parts.append(torch.autograd.grad((dense_matrix(ch) * p).sum(), [central, ch[0], ch[2]]))
+    factors = torch.tensor([0.5, 2.0, 0.0], dtype=torch.float64)
+    w = shared_central_weights(chains, 1, side=side, central_grad_scale=factors)
+    assert torch.allclose(w, torch.stack([dense_matrix(ch) for ch in chains]))
+    grads = torch.autograd.grad((w * probe).sum(), [central] + [t for ch in chains for t in (ch[0], ch[2])])
+    assert torch.allclose(grads[0], sum(f * p[0] for f, p in zip(factors, parts)))
+    for l, p in enumerate(parts):  # the chains' own cores: unscaled
+        assert torch.allclose(grads[1 + 2 * l], p[1]) and torch.allclose(grads[2 + 2 * l], p[2])
+    mask = (torch.rand(central.shape, generator=g) > 0.5).double()
+    w = shared_central_weights(chains, 1, side=side, central_grad_scale=mask)
+    (got,) = torch.autograd.grad((w * probe).sum(), [central])
+    assert torch.allclose(got, mask * sum(p[0] for p in parts))
