@@ -37,7 +37,9 @@ once). ``--inference`` adds forward-only rows under ``torch.no_grad``.
 Run ``python benchmarks/train_step.py`` (CPU default: MPOBERT-12 shape, 512 tokens per
 micro-batch, k = 1 and 4, AdamW; about 4 minutes on 2 cores), ``--full`` for both presets,
 k in {1, 4, 8}, 1024-16384 tokens and both optimizers (the GPU default adds bf16 autocast);
-``--profile VARIANT`` prints the torch profiler's top operators of one step.
+``--profile`` sorts one profiled step of every contender into time shares (GEMMs, rebuild, adapters,
+attention, norms, copies, optimizer, Python; ``_profile.py``) side by side, with the rebuild's FLOPs
+against their floor; ``--profile-rows N`` adds the profiler's top ``N`` operators of each.
 The naive contender is in ``_naive.py``, the peak-memory probe in ``_memory.py``.
 """
 from __future__ import annotations
@@ -58,6 +60,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from benchmarks._common import device_description, format_table, write_json  # noqa: E402
 from benchmarks._memory import peak_memory  # noqa: E402
 from benchmarks._naive import NaiveMPOBert  # noqa: E402
+from benchmarks._profile import CATEGORIES, OPTIMIZER_SCOPE, profile_shares, rebuild_floor_flops  # noqa: E402
 from mpo_core.accumulate import weight_cache  # noqa: E402
 from mpo_core.gpu.timing import CLOCKS, time_calls  # noqa: E402
 from mpobert import MPOBertConfig, MPOBertModel  # noqa: E402
@@ -175,10 +178,11 @@ class Contender:
                 with self._autocast():
                     loss = loss_of(*encode(self.model, ids), k)
                 loss.backward()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with torch.profiler.record_function(OPTIMIZER_SCOPE):
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
 
 
 def check_naive(mpobert: MPOBertModel, naive: NaiveMPOBert, vocab: int, tol: float = NAIVE_TOL) -> float:
@@ -205,6 +209,45 @@ def profile_step(contender: Contender, rows: int = 15) -> str:
         contender.step()
     key = "self_cuda_time_total" if contender.device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def rebuild_floor(model: MPOBertModel) -> int:
+    """Forward FLOPs of the cheapest rebuild of every MPO weight of ``model`` (``_profile.rebuild_floor_flops``)."""
+    from mpo_core.nn import MPOLinear
+
+    groups: dict[int, list[MPOLinear]] = {}  # the layers sharing each central core
+    for m in model.modules():
+        if isinstance(m, MPOLinear):
+            groups.setdefault(id(m.cores[m.central_index]), []).append(m)
+    layers = list(groups.values())
+    return rebuild_floor_flops([[m.mpo.ranks for m in g] for g in layers], [g[0].mpo.in_shape for g in layers],
+                               [g[0].mpo.out_shape for g in layers], [g[0].central_index for g in layers])
+
+
+def profile_rows(contenders: list[Contender], setting: Setting, floor: int | None) -> list[dict]:
+    """One row per category of :data:`_profile.CATEGORIES`: each contender's seconds in one profiled step
+    (after a warm-up step), and what it adds over ``bert`` as a share of ``bert``'s step."""
+    shares = {}
+    for c in contenders:
+        c.step()
+        shares[c.name] = profile_shares(c.step)
+    rows = []
+    ref = shares.get("bert")
+    for cat in (*CATEGORIES, "total"):
+        row = {"category": cat}
+        for name, sh in shares.items():
+            sec = sh["total"] if cat == "total" else sh["seconds"][cat]
+            row[name] = sec
+            if ref is not None and name != "bert":
+                row[f"{name} over bert"] = (sec - (ref["total"] if cat == "total" else ref["seconds"][cat])) / ref["total"]
+        rows.append(row)
+    for name, sh in shares.items():
+        fl = sh["rebuild_flops"]
+        if fl["rebuild fwd"] and floor:
+            print(f"{name}: the step's rebuild products {fl['rebuild fwd'] / 1e9:.2f} GFLOP forward "
+                  f"({fl['rebuild fwd'] / floor:.2f}x the floor of one rebuild of every W, {floor / 1e9:.2f} GFLOP), "
+                  f"{fl['rebuild bwd'] / 1e9:.2f} GFLOP backward")
+    return rows
 
 
 def rebuild_rows(model: MPOBertModel, tokens: int, device: torch.device, clock: str, repeats: int) -> list[dict]:
@@ -287,7 +330,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     print(f"device: {device_description(device)}; timings measured ({args.clock} clock), interleaved, "
           f"median of {args.repeats}")
-    rows, checks, rebuilds = [], {}, {}
+    rows, checks, rebuilds, profiles = [], {}, {}, {}
     for preset in args.presets:
         cfg = PRESETS[preset](hidden_dropout=0.0, attention_dropout=0.0)
         mpobert = MPOBertModel(cfg)
@@ -309,10 +352,14 @@ def run(args: argparse.Namespace) -> dict:
         for setting in settings_from(args, device):
             contenders = [Contender(name, m, setting, device, cfg.vocab_size, args.seed) for name, m in models.items()]
             if args.profile:
-                for c in contenders:
-                    if c.name == args.profile:
-                        print(f"\nprofile of one step: {preset} {c.name} {setting.label()}")
-                        print(profile_step(c, args.profile_rows))
+                print(f"\nprofile of one step (seconds per category; over bert: share of bert's step): "
+                      f"{preset} {setting.label()}")
+                prows = profile_rows(contenders, setting, rebuild_floor(mpobert))
+                print(format_table(prows, list(prows[0])), flush=True)
+                profiles[f"{preset} {setting.label()}"] = prows
+                for c in contenders[:len(contenders) if args.profile_rows else 0]:
+                    print(f"\ntop operators of one step: {preset} {c.name} {setting.label()}")
+                    print(profile_step(c, args.profile_rows))
                 continue
             mems: dict[str, list[int]] = {c.name: [] for c in contenders}
             # one warm-up step each (allocator, plans, optimizer state), then interleaved timed steps
@@ -341,7 +388,7 @@ def run(args: argparse.Namespace) -> dict:
                                ["variant", "seconds", "vs_bert", "tokens_per_s", "peak_mb", "params_m",
                                 "allreduce_mb", "allreduce_vs_bert"]), flush=True)
             write_json(args.out, {"benchmark": "train_step", "partial": True, "rows": rows})
-    return {"rows": rows, "naive_check_max_abs_diff": checks, "rebuild": rebuilds, "device": device_description(device),
+    return {"rows": rows, "naive_check_max_abs_diff": checks, "rebuild": rebuilds, "profile": profiles, "device": device_description(device),
             "threads": torch.get_num_threads(), "args": vars(args)}
 
 
@@ -388,8 +435,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="wall (perf_counter) or cpu (process_time: use with --threads 1 on a loaded machine)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--profile", choices=VARIANTS, help="print a profile of one step of this variant instead of timing")
-    ap.add_argument("--profile-rows", type=int, default=15)
+    ap.add_argument("--profile", action="store_true",
+                    help="instead of timing: one profiled step of each variant, its time in categories side by side")
+    ap.add_argument("--profile-rows", type=int, default=0, help="with --profile: also each variant's top N operators")
     ap.add_argument("--rebuild", action="store_true",
                     help="instead of steps: rebuilding every W (batched / per layer) vs the dense GEMMs")
     ap.add_argument("--out", default=os.path.join("results", "train_step.json"))
@@ -408,10 +456,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--clock cpu is for CPU runs (CUDA steps are timed with CUDA events)")
     if min(args.k) < 1 or min(args.tokens) < 1 or args.repeats < 1:
         raise SystemExit("--k, --tokens and --repeats must be >= 1")
-    if args.profile and args.profile not in args.variants:
-        raise SystemExit(f"--profile {args.profile} needs that variant in --variants")
     report = run(args)
-    if not args.profile:
+    if args.profile:
+        write_json(args.out, {"benchmark": "train_step_profile", "profile": report["profile"], "device": report["device"],
+                              "threads": report["threads"], "args": report["args"]})
+        print(f"\nwrote {args.out}")
+    else:
         write_json(args.out, {"benchmark": "train_step", **report})
         print(f"\nwrote {args.out}")
         if args.plot:

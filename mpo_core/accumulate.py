@@ -200,9 +200,10 @@ def _stacked_updates(stacked: torch.Tensor, updates: list) -> torch.Tensor:
 
 
 def build_weight_blocks(layers: list[MPOLinear]) -> list[tuple[torch.Tensor, list[int]]]:
-    """The layers' dense weights (attached updates included) in ``nn.Linear``'s ``(out, in)`` layout, with
-    graph, as blocks ``(weights (G, out, in), indices of the G layers)``: layers sharing a central are built
-    together, and their block is back-propagated as one tensor (no per-layer slicing in the backward)."""
+    """The layers' dense weights (attached updates included) in the ``(in, out)`` layout the rebuild
+    gives (no transposed copy: measured 0.5 s of a 1.2 s MPOBERT-12 rebuild on one CPU thread), with
+    graph, as blocks ``(weights (G, in, out), indices of the G layers)``: layers sharing a central are
+    built together, and their block is back-propagated as one tensor (no per-layer slicing in the backward)."""
     groups: dict[tuple, list[int]] = {}
     for i, layer in enumerate(layers):
         groups.setdefault(_group_key(layer), []).append(i)
@@ -213,10 +214,10 @@ def build_weight_blocks(layers: list[MPOLinear]) -> list[tuple[torch.Tensor, lis
             if len(idx) > 1 and 0 < c < layers[idx[0]].n - 1:
                 stacked = shared_central_weights([list(layers[i].cores) for i in idx], c)
                 stacked = _stacked_updates(stacked, [layers[i].update for i in idx])
-                blocks.append((stacked.transpose(1, 2).contiguous(), idx))
+                blocks.append((stacked, idx))
             else:
-                blocks.extend((with_update(dense_matrix(list(layers[i].cores)), layers[i].update).T.contiguous()[None],
-                               [i]) for i in idx)
+                blocks.extend((with_update(dense_matrix(list(layers[i].cores)), layers[i].update)[None], [i])
+                              for i in idx)
     return blocks
 
 

@@ -16,16 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpo_core.nn import MPOLinear
+from mpo_core.nn.linear import LOW_RANK_SCOPE
 from mpo_core.ops import bias_gelu, layer_norm, residual_layer_norm
 from mpo_core.shapes import capped_ranks
 from mpobert.config import MATRICES, MPOBertConfig
 
-__all__ = ["ADAPTER_SCOPE", "LowRankAdapter", "SharedGroup", "LayerBiasesNorms", "MPOBertLayer", "MPOBertEncoder", "MPOBertEmbeddings", "attention_bool_mask",
+__all__ = ["LowRankAdapter", "SharedGroup", "LayerBiasesNorms", "MPOBertLayer", "MPOBertEncoder", "MPOBertEmbeddings", "attention_bool_mask",
            "central_shape"]
-
-
-ADAPTER_SCOPE = "mpobert::adapter"
-"""The ``torch.profiler.record_function`` scope of every adapter product (a profile shows them as one range)."""
 
 
 class LowRankAdapter(nn.Module):
@@ -48,7 +45,7 @@ class LowRankAdapter(nn.Module):
             self.D.normal_(0.0, self.init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.profiler.record_function(ADAPTER_SCOPE):
+        with torch.profiler.record_function(LOW_RANK_SCOPE):
             return (x @ self.U) @ self.D
 
     def extra_repr(self) -> str:

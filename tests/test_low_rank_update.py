@@ -107,7 +107,7 @@ def test_shared_central_block_adds_each_layers_update_mixed_and_all():
             want = dense_matrix(list(layers[i].cores))
             if layers[i].update is not None:
                 want = want + layers[i].update.U @ layers[i].update.D
-            torch.testing.assert_close(block[pos], want.T, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(block[pos], want, rtol=1e-12, atol=1e-12)
 
 
 def test_cached_weight_follows_the_update_and_a_trainable_update_gets_gradients():

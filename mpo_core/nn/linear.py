@@ -66,8 +66,8 @@ class MPOLinear(nn.Module):
         transformers' ``Conv1D``, set by :meth:`from_linear`).
     step_weight : torch.Tensor or None
         Set only inside :func:`mpo_core.accumulate.weight_cache`: the dense weight built once for
-        the optimizer step, ``(out_features, in_features)`` like ``nn.Linear.weight``; the forward
-        then is ``nn.Linear``'s GEMM with it.
+        the optimizer step, ``(in_features, out_features)`` as the rebuild gives it; the forward then
+        is one GEMM with it (``addmm`` with the bias).
     update : nn.Module or None
         A low-rank term of the weight, ``W = MPO + U D`` (:meth:`attach_update`).
     """
@@ -335,7 +335,7 @@ class MPOLinear(nn.Module):
                 t is not None and t.requires_grad for t in (bias, *((update.U, update.D) if update is not None else ()))):
             route = "planned"  # the cached W carries no gradient to a trainable update or bias
         if route == "step W":  # inside mpo_core.accumulate.weight_cache (the update is in the step weight)
-            return F.linear(x, self.step_weight, b)
+            return _gemm_in_out(x, self.step_weight, b)
         if route == "cached W":  # nn.Linear's GEMM and (out, in) layout: (in, out) measured up to 1.27x
             return F.linear(x, self._cached_weight(), b)  # slower at 1-8 tokens on CPU
         self._cached = None
@@ -344,10 +344,7 @@ class MPOLinear(nn.Module):
             return contract(x, cores, b, strategy=self.strategy)
         plan = explain(x, cores, b, self.strategy)
         if plan.strategy == "dense":  # the update folded into the rebuilt W: one GEMM
-            w = with_update(dense_matrix(cores, plan.chosen.order), update)
-            x2d = x.reshape(-1, x.shape[-1])
-            y = x2d @ w if b is None else torch.addmm(b, x2d, w)
-            return y.reshape(*x.shape[:-1], self.out_features)
+            return _gemm_in_out(x, with_update(dense_matrix(cores, plan.chosen.order), update), b)
         with torch.profiler.record_function(LOW_RANK_SCOPE):
             low_rank = (x @ update.U) @ update.D
         return contract(x, cores, b, strategy=self.strategy) + low_rank
@@ -374,3 +371,10 @@ def with_update(w: torch.Tensor, update: nn.Module | None) -> torch.Tensor:
         return w
     with torch.profiler.record_function(LOW_RANK_SCOPE):
         return torch.addmm(w, update.U, update.D)
+
+
+def _gemm_in_out(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ w + bias`` for a dense ``(in, out)`` ``w``: one ``mm`` (``addmm`` with the bias) on ``x``'s rows."""
+    x2d = x.reshape(-1, x.shape[-1])
+    y = x2d @ w if bias is None else torch.addmm(bias, x2d, w)
+    return y.reshape(*x.shape[:-1], w.shape[1])
