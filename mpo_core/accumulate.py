@@ -30,6 +30,11 @@ backward, so ``DistributedDataParallel`` cannot reduce them. Exclude the cores f
 :func:`exclude_cores_from_ddp` before wrapping the model, and pass ``process_group`` (or
 ``True`` for the default group): the context then averages the cores' gradients over the
 ranks itself, in one flat all-reduce. DDP reduces every other parameter as usual.
+
+Without accumulation, :func:`forward_weights` builds every ``W`` of one forward the same batched way,
+and the backward reaches the cores through autograd as usual (nothing deferred): a model calls it
+around its layers (MPOBERT's encoder does), so a plain ``model(x)`` + ``loss.backward()`` loop gets
+the batched rebuild with no context to remember.
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ from mpo_core.nn import MPOLinear
 from mpo_core.nn.linear import LOW_RANK_SCOPE, with_update
 from mpo_core.rebuild import REBUILD_SCOPE, dense_matrix
 
-__all__ = ["weight_cache", "build_weight_blocks", "shared_central_weights", "exclude_cores_from_ddp", "mpo_core_names"]
+__all__ = ["weight_cache", "forward_weights", "build_weight_blocks", "shared_central_weights", "exclude_cores_from_ddp", "mpo_core_names"]
 
 
 def _layers(module: nn.Module) -> list[MPOLinear]:
@@ -242,6 +247,35 @@ def _all_reduce_mean(grads: list[torch.Tensor], group) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+@contextmanager
+def forward_weights(module: nn.Module) -> Iterator[None]:
+    """Build every :class:`~mpo_core.nn.MPOLinear` weight of ``module`` once for the enclosed forward.
+
+    Layers sharing a central are built together (:func:`build_weight_blocks`), with graph, and each
+    layer's calls inside are one GEMM with its ``W``; the backward reaches the cores through autograd,
+    as when each layer rebuilds its own ``W``. Does nothing inside :func:`weight_cache` (its step
+    weights are in place) and where no weight needs a gradient (inference keeps its cached ``W``).
+    A model wraps its layer loop in it: MPOBERT's encoder does.
+    """
+    layers = _layers(module)
+    busy = any(layer.step_weight is not None for layer in layers)
+    track = [] if busy or not torch.is_grad_enabled() else \
+        [layer for layer in layers if any(t.requires_grad for t in _weight_tensors(layer))]
+    if not track:
+        yield
+        return
+    with torch.autocast(track[0].cores[0].device.type, enabled=False):
+        blocks = build_weight_blocks(track)
+    for block, idx in blocks:
+        for i, w in zip(idx, block.unbind(0)):  # one UnbindBackward: the block's gradient stacked once
+            track[i].step_weight = w
+    try:
+        yield
+    finally:
+        for layer in track:
+            layer.step_weight = None
 
 
 @contextmanager

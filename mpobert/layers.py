@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpo_core.accumulate import forward_weights
 from mpo_core.nn import MPOLinear
 from mpo_core.nn.linear import LOW_RANK_SCOPE
 from mpo_core.ops import bias_gelu, layer_norm, residual_layer_norm
@@ -205,10 +206,11 @@ class MPOBertEncoder(nn.Module):
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None,
                 output_hidden_states: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         states = [hidden] if output_hidden_states else None
-        for layer in self.layers:
-            hidden = layer(hidden, mask)
-            if states is not None:
-                states.append(hidden)
+        with forward_weights(self):  # every W built once, batched per shared central (inside weight_cache: its)
+            for layer in self.layers:
+                hidden = layer(hidden, mask)
+                if states is not None:
+                    states.append(hidden)
         return hidden, states
 
 

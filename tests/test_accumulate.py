@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from mpo_core.accumulate import exclude_cores_from_ddp, mpo_core_names, shared_central_weights, weight_cache
+from mpo_core.accumulate import exclude_cores_from_ddp, forward_weights, mpo_core_names, shared_central_weights, weight_cache
 from mpo_core.nn import MPOLinear, set_trainable
 from mpo_core.rebuild import dense_matrix
 from mpobert import MPOBertConfig, MPOBertModel
@@ -271,3 +271,76 @@ def test_ddp_no_sync_accumulation_matches_one_process(tmp_path):
         torch.testing.assert_close(r0[k], single[k], rtol=0, atol=1e-10, msg=k)
     moved = [k for k in start if not torch.equal(start[k], single[k])]
     assert any(".cores." in k for k in moved)  # the cores trained (their gradient reached both ranks)
+
+
+# ---------------------------------------------------------------- forward_weights (one forward, batched)
+class _Chain(nn.Module):
+    """Three MPO layers sharing their central core, applied in sequence (one with an adapter-like update)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.layers = nn.ModuleList(MPOLinear(12, 12, n=3).double() for _ in range(3))
+        for layer in self.layers[1:]:
+            layer.share_core(1, self.layers[0].cores[1])
+        self.U = nn.Parameter(torch.randn(12, 2, dtype=torch.float64))
+        self.D = nn.Parameter(torch.randn(2, 12, dtype=torch.float64))
+        self.layers[2].attach_update(self)
+
+    def forward(self, x, batched: bool):
+        with forward_weights(self) if batched else nullcontext():
+            seen = [layer.step_weight is not None for layer in self.layers]
+            for layer in self.layers:
+                x = torch.tanh(layer(x))
+        return x, seen
+
+
+def test_forward_weights_gradients_equal_each_layers_own_rebuild():
+    model, x = _Chain(), torch.randn(4, 12, dtype=torch.float64)
+    results = []
+    for batched in (False, True):
+        model.zero_grad(set_to_none=True)
+        y, seen = model(x, batched)
+        y.sin().sum().backward()
+        assert seen == [batched] * 3
+        results.append((y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (y0, g0), (y1, g1) = results
+    torch.testing.assert_close(y1, y0, rtol=1e-12, atol=1e-12)
+    assert g0.keys() == g1.keys() and len(g0) == 3 * 3 - 2 + 3 * 1 + 2  # cores (central once), biases, U, D
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-10, atol=1e-12)
+    assert all(layer.step_weight is None for layer in model.layers)
+
+
+def test_forward_weights_builds_nothing_without_gradients_or_inside_weight_cache():
+    model, x = _Chain(), torch.randn(4, 12, dtype=torch.float64)
+    with torch.no_grad():
+        assert model(x, True)[1] == [False] * 3  # inference keeps its cached W
+    with weight_cache(model):
+        steps = [layer.step_weight for layer in model.layers]
+        with forward_weights(model):
+            assert [layer.step_weight for layer in model.layers] == steps  # weight_cache's, untouched
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert model(x, True)[1] == [False] * 3
+
+
+def test_mpobert_plain_loop_equals_the_per_layer_rebuild():
+    """The encoder's forward_weights against calling its layers one by one (each rebuilds its own W)."""
+    model = _model()
+    ids = _batches(1)[0]
+    out = model(input_ids=ids).last_hidden_state
+    out.sin().sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    enc = model.encoder
+    hidden = model.embeddings(ids, None, None, None)
+    for layer in enc.layers:
+        assert all(m.step_weight is None for m in layer.mpo.values())
+        hidden = layer(hidden, None)
+    torch.testing.assert_close(hidden, out.detach(), rtol=1e-12, atol=1e-12)
+    hidden.sin().sum().backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12)
