@@ -335,3 +335,17 @@ def test_switch_from_dense_copies_and_validates():
     with pytest.raises(ValueError, match="activation must be"):
         SwitchFeedForward(8, 16, 2, activation="swish")
     assert isinstance(moe_layers(nn.Sequential(UpcycledFFN(layer, None, "linear")))[0][1], UpcycledFFN)
+
+
+def test_seeded_perturbation_of_the_auxiliaries():
+    torch.manual_seed(8)
+    dense = _gpt2().eval()
+    models = [copy.deepcopy(dense) for _ in range(3)]
+    reports = [mpoe_ify(m, num_experts=3, noise_std=0.05, seed=s) for m, s in zip(models, (1, 1, 2))]
+    assert all(0 < r.init_error < 0.2 for r in reports[0].layers)  # perturbed: no longer exact, but close
+    moe = [moe_layers(m)[0][1].moe for m in models]
+    a, b, c = (m.experts_in[1].cores[0] for m in moe)
+    assert torch.equal(a, b) and not torch.equal(a, c)  # seeded
+    assert not torch.equal(moe[0].experts_in[0].cores[0], moe[0].experts_in[1].cores[0])  # experts differ
+    assert torch.equal(moe[0].experts_in[0].central, moe[2].experts_in[0].central)  # the central is the pretrained one
+    assert torch.equal(moe[0].router.weight, moe[1].router.weight) and not torch.equal(moe[0].router.weight, moe[2].router.weight)
