@@ -6,8 +6,10 @@ Contenders (same hidden size, layers, heads and intermediate size; dropout off e
     :class:`mpobert.MPOBertModel` (shared centrals, per-layer auxiliaries, adapters), the
     model users train, as the Trainer steps it: the micro-batches inside
     :func:`mpo_core.accumulate.weight_cache` (each ``W`` rebuilt once per optimizer step).
-``mpobert_percall``
-    The same model without ``weight_cache``: every forward rebuilds every ``W``.
+``mpobert_plain``
+    The same model in a plain loop, ``model(x)`` + ``loss.backward()`` per micro-batch with no
+    context to remember: the encoder builds every ``W`` once per forward, batched per shared
+    central (:func:`mpo_core.accumulate.forward_weights`), and autograd carries the gradient.
 ``bert``
     ``transformers.BertModel``: every layer its own dense matrices.
 ``albert``
@@ -67,7 +69,7 @@ from mpobert import MPOBertConfig, MPOBertModel  # noqa: E402
 from mpobert.optim import LAMB  # noqa: E402
 
 PRESETS = {"mpobert12": MPOBertConfig.mpobert12, "mpobert24": MPOBertConfig.mpobert24, "tiny": MPOBertConfig.tiny}
-VARIANTS = ("mpobert", "mpobert_percall", "bert", "albert", "naive")
+VARIANTS = ("mpobert", "mpobert_plain", "bert", "albert", "naive")
 OPTIMIZERS = ("adamw", "lamb")
 DENSE_ACT = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 """transformers' ``hidden_act`` of the dense baselines per MPOBERT activation: torch's fused GELU
@@ -80,7 +82,7 @@ NAIVE_TOL = 1e-4
 # ---------------------------------------------------------------- contenders
 def build_variant(name: str, cfg: MPOBertConfig, mpobert: MPOBertModel) -> nn.Module:
     """The model for contender ``name`` at ``cfg``'s shape (``mpobert`` is reused by ``naive``)."""
-    if name in ("mpobert", "mpobert_percall"):
+    if name in ("mpobert", "mpobert_plain"):
         return mpobert
     if name == "naive":
         return NaiveMPOBert(mpobert)

@@ -205,19 +205,19 @@ def test_train_step_inference_lamb_bf16_rebuild_and_profile(tmp_path, capsys):
     rebuild = json.loads((tmp_path / "b.json").read_text())["rebuild"]
     (rrows,) = rebuild.values()
     assert {r["what"] for r in rrows} == {"rebuild batched", "rebuild per layer", "dense GEMMs (64 tokens)"}
-    ts.main([*TINY_STEP, "--variants", "mpobert", "mpobert_percall", "bert", "--profile", "--profile-rows", "3",
+    ts.main([*TINY_STEP, "--variants", "mpobert", "mpobert_plain", "bert", "--profile", "--profile-rows", "3",
              "--out", str(tmp_path / "c.json")])
     out = capsys.readouterr().out
     assert "profile of one step" in out and "top operators of one step" in out
     (rows,) = json.loads((tmp_path / "c.json").read_text())["profile"].values()
     by = {r["category"]: r for r in rows}
     assert list(by) == [*_load("_profile").CATEGORIES, "total"]
-    for name in ("mpobert", "mpobert_percall", "bert"):
+    for name in ("mpobert", "mpobert_plain", "bert"):
         parts = sum(r[name] for r in rows if r["category"] != "total")
         assert all(r[name] >= 0 for r in rows) and parts == pytest.approx(by["total"][name], rel=1e-6)
         assert by["GEMMs"][name] > 0 and by["optimizer"][name] > 0
     assert by["rebuild fwd"]["bert"] == by["rebuild bwd"]["bert"] == by["adapters"]["bert"] == 0
-    for name in ("mpobert", "mpobert_percall"):  # MPOBERT rebuilds its W (forward and backward) and has adapters
+    for name in ("mpobert", "mpobert_plain"):  # MPOBERT rebuilds its W (forward and backward) and has adapters
         assert by["rebuild fwd"][name] > 0 and by["rebuild bwd"][name] > 0 and by["adapters"][name] > 0
         assert by["total"][f"{name} over bert"] == pytest.approx((by["total"][name] - by["total"]["bert"]) / by["total"]["bert"])
 
