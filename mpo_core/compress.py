@@ -36,7 +36,7 @@ from torch import nn
 from mpo_core.allocation import allocate_ranks, allocation_bound, budget_floor, resolve_budget
 from mpo_core.compress_report import CompressionReport, CompressionRound, MatrixCompression, RoundsReport
 from mpo_core.decompose import decompose
-from mpo_core.family import DEFAULT_CORES, FamilyPlanner, Member, family_member_name, family_members
+from mpo_core.family import DEFAULT_CORES, FamilyPlanner, family_member_name, member_at_tolerance
 from mpo_core.mpo import MPO
 from mpo_core.nn import (Include, MPOLinear, dense_module, is_linear, linear_weight, progress_bar, replace_module,
                          select_modules, set_trainable, shape_kwargs)
@@ -121,21 +121,13 @@ def _auto_tolerance(weights: Mapping[str, torch.Tensor], rel_tol: float, whiteni
     """Per matrix, the member with the fewest entries meeting ``rel_tol`` (dense when none saves any)."""
     out = {}
     for name, w in weights.items():
-        best: tuple[int, Member, MPO] | None = None
-        sizes = {}
-        for member in family_members(*w.shape, cores):
-            mpo = decompose(w, member.in_shape, member.out_shape, rel_tol=rel_tol, input_cov=whitenings.get(name),
-                            **kwargs)
-            sizes[member.name] = mpo.num_params
-            if best is None or mpo.num_params < best[0]:
-                best = (mpo.num_params, member, mpo)
+        point, _, sizes = member_at_tolerance(w, rel_tol, whitenings.get(name), cores, **kwargs)
         sizes_text = ", ".join(f"{k} {v}" for k, v in sizes.items())
-        if best is None or best[0] >= w.numel():
+        if point.params >= w.numel():
             out[name] = _Choice((w.shape[0], 1), (1, w.shape[1]), None, "dense",
                                 f"no member meets rel_tol={rel_tol} below {w.numel()} dense entries ({sizes_text})")
         else:
-            _, member, mpo = best
-            out[name] = _Choice(member.in_shape, member.out_shape, mpo.ranks, member.name,
+            out[name] = _Choice(point.member.in_shape, point.member.out_shape, point.ranks, point.member.name,
                                 f"fewest entries at rel_tol={rel_tol} ({sizes_text})")
     return out
 

@@ -29,10 +29,12 @@ import torch
 from mpo_core.allocation import allocate_ranks
 from mpo_core.decompose import decompose
 from mpo_core.mpo import MPO
-from mpo_core.shapes import capped_ranks, core_params, factorize, full_ranks
+from mpo_core.shapes import capped_ranks, check_int, core_params, factorize, full_ranks
+from mpo_core.truncation import check_rel_tol
 from mpo_core.whitening import Whitening, output_error
 
-__all__ = ["DEFAULT_CORES", "FamilyPlanner", "Member", "Plan", "PlanEntry", "Point", "family_member_name", "family_members", "uniform_ranks", "member_curve", "plan"]
+__all__ = ["DEFAULT_CORES", "FamilyPlanner", "Member", "Plan", "PlanEntry", "Point", "family_member_name", "family_members",
+           "uniform_ranks", "member_curve", "plan", "member_for_budget", "member_at_tolerance"]
 
 DEFAULT_CORES = (2, 3, 4, 5)
 """The numbers of cores ``n="auto"`` considers."""
@@ -144,6 +146,11 @@ def _evaluate(weight: torch.Tensor, member: Member, ranks: Sequence[int], whiten
               reference_sq: float) -> float:
     """Relative squared error of the TT-SVD of ``weight`` (whitened when given) at ``ranks``, from its rebuild."""
     mpo = decompose(weight, member.in_shape, member.out_shape, max_bond=list(ranks), input_cov=whitening)
+    return _error_of(weight, mpo, whitening, reference_sq)
+
+
+def _error_of(weight: torch.Tensor, mpo: MPO, whitening: Whitening | None, reference_sq: float) -> float:
+    """Relative squared error of ``mpo`` (a decomposition of ``weight``) in the objective's norm, from its rebuild."""
     if whitening is None:
         w = weight.to(torch.float64)
         return _relative(float(((w - mpo.to_dense().to(torch.float64)) ** 2).sum()), reference_sq)
@@ -395,3 +402,41 @@ def _as_plan(chosen: Mapping[str, Point], curves: Mapping[str, list[Point]], sen
                 alternatives[key] = min(alternatives.get(key, math.inf), p.error)
         entries[name] = PlanEntry(name, point, sens[name], alternatives)
     return Plan(entries, source)
+
+
+def member_for_budget(weight: torch.Tensor, budget: int, whitening: Whitening | None = None,
+                      cores: Sequence[int] = DEFAULT_CORES) -> PlanEntry:
+    """``n="auto"`` for one matrix alone: its entry of :func:`plan` with ``{"matrix": weight}`` at ``budget``
+    entries (the member and bonds with the smallest error that fit, or dense when that fits and is best).
+
+    For a stream of matrices each under its own budget (``compress_checkpoint --n auto``); with several
+    matrices under one budget, :func:`plan` spends more on the matrices that gain most.
+    """
+    check_int("budget", budget, 1)
+    whitenings = None if whitening is None else {"matrix": whitening}
+    return FamilyPlanner({"matrix": weight}, whitenings, cores=cores).plan(budget).entries["matrix"]
+
+
+def member_at_tolerance(weight: torch.Tensor, rel_tol: float, whitening: Whitening | None = None,
+                        cores: Sequence[int] = DEFAULT_CORES, **decompose_kwargs) -> tuple[Point, MPO, dict[str, int]]:
+    """``n="auto"`` with ``rel_tol`` for one matrix: every member decomposed at ``rel_tol`` (``decompose_kwargs``
+    passed on), the one with the fewest entries kept (the first of :func:`family_members` on a tie).
+
+    Returns its point (member, ranks, entries, relative squared error from the rebuild), its decomposition
+    and every member's entries by name. The caller decides whether dense (``weight.numel()``) is better.
+    """
+    if check_rel_tol(rel_tol) is None:
+        raise TypeError("rel_tol must be a float, got None")
+    best: tuple[Member, MPO] | None = None
+    sizes: dict[str, int] = {}
+    for member in family_members(*weight.shape, cores):
+        mpo = decompose(weight, member.in_shape, member.out_shape, rel_tol=rel_tol, input_cov=whitening,
+                        **decompose_kwargs)
+        sizes[member.name] = mpo.num_params
+        if best is None or mpo.num_params < best[1].num_params:
+            best = (member, mpo)
+    if best is None:
+        raise ValueError(f"no member of cores={list(cores)} can factor a {tuple(weight.shape)} matrix")
+    member, mpo = best
+    error = _error_of(weight, mpo, whitening, _reference_sq(weight, whitening))
+    return Point(member, list(mpo.ranks), mpo.num_params, error), mpo, sizes

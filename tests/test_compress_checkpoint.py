@@ -152,22 +152,28 @@ def _ledger_count(out: Path) -> int:
     return len([p for p in ledger.glob("*.json")]) if ledger.is_dir() else 0
 
 
-def test_kill_and_resume_is_bitwise_identical(reference, tmp_path):
-    ckpt, ref_out, _ = reference
-    out, rng, partial = tmp_path / "out", random.Random(22), []
-    args = cli(str(ckpt), str(out), "--max-bond", "6", "--rel-tol", "0.2", "--progress", "lines")
-    for attempt in range(3):
+def kill_and_resume(args: list[str], out: Path, units: int, seed: int, kills: int = 3) -> None:
+    """Run the command ``args`` (writing ``out``, ``units`` units) ``kills`` times, each SIGKILLed at a random
+    number of finished units, then once to the end; at least one kill must land mid-run."""
+    rng, partial = random.Random(seed), []
+    for attempt in range(kills):
         proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        target, deadline = rng.randint(1, 24), time.monotonic() + 120
+        target, deadline = rng.randint(1, units - 7), time.monotonic() + 120
         while _ledger_count(out) < target and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 0.02))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         partial.append(_ledger_count(out))
-    assert any(0 < n < 31 for n in partial), partial  # at least one kill landed mid-run
+    assert any(0 < n < units for n in partial), partial  # at least one kill landed mid-run
     done = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_kill_and_resume_is_bitwise_identical(reference, tmp_path):
+    ckpt, ref_out, _ = reference
+    out = tmp_path / "out"
+    kill_and_resume(cli(str(ckpt), str(out), "--max-bond", "6", "--rel-tol", "0.2", "--progress", "lines"), out, 31, 22)
     assert folder_bytes(out) == folder_bytes(ref_out)  # no leftover temp file, no differing byte
 
 

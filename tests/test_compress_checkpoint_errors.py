@@ -181,7 +181,7 @@ def test_memory_helpers_without_proc_or_glibc(monkeypatch):
 
 def test_summary_names_matrices_larger_than_dense():
     matrix = {"module": "l.0.q", "source": "l.0.q.weight", "entries_dense": 16, "entries_mpo": 32, "rel_bound": 0.0,
-              "rel_error": 0.0, "in_features": 4, "out_features": 4, "ranks": [1, 4, 1]}
+              "rel_error": 0.0, "in_features": 4, "out_features": 4, "ranks": [1, 4, 1], "n": 2}
     summary = report.summarize([{"matrix": matrix, "entries": 0}], 1.0, 64, 0)
     assert summary["larger_than_dense"] == ["l.0.q"]
     assert report.format_summary(summary).endswith("larger than dense (bond too high for the shape): l.0.q")

@@ -1,6 +1,7 @@
 """The command line of checkpoint compression (parsing only)::
 
     python -m mpo_core.compress_checkpoint IN_DIR OUT_DIR --max-bond 64            # n=2: truncated SVD
+    python -m mpo_core.compress_checkpoint IN_DIR OUT_DIR --n auto --budget 0.25   # per matrix, the family's member
     torchrun --nproc-per-node 2 -m mpo_core.compress_checkpoint IN_DIR OUT_DIR --rel-tol 0.3
     python -m mpo_core.compress_checkpoint --merge OUT_DIR DENSE_DIR --reference IN_DIR
 """
@@ -19,6 +20,19 @@ from mpo_core.compress_checkpoint.run import compress_checkpoint
 __all__ = ["parser", "main"]
 
 
+def _cores(text: str) -> int | str:
+    """``--n``: an int >= 2 or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"must be an int >= 2 or auto, got {text!r}")
+    return n
+
+
 def parser() -> argparse.ArgumentParser:
     defaults = Settings(max_bond=1)
     p = argparse.ArgumentParser(prog="python -m mpo_core.compress_checkpoint", description=(
@@ -27,7 +41,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("in_dir", help="transformers checkpoint folder (model.safetensors, or shards + index); "
                                   "with --merge: a compress_checkpoint output")
     p.add_argument("out_dir", help="new or empty folder, or the unfinished run to resume; with --merge: the dense output")
-    p.add_argument("--n", type=int, default=defaults.n, help="cores per matrix (2: truncated SVD, the default)")
+    p.add_argument("--n", type=_cores, default=defaults.n,
+                   help="cores per matrix (2: truncated SVD, the default), or auto: per matrix, the family's member "
+                        "under that matrix's own --budget / --max-bond (as entries) or --rel-tol")
     p.add_argument("--max-bond", type=int, help="cap on every bond")
     p.add_argument("--rel-tol", type=float, help="relative error tolerance per matrix (decompose's rel_tol)")
     p.add_argument("--budget", type=float, help="fraction of each matrix's entries its cores may hold")

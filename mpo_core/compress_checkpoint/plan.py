@@ -26,12 +26,13 @@ from typing import Any
 import torch
 
 from mpo_core.compress_checkpoint.files import TORCH_DTYPES, TensorEntry, file_sha256
+from mpo_core.family import DEFAULT_CORES
 from mpo_core.io import atomic_write
 from mpo_core.nn import name_matcher
 from mpo_core.shapes import capped_ranks, check_int, core_params, resolve_shapes
 
 __all__ = ["Settings", "Unit", "MANIFEST_NAME", "LEDGER_DIR", "LAYOUT_NAME", "OUT_DTYPES", "natural_key",
-           "plan_units", "matrix_shapes", "assign", "manifest", "check_linear_layout", "lock_output", "prepare_output", "done_units", "read_record",
+           "plan_units", "auto_budget", "matrix_shapes", "assign", "manifest", "check_linear_layout", "lock_output", "prepare_output", "done_units", "read_record",
            "write_record"]
 
 MANIFEST_NAME = "compress_checkpoint.json"
@@ -48,15 +49,22 @@ class Settings:
 
     Parameters
     ----------
-    n : int, default 2
+    n : int or "auto", default 2
         Cores per matrix: 2 is the truncated SVD (``in_shape=(I, 1)``, ``out_shape=(1, J)``), which beat
         MPO n=3..5 on pretrained BERT matrices (README, "Where MPO wins"); ``n >= 3`` uses the balanced
-        :func:`~mpo_core.shapes.factorize` shapes.
+        :func:`~mpo_core.shapes.factorize` shapes. ``"auto"``: per matrix, the member of the family
+        (``cores``) that ``mpo_core.compress(n="auto")`` would choose for that matrix alone, under its own
+        limit (:func:`auto_budget`): with ``rel_tol``, the member with the fewest entries meeting it
+        (:func:`~mpo_core.family.member_at_tolerance`); with ``budget`` and/or ``max_bond``, the smallest
+        error within an entry budget (:func:`~mpo_core.family.member_for_budget`).
     max_bond, rel_tol : optional
-        As in :func:`mpo_core.decompose`, per matrix.
+        As in :func:`mpo_core.decompose`, per matrix. With ``n="auto"``: ``rel_tol`` alone, or ``max_bond``
+        as an entry budget (``max_bond * (rows + cols)``, the rank-``max_bond`` SVD's entries).
     budget : float, optional
         Fraction of each matrix's entries its cores may hold: the largest uniform bond that fits
         (combined with ``max_bond`` by the smaller). Per matrix, since matrices are streamed one at a time.
+    cores : tuple of int
+        The numbers of cores ``n="auto"`` considers (2 = truncated SVD).
     include, exclude : tuple of str
         Which 2-D tensors are decomposed: a name matching an ``include`` pattern and no ``exclude``
         one (equal, ending in ``"." + pattern``, or a glob). Names must end in ``.weight`` (an
@@ -71,7 +79,7 @@ class Settings:
         ``decompose``'s sketch seed.
     """
 
-    n: int = 2
+    n: int | str = 2
     max_bond: int | None = None
     rel_tol: float | None = None
     budget: float | None = None
@@ -82,9 +90,21 @@ class Settings:
     threads: int = 1
     seed: int = 0
     method: str = field(default="auto")
+    cores: tuple[int, ...] = DEFAULT_CORES
 
     def __post_init__(self) -> None:
-        check_int("n", self.n, 2)
+        if isinstance(self.n, str):
+            if self.n != "auto":
+                raise ValueError(f"n must be an int >= 2 or 'auto', got {self.n!r}")
+            if self.rel_tol is not None and (self.budget is not None or self.max_bond is not None):
+                raise ValueError("n='auto' takes rel_tol alone, or budget and/or max_bond (an entry budget per "
+                                 f"matrix), not both: got rel_tol={self.rel_tol}, budget={self.budget}, "
+                                 f"max_bond={self.max_bond}")
+        else:
+            check_int("n", self.n, 2)
+        object.__setattr__(self, "cores", tuple(check_int("cores", c, 2) for c in self.cores))
+        if not self.cores:
+            raise ValueError("cores must name at least one number of cores (2 = truncated SVD)")
         check_int("threads", self.threads, 1)
         check_int("seed", self.seed, 0)
         if self.max_bond is not None:
@@ -121,8 +141,25 @@ def natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+def auto_budget(settings: Settings, rows: int, cols: int) -> int | None:
+    """The entry budget of an ``rows x cols`` matrix under ``n="auto"`` (``None``: ``rel_tol`` decides):
+    ``budget * rows * cols`` and ``max_bond * (rows + cols)``, the smaller of those given, at least
+    ``rows + cols`` (the rank-1 SVD, as a fixed ``n`` keeps at least bond 1) and below ``rows * cols``
+    (the checkpoint stores every chosen matrix as cores, so dense must not fit)."""
+    if settings.n != "auto":
+        raise ValueError(f"auto_budget is for n='auto', got n={settings.n!r}")
+    limits = [int(settings.budget * rows * cols)] if settings.budget is not None else []
+    if settings.max_bond is not None:
+        limits.append(settings.max_bond * (rows + cols))
+    if not limits:
+        return None
+    return max(rows + cols, min(rows * cols - 1, *limits))
+
+
 def matrix_shapes(settings: Settings, rows: int, cols: int) -> tuple[tuple[int, ...], tuple[int, ...], int | None]:
-    """``(in_shape, out_shape, bond cap)`` of an ``rows x cols`` matrix (``in x out``) under ``settings``."""
+    """``(in_shape, out_shape, bond cap)`` of an ``rows x cols`` matrix (``in x out``) under a fixed ``n``."""
+    if settings.n == "auto":
+        raise ValueError("n='auto' chooses the shapes per matrix (mpo_core.family), not matrix_shapes")
     if settings.n == 2:
         in_shape, out_shape = (rows, 1), (1, cols)
     else:

@@ -112,6 +112,7 @@ def summarize(records: list[dict[str, Any]], seconds: float, bytes_read: int, ba
         "peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": baseline_rss,
         "largest_matrix_entries": max((m["entries_dense"] for m in matrices), default=0),
         "kinds": [{"kind": k, "count": len(ms), "shape": [ms[0]["in_features"], ms[0]["out_features"]],
+                   "n": sorted({m["n"] for m in ms}),
                    "ranks": sorted({tuple(m["ranks"]) for m in ms})[0:3],
                    "entries_kept": sum(m["entries_mpo"] for m in ms) / sum(m["entries_dense"] for m in ms),
                    "worst_rel_bound": max(m["rel_bound"] for m in ms)}
@@ -120,10 +121,11 @@ def summarize(records: list[dict[str, Any]], seconds: float, bytes_read: int, ba
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    rows = [f"{'kind':<48} {'count':>5} {'in x out':>13} {'ranks':<18} {'kept':>6} {'worst bound':>11}"]
+    rows = [f"{'kind':<48} {'count':>5} {'in x out':>13} {'n':<7} {'ranks':<18} {'kept':>6} {'worst bound':>11}"]
     for k in summary["kinds"]:
         ranks = " | ".join("x".join(map(str, r[1:-1])) for r in k["ranks"])
-        rows.append(f"{k['kind']:<48} {k['count']:>5} {k['shape'][0]:>6}x{k['shape'][1]:<6} {ranks:<18} "
+        cores = "|".join(map(str, k["n"]))
+        rows.append(f"{k['kind']:<48} {k['count']:>5} {k['shape'][0]:>6}x{k['shape'][1]:<6} {cores:<7} {ranks:<18} "
                     f"{k['entries_kept']:>6.1%} {k['worst_rel_bound']:>11.4g}")
     s = summary
     rows.append(f"{s['matrices']} matrices: {s['entries_before']:,} -> {s['entries_after']:,} entries "

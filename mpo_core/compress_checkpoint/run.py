@@ -16,11 +16,13 @@ import torch
 from mpo_core.compress_checkpoint.files import (INDEX_NAME, TORCH_DTYPES, TensorEntry, checkpoint_tensors, file_sha256,
                                                 read_tensor, safetensors_module, tensor_bytes, write_safetensors)
 from mpo_core.compress_checkpoint.plan import (LAYOUT_NAME, MANIFEST_NAME, OUT_DTYPES, Settings, Unit, assign,
-                                               check_linear_layout, done_units, lock_output, manifest, matrix_shapes,
+                                               auto_budget, check_linear_layout, done_units, lock_output, manifest, matrix_shapes,
                                                natural_key, plan_units, prepare_output, read_record, write_record)
 from mpo_core.compress_checkpoint.report import Progress, peak_rss_bytes, summarize
 from mpo_core.decompose import decompose
+from mpo_core.family import member_at_tolerance, member_for_budget
 from mpo_core.io import atomic_write
+from mpo_core.mpo import MPO
 from mpo_core.rebuild import dense_row_blocks
 
 __all__ = ["compress_checkpoint", "cast_bound", "squared_error"]
@@ -49,16 +51,40 @@ def _roundoff(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) / 2
 
 
+def _auto_member(name: str, matrix: torch.Tensor, settings: Settings) -> tuple[MPO, dict[str, Any]]:
+    """``n="auto"``: the family's member for this matrix alone under its own limit (:func:`.plan.auto_budget`,
+    or ``rel_tol``), decomposed; and what the layout records of the choice."""
+    rows, cols = matrix.shape
+    kwargs = dict(seed=settings.seed, method=settings.method)
+    budget = auto_budget(settings, rows, cols)
+    if budget is None:
+        point, mpo, sizes = member_at_tolerance(matrix, settings.rel_tol, cores=settings.cores, **kwargs)
+        why = f"fewest entries at rel_tol={settings.rel_tol} ({', '.join(f'{k} {v}' for k, v in sizes.items())})"
+        return mpo, {"member": point.member.name, "family_choice": why, "auto_budget": None}
+    entry = member_for_budget(matrix, budget, cores=settings.cores)
+    point = entry.point
+    if point.member is None:
+        raise ValueError(f"n='auto': {name} ({rows}x{cols}) is best kept dense under its budget of {budget} entries "
+                         f"({entry.why()}); leave it out with --exclude")
+    mpo = decompose(matrix, point.member.in_shape, point.member.out_shape, max_bond=list(point.ranks), **kwargs)
+    return mpo, {"member": point.member.name, "family_choice": entry.why(), "auto_budget": budget}
+
+
 def _compress_matrix(entry: TensorEntry, settings: Settings, device: torch.device, names: set[str]) -> tuple[list, dict]:
     """The cores (to write) and the layout record of one matrix."""
     weight = read_tensor(entry).to(device)  # nn.Linear's (out, in)
     matrix = weight.T  # in x out, as MPOLinear stores it; decompose copies it once into its working layout
     rows, cols = matrix.shape
-    in_shape, out_shape, cap = matrix_shapes(settings, rows, cols)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # rel_tol not met under the cap: recorded below
-        mpo = decompose(matrix, in_shape, out_shape, max_bond=cap, rel_tol=settings.rel_tol, seed=settings.seed,
-                        method=settings.method)
+    choice: dict[str, Any] = {}
+    if settings.n == "auto":
+        mpo, choice = _auto_member(entry.name, matrix, settings)
+        in_shape, out_shape, cap = mpo.in_shape, mpo.out_shape, None
+    else:
+        in_shape, out_shape, cap = matrix_shapes(settings, rows, cols)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # rel_tol not met under the cap: recorded below
+            mpo = decompose(matrix, in_shape, out_shape, max_bond=cap, rel_tol=settings.rel_tol, seed=settings.seed,
+                            method=settings.method)
     out_dtype = OUT_DTYPES[settings.dtype] or weight.dtype
     cores = [c.to(out_dtype) for c in mpo.cores]
     u = _roundoff(weight.dtype) + (_roundoff(out_dtype) if out_dtype != weight.dtype else 0.0)
@@ -72,13 +98,13 @@ def _compress_matrix(entry: TensorEntry, settings: Settings, device: torch.devic
     record = {
         "module": module, "source": entry.name, "source_dtype": str(TORCH_DTYPES[entry.dtype]).replace("torch.", ""),
         "in_features": rows, "out_features": cols, "in_shape": list(in_shape), "out_shape": list(out_shape),
-        "ranks": mpo.ranks, "bias": f"{module}.bias" in names, "origin": "linear", "n": settings.n,
+        "ranks": mpo.ranks, "bias": f"{module}.bias" in names, "origin": "linear", "n": len(in_shape),
         "max_bond": cap, "rel_tol": settings.rel_tol, "rel_tol_met": mpo.metadata["rel_tol_met"],
         "routes": mpo.metadata["routes"], "dtype": str(out_dtype).replace("torch.", ""),
         "norm": mpo.norm, "error_bound": mpo.error_bound, "cast_bound": rounding,
         "bound": mpo.error_bound + rounding, "rel_bound": (mpo.error_bound + rounding) / mpo.norm if mpo.norm else 0.0,
         "error": error, "rel_error": error / mpo.norm if mpo.norm else 0.0,
-        "entries_dense": rows * cols, "entries_mpo": entries_mpo,
+        "entries_dense": rows * cols, "entries_mpo": entries_mpo, **choice,
     }
     tensors = [(f"{module}.cores.{k}", *tensor_bytes(c.cpu())) for k, c in enumerate(cores)]
     return tensors, record
@@ -182,7 +208,9 @@ def compress_checkpoint(in_dir: str | os.PathLike, out_dir: str | os.PathLike, s
     (measured: 1.3x a 4096x11008 float32 matrix's bytes at bond 64, with
     :func:`.report.return_freed_memory`, which the command line calls). Otherwise (``n > 2``, or an
     exact or Gram split) add ``decompose``'s float64 working copy: about ``stored + 16`` bytes per entry
-    of the largest matrix.
+    of the largest matrix. ``n="auto"`` decomposes each matrix exactly as every member of ``cores`` (and,
+    with a budget, at up to 8 sizes per MPO member, as :class:`~mpo_core.family.FamilyPlanner` does) before
+    the chosen one: several float64 copies of the largest matrix, and several times the time.
 
     Returns
     -------
