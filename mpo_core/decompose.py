@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from mpo_core.mpo import MPO
-from mpo_core.randomized import (OVERSAMPLE, POWER_ITERS, Split, gemm_rounding_slack, sketched_split, squared_norm,
-                                 whole_range_split)
+from mpo_core.randomized import (OVERSAMPLE, POWER_ITERS, Split, gemm_rounding_slack, orthogonality_loss, sketched_split,
+                                 squared_norm, whole_range_split)
 from mpo_core.shapes import BondSpec, bond_caps, bond_limits, check_int, full_ranks, resolve_shapes
 from mpo_core.truncation import check_rel_tol, split_threshold, truncated_svd_split
 from mpo_core.whitening import Whitening, kronecker_factors, output_error, whitening_factor
@@ -287,10 +287,8 @@ def decompose(
         split, route = _split(unfolding, bonds[k], delta, route, oversample, power_iters, generator, work_dtype,
                               owned=rest is not None)
         left, rest = split.left, split.right
-        gram = left.double().mT @ left.double()
-        eta = float(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype), ord=2))
         inner = unfolding.shape[0] + (split.sketch or min(unfolding.shape))
-        rounding += (gemm_rounding_slack(inner, left.shape[1], unit_roundoff) + eta) * norm
+        rounding += (gemm_rounding_slack(inner, left.shape[1], unit_roundoff) + orthogonality_loss(left)) * norm
         size = unfolding.numel()
         del unfolding
         cores.append(left.reshape(left_bond, in_shape[k], out_shape[k], left.shape[1]))

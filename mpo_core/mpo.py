@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from mpo_core.io import atomic_torch_save, check_format, read_torch_file
+from mpo_core.randomized import gemm_rounding_slack, orthogonality_loss
 from mpo_core.rebuild import dense_matrix
 from mpo_core.shapes import BondSpec, bond_limits
 from mpo_core.truncation import split_threshold, truncated_svd_split
@@ -177,11 +178,7 @@ class MPO:
             q, r = torch.linalg.qr(cores[k].reshape(d0 * i * j, d1))
             cores[k] = q.reshape(d0, i, j, q.shape[1])
             cores[k + 1] = torch.tensordot(r, cores[k + 1], dims=1)
-        for k in range(self.n - 1, center, -1):
-            d0, i, j, d1 = cores[k].shape
-            q, r = torch.linalg.qr(cores[k].reshape(d0, i * j * d1).mT)
-            cores[k] = q.mT.reshape(q.shape[1], i, j, d1)
-            cores[k - 1] = torch.tensordot(cores[k - 1], r.mT, dims=1)
+        _right_orthogonalize(cores, center)
         return self._replace(cores, canonical_center=center)
 
     def balanced(self, sweeps: int = 8) -> "MPO":
@@ -215,24 +212,39 @@ class MPO:
         the result ``R`` obeys ``||self - R||_F <= ε ||self||_F`` (per-split threshold
         ``ε ||self||_F / sqrt(n - 1)``); ``max_bond`` caps each bond (int or per-bond list).
         The returned :attr:`error_bound` adds this rounding's discarded norm to the existing
-        bound (triangle inequality), so it still bounds the distance to the original matrix.
+        bound (triangle inequality), so it still bounds the distance to the original matrix,
+        and the floating-point rounding of both sweeps in the cores' dtype (unit roundoff ``u``),
+        as :func:`~mpo_core.decompose.decompose` adds its splits': each QR of the right-to-left
+        sweep ``(γ_{m+k} sqrt(q) + ||QᵀQ - I||_2) ||M||_F`` for its unfolding ``M`` (``m`` rows, ``k``
+        its smaller dimension, ``q`` the columns of ``Q``), and ``γ_k ||C||_F ||R||_F`` for ``R``
+        multiplied into the core ``C`` on its left, both times a bound on the spectral norm of the (unchanged) cores further left (the product of their
+        left unfoldings' spectral norms: 1 for a left-orthogonal chain such as ``decompose``'s);
+        each SVD split of the left-to-right sweep ``(γ_{m+k} sqrt(r) + ||LᵀL - I||_2) ||M||_F``
+        (``r`` kept, ``L`` its left factor) and ``γ_b ||R||_F ||C||_F`` for its right factor ``R``
+        multiplied into the next core ``C`` over the bond's old size ``b``. With ``γ_p = p u / (1 - p u)``
+        (Higham, §3.5); first order in ``u``.
         """
-        right = self.canonicalize(0)
-        norm = float(torch.linalg.vector_norm(right.cores[0]))
-        cores = list(right.cores)
+        unit_roundoff = float(torch.finfo(self.cores[0].dtype).eps) / 2
+        cores = list(self.cores)
+        rounding = _right_orthogonalize(cores, 0, unit_roundoff)
+        norm = float(torch.linalg.vector_norm(cores[0]))
         spectra, discarded_sq = [], 0.0
         bonds = bond_limits(max_bond, self.n)
         delta = split_threshold(rel_tol, norm, self.n)
         for k in range(self.n - 1):
             d0, i, j, _ = cores[k].shape
-            left, right_part, s, disc = truncated_svd_split(cores[k].reshape(d0 * i * j, -1), bonds[k], delta)
+            unfolding = cores[k].reshape(d0 * i * j, -1)
+            left, right_part, s, disc = truncated_svd_split(unfolding, bonds[k], delta)
+            rounding += (gemm_rounding_slack(unfolding.shape[0] + min(unfolding.shape), left.shape[1], unit_roundoff)
+                         + orthogonality_loss(left)) * _fro(unfolding)
+            rounding += gemm_rounding_slack(right_part.shape[1], 1, unit_roundoff) * _fro(right_part) * _fro(cores[k + 1])
             cores[k] = left.reshape(d0, i, j, left.shape[1])
             cores[k + 1] = torch.tensordot(right_part, cores[k + 1], dims=1)
             spectra.append(s)
             discarded_sq += disc
         return self._replace(
             cores,
-            error_bound=self.error_bound + math.sqrt(discarded_sq),
+            error_bound=self.error_bound + math.sqrt(discarded_sq) + rounding,
             canonical_center=self.n - 1,
             spectra=spectra,
         )
@@ -388,3 +400,29 @@ def validate_linear_inputs(
         if bias.dtype != dtype and not mixed_dtypes:
             raise TypeError(f"bias is {bias.dtype} but the cores are {dtype}")
     return cores
+
+
+def _fro(x: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64))
+
+
+def _right_orthogonalize(cores: list[torch.Tensor], center: int, unit_roundoff: float | None = None) -> float:
+    """Make ``cores[center + 1:]`` right-orthogonal in place by a right-to-left QR sweep; with ``unit_roundoff``,
+    return the bound on the change of the represented matrix by rounding that :meth:`MPO.round` documents."""
+    rounding, left_norms = 0.0, [1.0]
+    if unit_roundoff is not None:  # spectral-norm bounds of the chains cores[:k], which the sweep leaves unchanged
+        for core in cores[:-1]:
+            left_norms.append(left_norms[-1] * float(torch.linalg.matrix_norm(
+                core.reshape(-1, core.shape[-1]).double(), ord=2)))
+    for k in range(len(cores) - 1, center, -1):
+        d0, i, j, d1 = cores[k].shape
+        unfolding = cores[k].reshape(d0, i * j * d1).mT
+        q, r = torch.linalg.qr(unfolding)
+        if unit_roundoff is not None:
+            rounding += left_norms[k] * (gemm_rounding_slack(unfolding.shape[0] + min(unfolding.shape), q.shape[1],
+                                                             unit_roundoff)
+                                         + orthogonality_loss(q)) * _fro(unfolding)
+            rounding += left_norms[k - 1] * gemm_rounding_slack(d0, 1, unit_roundoff) * _fro(cores[k - 1]) * _fro(r)
+        cores[k] = q.mT.reshape(q.shape[1], i, j, d1)
+        cores[k - 1] = torch.tensordot(cores[k - 1], r.mT, dims=1)
+    return rounding

@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 
 __all__ = ["Split", "sketched_split", "whole_range_split", "range_basis", "orthonormalize_", "gemm_rounding_slack",
-           "squared_norm"]
+           "orthogonality_loss", "squared_norm"]
 
 OVERSAMPLE = 10
 POWER_ITERS = 1
@@ -264,6 +264,12 @@ def sketched_split(
         if delta is None or disc <= delta * delta or want >= cap:
             return Split(left, right, evals.sqrt(), disc, passes, sketch=k)
         want = min(2 * want, cap)
+
+
+def orthogonality_loss(q: torch.Tensor) -> float:
+    """``||QᵀQ - I||_2`` of a factor ``Q`` meant to have orthonormal columns, measured in float64."""
+    gram = q.double().mT @ q.double()
+    return float(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), ord=2))
 
 
 def gemm_rounding_slack(inner: int, columns: int, unit_roundoff: float) -> float:

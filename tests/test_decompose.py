@@ -251,6 +251,49 @@ def test_round_reduces_oversized_bonds():
     assert torch.allclose(r.to_dense(), mpo.to_dense(), atol=1e-12)
 
 
+def _dense_longdouble(cores):
+    """The matrix of ``cores`` in numpy's extended precision (64-bit mantissa on x86): a reference whose own
+    rounding is far below float64's."""
+    acc = np.ones((1, 1, 1), dtype=np.longdouble)
+    for core in cores:
+        c = core.double().numpy().astype(np.longdouble)
+        rows, cols, _ = acc.shape
+        acc = np.einsum("IJd,dije->IiJje", acc, c).reshape(rows * c.shape[1], cols * c.shape[2], c.shape[3])
+    return acc[:, :, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gauge", ["left-orthogonal", "random", "unbalanced"])
+def test_round_bound_holds_its_floating_point_rounding(dtype, gauge):
+    """An untruncated round changes the matrix by rounding alone: error_bound must cover it without slack
+    (measured in extended precision), so it fails without the rounding term (the old bound was 0 here)."""
+    if np.finfo(np.longdouble).eps >= np.finfo(np.float64).eps:
+        pytest.skip("numpy's longdouble is float64 here: no reference more precise than float64")
+    gen = torch.Generator().manual_seed(11)
+    in_shape, out_shape = (4, 6, 5), (5, 3, 4)
+    if gauge == "left-orthogonal":
+        cores = decompose(torch.randn(120, 60, generator=gen, dtype=torch.float64), in_shape, out_shape).cores
+    else:
+        ranks = [1, 7, 9, 1]
+        cores = [torch.randn(ranks[k], in_shape[k], out_shape[k], ranks[k + 1], generator=gen, dtype=torch.float64)
+                 for k in range(3)]
+        if gauge == "unbalanced":
+            cores[0], cores[2] = cores[0] * 1e3, cores[2] * 1e-3
+    mpo = MPO([c.to(dtype) for c in cores], in_shape, out_shape)  # error_bound 0: these cores are the matrix
+    w = _dense_longdouble(mpo.cores)
+    norm = float(np.linalg.norm(w))
+    u = float(torch.finfo(dtype).eps) / 2
+    for kwargs in ({}, {"rel_tol": 1e-3}, {"max_bond": 4}):
+        rounded = mpo.round(**kwargs)
+        err = float(np.linalg.norm(_dense_longdouble(rounded.cores) - w))
+        assert err <= rounded.error_bound, (kwargs, err, rounded.error_bound)
+        discarded = math.sqrt(sum(float((s[r:].double() ** 2).sum()) for s, r in zip(rounded.spectra, rounded.ranks[1:-1])))
+        if "max_bond" not in kwargs:  # nothing discarded: the whole error is rounding, above the old bound
+            assert discarded == 0 and 0 < err and rounded.error_bound <= 1e4 * u * norm
+        else:
+            assert rounded.error_bound - discarded <= 1e4 * u * norm  # the rounding term stays first order in u
+
+
 # ---------------------------------------------------------------- the BERT case
 
 
