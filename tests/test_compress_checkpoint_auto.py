@@ -156,7 +156,14 @@ def test_bad_n_is_a_clear_error(checkpoint, tmp_path, capsys):
         assert f"argument --n: must be an int >= 2 or auto, got {bad!r}" in capsys.readouterr().err
     assert main([str(checkpoint[0]), str(tmp_path / "x"), "--n", "auto", "--max-bond", "4", "--rel-tol", "0.1"]) == 2
     assert "n='auto' takes rel_tol alone" in capsys.readouterr().err
+    assert main([str(checkpoint[0]), str(tmp_path / "x"), "--n", "auto", "--budget", "0.3", "--cores", "1", "3"]) == 2
+    assert "cores must be >= 2" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    assert main([str(checkpoint[0]), str(tmp_path / "svd"), "--n", "auto", "--budget", "0.3", "--cores", "2",
+                 "--progress", "none"]) == 0
+    assert " n " in capsys.readouterr().out.splitlines()[0]
+    layout = json.loads((tmp_path / "svd" / LAYOUT_NAME).read_text())
+    assert {rec["member"] for rec in layout.values()} == {"svd"}  # the family of --cores 2 alone
 
 
 def test_auto_budget_limits():

@@ -44,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_cores, default=defaults.n,
                    help="cores per matrix (2: truncated SVD, the default), or auto: per matrix, the family's member "
                         "under that matrix's own --budget / --max-bond (as entries) or --rel-tol")
+    p.add_argument("--cores", type=int, nargs="+", default=list(defaults.cores),
+                   help="with --n auto: the numbers of cores considered (2: truncated SVD)")
     p.add_argument("--max-bond", type=int, help="cap on every bond")
     p.add_argument("--rel-tol", type=float, help="relative error tolerance per matrix (decompose's rel_tol)")
     p.add_argument("--budget", type=float, help="fraction of each matrix's entries its cores may hold")
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 text += f", worst measured relative error {report['worst_rel_error']:.4g}"
             print(text, flush=True)
         else:
-            settings = Settings(n=args.n, max_bond=args.max_bond, rel_tol=args.rel_tol, budget=args.budget,
+            settings = Settings(n=args.n, cores=tuple(args.cores), max_bond=args.max_bond, rel_tol=args.rel_tol, budget=args.budget,
                                 include=tuple(args.include), exclude=tuple(args.exclude), dtype=args.dtype or "input",
                                 device=args.device, threads=args.threads)
             report = compress_checkpoint(args.in_dir, args.out_dir, settings, progress=args.progress)
