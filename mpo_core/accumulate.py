@@ -255,8 +255,11 @@ def forward_weights(module: nn.Module) -> Iterator[None]:
 
     Layers sharing a central are built together (:func:`build_weight_blocks`), with graph, and each
     layer's calls inside are one GEMM with its ``W``; the backward reaches the cores through autograd,
-    as when each layer rebuilds its own ``W``. Does nothing inside :func:`weight_cache` (its step
-    weights are in place) and where no weight needs a gradient (inference keeps its cached ``W``).
+    as when each layer rebuilds its own ``W``. Under ``torch.autocast`` the build runs in the autocast
+    dtype like every other product of the forward (the GEMM would cast ``W`` to it anyway); the
+    gradient reaching the cores is float32 as for any autocast weight. Does nothing inside
+    :func:`weight_cache` (its step weights are in place, built in the cores' dtype) and where no
+    weight needs a gradient (inference keeps its cached ``W``).
     A model wraps its layer loop in it: MPOBERT's encoder does.
     """
     layers = _layers(module)
@@ -266,8 +269,7 @@ def forward_weights(module: nn.Module) -> Iterator[None]:
     if not track:
         yield
         return
-    with torch.autocast(track[0].cores[0].device.type, enabled=False):
-        blocks = build_weight_blocks(track)
+    blocks = build_weight_blocks(track)  # under the caller's autocast: in its dtype, as the GEMMs run
     for block, idx in blocks:
         for i, w in zip(idx, block.unbind(0)):  # one UnbindBackward: the block's gradient stacked once
             track[i].step_weight = w

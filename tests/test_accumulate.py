@@ -344,3 +344,19 @@ def test_mpobert_plain_loop_equals_the_per_layer_rebuild():
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12)
+
+
+def test_forward_weights_build_in_the_autocast_dtype():
+    model = _Chain().float()
+    x = torch.randn(4, 12)
+    want = model(x, False)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with forward_weights(model):
+            assert {layer.step_weight.dtype for layer in model.layers} == {torch.bfloat16}
+            y = x
+            for layer in model.layers:
+                y = torch.tanh(layer(y))
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want.detach(), rtol=0.05, atol=0.05)  # bf16: 8 bits of mantissa
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
