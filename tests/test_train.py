@@ -296,3 +296,22 @@ def test_on_step_hook_extra_metrics_and_loss_curve(tmp_path):
     assert saved["baseline"] == {"accuracy": 0.5} == final["baseline"]
     logged = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert [tuple(p) for p in saved["loss_curve"]] == [logged[i] for i in (0, 1, 2, 3)]
+
+
+@pytest.mark.parametrize("grad_accum, cached", [(1, False), (2, True)])
+def test_weight_cache_only_where_it_saves_rebuilds(tmp_path, monkeypatch, grad_accum, cached):
+    """One micro-batch in one process: the encoder's forward_weights builds every W (no weight_cache);
+    several: weight_cache builds them once for all (test_gradient_accumulation_matches_full_batch checks
+    the two give the same training)."""
+    import mpobert.train as train_module
+
+    calls = []
+    real = train_module.weight_cache
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "weight_cache", spy)
+    run(tmp_path, "run", grad_accum=grad_accum, batch_size=4, max_steps=2)
+    assert len(calls) == (2 if cached else 0)
