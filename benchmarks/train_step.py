@@ -4,8 +4,9 @@ Contenders (same hidden size, layers, heads and intermediate size; dropout off e
 
 ``mpobert``
     :class:`mpobert.MPOBertModel` (shared centrals, per-layer auxiliaries, adapters), the
-    model users train, as the Trainer steps it: the micro-batches inside
-    :func:`mpo_core.accumulate.weight_cache` (each ``W`` rebuilt once per optimizer step).
+    model users train, as the Trainer steps it: with ``k > 1`` the micro-batches inside
+    :func:`mpo_core.accumulate.weight_cache` (each ``W`` rebuilt once per optimizer step); with
+    ``k = 1`` (one process) the plain path below.
 ``mpobert_plain``
     The same model in a plain loop, ``model(x)`` + ``loss.backward()`` per micro-batch with no
     context to remember: the encoder builds every ``W`` once per forward, batched per shared
@@ -175,7 +176,8 @@ class Contender:
             return
         self.model.train()
         k = self.setting.k
-        with weight_cache(self.model) if self.name == "mpobert" else contextlib.nullcontext():
+        trainer_cache = self.name == "mpobert" and k > 1  # as mpobert.train.Trainer decides (one process)
+        with weight_cache(self.model) if trainer_cache else contextlib.nullcontext():
             for ids in self.batches:
                 with self._autocast():
                     loss = loss_of(*encode(self.model, ids), k)
