@@ -177,7 +177,8 @@ class Contender:
         self.model.train()
         k = self.setting.k
         trainer_cache = self.name == "mpobert" and k > 1  # as mpobert.train.Trainer decides (one process)
-        with weight_cache(self.model) if trainer_cache else contextlib.nullcontext():
+        amp = None if self.setting.precision == "fp32" else torch.bfloat16
+        with weight_cache(self.model, dtype=amp) if trainer_cache else contextlib.nullcontext():
             for ids in self.batches:
                 with self._autocast():
                     loss = loss_of(*encode(self.model, ids), k)

@@ -281,7 +281,7 @@ def forward_weights(module: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def weight_cache(module: nn.Module, process_group: object = None) -> Iterator[None]:
+def weight_cache(module: nn.Module, process_group: object = None, dtype: torch.dtype | None = None) -> Iterator[None]:
     """Rebuild every :class:`~mpo_core.nn.MPOLinear` weight of ``module`` once for the enclosed micro-batches.
 
     Parameters
@@ -292,12 +292,16 @@ def weight_cache(module: nn.Module, process_group: object = None) -> Iterator[No
         Data parallel: average the cores' gradients over this group (``True``: the default
         group) when the context ends. The cores must be excluded from DDP
         (:func:`exclude_cores_from_ddp`). ``None``: no communication.
+    dtype : torch.dtype, optional
+        Run the rebuild's products in this dtype (the autocast dtype of the micro-batches, e.g.
+        ``torch.bfloat16``: its GEMMs would cast ``W`` to it anyway). The step weights are kept in
+        the cores' dtype, so ``dL/dW`` accumulates there over the micro-batches. Default: the cores' dtype.
 
     Notes
     -----
-    The weights are built when the context is entered, in the cores' dtype with autocast off
-    (under ``torch.autocast`` the forward's GEMM casts ``W'`` as it would cast an
-    ``nn.Linear`` weight). The cores must not change inside the context (the optimizer step
+    The weights are built when the context is entered, in the cores' dtype with autocast off, or
+    with ``dtype`` under autocast in that dtype (under ``torch.autocast`` the forward's GEMM casts
+    ``W'`` as it would cast an ``nn.Linear`` weight). The cores must not change inside the context (the optimizer step
     belongs after it): a changed core raises ``RuntimeError`` at the end, and so does a
     nested ``weight_cache`` over the same layer. If the block raises, nothing is propagated.
     """
@@ -311,11 +315,18 @@ def weight_cache(module: nn.Module, process_group: object = None) -> Iterator[No
     grad = torch.is_grad_enabled()
     track = [layer for layer in layers if grad and any(t.requires_grad for t in _weight_tensors(layer))]
     frozen = [layer for layer in layers if layer not in track]
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     device_type = layers[0].cores[0].device.type if layers else "cpu"
-    with torch.autocast(device_type, enabled=False):
+    if layers and dtype == layers[0].cores[0].dtype:
+        dtype = None
+    with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
         built = build_weight_blocks(track) if track else []
         with torch.no_grad():
             frozen_blocks = build_weight_blocks(frozen) if frozen else []
+    if dtype is not None:  # kept in the cores' dtype: the micro-batches' dL/dW accumulate there
+        built = [(block.to(track[idx[0]].cores[0].dtype), idx) for block, idx in built]
+        frozen_blocks = [(block.to(frozen[idx[0]].cores[0].dtype), idx) for block, idx in frozen_blocks]
     leaves: list[torch.Tensor | None] = [None] * len(track)
     for block, idx in built:
         data = block.detach()

@@ -331,11 +331,13 @@ class Trainer:
             dist.barrier()
         return metrics
 
+    def _amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of the micro-batches (``None`` in fp32)."""
+        return {"fp32": None, "bf16": torch.bfloat16}.get(self.config.precision, torch.float16)
+
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.config.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        dtype = self._amp_dtype()
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
     # ------------------------------------------------------------------ the loop
     def _train_step(self, it: Iterator[dict[str, Any]]) -> dict[str, float]:
@@ -349,8 +351,9 @@ class Trainer:
         # forward (forward_weights), measured 2-4% faster per step than weight_cache at k=1, and under
         # autocast in its dtype (benchmarks/train_step.py)
         cached = cfg.grad_accum > 1 or self.ddp is not None
-        with weight_cache(self.model, process_group=True if self.ddp is not None else None) if cached \
-                else contextlib.nullcontext():
+        cache = weight_cache(self.model, process_group=True if self.ddp is not None else None,
+                             dtype=self._amp_dtype()) if cached else contextlib.nullcontext()
+        with cache:
             for micro in range(cfg.grad_accum):
                 try:
                     batch = next(it)

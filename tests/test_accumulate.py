@@ -360,3 +360,34 @@ def test_forward_weights_build_in_the_autocast_dtype():
     torch.testing.assert_close(y.float(), want.detach(), rtol=0.05, atol=0.05)  # bf16: 8 bits of mantissa
     y.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_weight_cache_dtype_builds_in_it_and_keeps_the_cores_dtype():
+    """dtype=bf16: the rebuild's products in bf16 (as autocast runs the GEMMs), the step weights and the
+    accumulated dL/dW in float32; gradients as close to float32's as the plain loop's bf16 build gives."""
+    model = _model(torch.float32)
+    batches = _batches(2)
+    exact = _grads(model, batches, cache=True)
+    ref = _grads(model, batches, cache=False, autocast=True)  # the plain loop: bf16 build per micro-batch
+    model.zero_grad(set_to_none=True)
+    with weight_cache(model, dtype=torch.bfloat16):
+        layer = model.encoder.layers[0].mpo["q"]
+        assert layer.step_weight.dtype == torch.float32
+        with torch.autocast("cpu", enabled=False):
+            w32 = dense_matrix(list(layer.cores)) + layer.update.U @ layer.update.D
+        err = float((layer.step_weight - w32).abs().max())
+        assert 0 < err <= 4 * 2.0 ** -8 * float(w32.abs().max())  # built in bf16, not float32
+        for ids in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = _loss(model, ids, len(batches))
+            loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    assert got.keys() == exact.keys()
+    for name in exact:  # no further from the float32 gradients than the plain loop's bf16 build, within bf16 noise
+        scale = float(exact[name].abs().max()) + 1e-30
+        err_ref = float((ref[name] - exact[name]).abs().max())
+        assert float((got[name] - exact[name]).abs().max()) <= 2 * err_ref + 4 * 2.0 ** -8 * scale, name
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        with weight_cache(model, dtype=torch.int32):
+            pass
