@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from mpo_core.io import atomic_write
 from mpobert.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mpobert.optim import build_optimizer, warmup_linear_scheduler
 from mpobert.options import option
+from mpobert.progress import PROGRESS_MODES, TrainingProgress
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -53,7 +53,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 OPTIMIZERS = ("lamb", "adamw")
-PROGRESS_MODES = ("auto", "tqdm", "plain", "none")
 
 
 @dataclass
@@ -147,45 +146,6 @@ def _loss_of(output: Any) -> torch.Tensor:
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-class _Progress:
-    """A tqdm bar when available (and asked), else plain lines on stdout every ``log_every`` steps."""
-
-    def __init__(self, mode: str, total: int, initial: int, enabled: bool, log_every: int) -> None:
-        self.bar = None
-        self.plain = False
-        self.log_every = max(1, log_every)
-        if not enabled or mode == "none":
-            return
-        use_tqdm = mode == "tqdm" or (mode == "auto" and sys.stderr.isatty())
-        if use_tqdm:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                if mode == "tqdm":
-                    raise ValueError("progress='tqdm' but tqdm is not installed") from None
-            else:
-                self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, desc="train")
-                return
-        self.plain = True
-
-    def update(self, step: int, total: int, stats: dict[str, float]) -> None:
-        text = f"loss {stats['loss']:.4f} lr {stats['lr']:.2e} tok/s {stats['tokens_per_s']:.0f} ETA {_fmt_time(stats['eta_s'])}"
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str(text, refresh=False)
-        elif self.plain and (step % self.log_every == 0 or step == total):
-            print(f"step {step}/{total} {text}", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 class Trainer:
@@ -430,7 +390,7 @@ class Trainer:
             if self.is_main and (self.output_dir / "metrics.jsonl").exists():
                 (self.output_dir / "metrics.jsonl").unlink()
         self.model.train()
-        progress = _Progress(cfg.progress, cfg.max_steps, self.step, self.is_main, cfg.log_every)
+        progress = TrainingProgress(cfg.progress, cfg.max_steps, self.step, self.is_main, cfg.log_every)
         it = iter(self.batches)
         start = time.perf_counter()
         start_step, start_tokens = self.step, self.counters["tokens"]
