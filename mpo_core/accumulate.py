@@ -93,13 +93,18 @@ class _GradMul(torch.autograd.Function):
         return grad * factor.to(grad.dtype), None
 
 
+def _flat_gemm(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``(L, m, k) @ (k, n) -> (L, m, n)`` as one ``(L m, k) @ (k, n)`` GEMM."""
+    return (a.reshape(-1, a.shape[2]) @ c).view(a.shape[0], a.shape[1], c.shape[1])
+
+
 class _SharedGemm(torch.autograd.Function):
     """``a[l] @ c`` for every ``l`` in one GEMM; ``c``'s gradient sums ``scale[l] * a[l]^T g[l]`` (one GEMM)."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, c: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(a, c, scale)
-        return (a.reshape(-1, a.shape[2]) @ c).view(a.shape[0], a.shape[1], c.shape[1])
+        return _flat_gemm(a, c)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -114,9 +119,7 @@ class _SharedGemm(torch.autograd.Function):
 
 def _shared_gemm(a: torch.Tensor, c: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """``(L, m, k) @ (k, n) -> (L, m, n)`` as one GEMM, ``scale`` (``(L,)``) weighting each ``l`` in ``c``'s gradient."""
-    if scale is None:
-        return (a.reshape(-1, a.shape[2]) @ c).view(a.shape[0], a.shape[1], c.shape[1])
-    return _SharedGemm.apply(a, c, scale)
+    return _flat_gemm(a, c) if scale is None else _SharedGemm.apply(a, c, scale)
 
 
 def _stacked_block(chains: Sequence[Sequence[torch.Tensor]], indices: range) -> torch.Tensor:
@@ -228,8 +231,7 @@ def build_weight_blocks(layers: list[MPOLinear]) -> list[tuple[torch.Tensor, lis
 
 def _weight_tensors(layer: MPOLinear) -> list[torch.Tensor]:
     """What ``layer``'s dense weight is built from: its cores and its attached update's ``U`` and ``D``."""
-    update = layer.update
-    return [*layer.cores, *((update.U, update.D) if update is not None else ())]
+    return [*layer.cores, *layer.update_tensors]
 
 
 def _versions(layers: list[MPOLinear]) -> list[tuple[int, ...]]:
@@ -262,10 +264,9 @@ def forward_weights(module: nn.Module) -> Iterator[None]:
     weight needs a gradient (inference keeps its cached ``W``).
     A model wraps its layer loop in it: MPOBERT's encoder does.
     """
-    layers = _layers(module)
+    layers = _layers(module) if torch.is_grad_enabled() else []  # inference: not even the module walk
     busy = any(layer.step_weight is not None for layer in layers)
-    track = [] if busy or not torch.is_grad_enabled() else \
-        [layer for layer in layers if any(t.requires_grad for t in _weight_tensors(layer))]
+    track = [] if busy else [layer for layer in layers if any(t.requires_grad for t in _weight_tensors(layer))]
     if not track:
         yield
         return

@@ -121,6 +121,7 @@ def test_cached_weight_follows_the_update_and_a_trainable_update_gets_gradients(
         y1 = layer(x)
     torch.testing.assert_close(y1, x @ (dense_matrix(list(layer.cores)) + update.U @ update.D))
     assert not torch.allclose(y0, y1)
+    assert layer.explain(x).route == "planned"  # the route itself knows the update needs a gradient
     layer(x).sum().backward()  # frozen cores, trainable update: not the (gradient-free) cached W
     assert update.U.grad is not None and update.D.grad is not None
 

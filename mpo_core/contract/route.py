@@ -61,6 +61,13 @@ class MPOLayer(Protocol):
     cache_weight: bool
     step_weight: torch.Tensor | None
     route_memo: dict
+    update_tensors: tuple[torch.Tensor, ...]
+
+
+def _weight_tensors(layer: MPOLayer) -> Sequence[torch.Tensor]:
+    """What the layer's ``W`` is built from: its cores, and its attached low-rank update's ``U`` and ``D``."""
+    extra = layer.update_tensors
+    return layer.cores if not extra else (*layer.cores, *extra)
 
 
 def needs_grad(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None) -> bool:
@@ -69,19 +76,20 @@ def needs_grad(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tenso
         x.requires_grad or any(c.requires_grad for c in cores) or (bias is not None and bias.requires_grad))
 
 
-def choose_route(x: torch.Tensor, layer: MPOLayer) -> str:
-    """The route of ``layer``'s call on ``x`` (one of :data:`ROUTES`; module docstring). Cheap on the hot
-    path: the plan is resolved only when the cached-``W`` route is in question for a new key (kept in
-    ``layer.route_memo``)."""
+def choose_route(x: torch.Tensor, layer: MPOLayer, bias: torch.Tensor | None = None) -> str:
+    """The route of ``layer``'s call on ``x`` (one of :data:`ROUTES`; module docstring); ``bias``: the one the
+    call adds instead of the layer's own. Cheap on the hot path: the plan is resolved only when the
+    cached-``W`` route is in question for a new key (kept in ``layer.route_memo``)."""
     if layer.step_weight is not None:
         return "step W"
-    if layer.cache_weight and layer.strategy in ("auto", "dense") and not needs_grad(x, layer.cores, layer.bias):
+    bias = layer.bias if bias is None else bias
+    if layer.cache_weight and layer.strategy in ("auto", "dense") and not needs_grad(x, _weight_tensors(layer), bias):
         dev = x.device.type
         key = (token_bucket(x.numel() // layer.in_features), x.dtype, dev, torch.is_autocast_enabled(dev),
                device_model(dev))
         choice = layer.route_memo.get(key)
         if choice is None:
-            plan = resolve(x, list(layer.cores), layer.bias, layer.strategy, None, None)[1]
+            plan = resolve(x, list(layer.cores), bias, layer.strategy, None, None)[1]
             choice = layer.route_memo[key] = gemm_beats_plan(plan)
         if choice:
             return "cached W"
@@ -126,17 +134,14 @@ class Route:
         return head + "\n" + str(self.plan)
 
 
-def explain_route(x: torch.Tensor | int, layer: MPOLayer) -> Route:
+def explain_route(x: torch.Tensor | int, layer: MPOLayer, bias: torch.Tensor | None = None) -> Route:
     """The :class:`Route` :func:`choose_route` takes for ``x`` (a tensor, or a token count under the
-    current grad mode), with the plan behind it."""
+    current grad mode) and ``bias``, with the plan behind it."""
     if layer.step_weight is not None:
         return Route("step W", None)
-    cores = list(layer.cores)
-    plan = resolve(x, cores, layer.bias, layer.strategy, None, None)[1]
-    if isinstance(x, torch.Tensor):
-        grad = needs_grad(x, cores, layer.bias)
-    else:
-        grad = needs_grad(torch.empty(0), cores, layer.bias)
+    bias = layer.bias if bias is None else bias
+    plan = resolve(x, list(layer.cores), bias, layer.strategy, None, None)[1]
+    grad = needs_grad(x if isinstance(x, torch.Tensor) else torch.empty(0), _weight_tensors(layer), bias)
     if not (layer.cache_weight and layer.strategy in ("auto", "dense") and not grad):
         return Route("planned", plan)
     return Route("cached W" if gemm_beats_plan(plan) else "planned", plan, _gemm_seconds(plan))

@@ -165,6 +165,11 @@ class MPOLinear(nn.Module):
         """The attached low-rank term ``U D`` of the weight (:meth:`attach_update`), or ``None``."""
         return self._update[0] if self._update else None
 
+    @property
+    def update_tensors(self) -> tuple[torch.Tensor, ...]:
+        """``(U, D)`` of the attached update, or ``()``: with the cores, what ``W`` is built from."""
+        return (self._update[0].U, self._update[0].D) if self._update else ()
+
     def attach_update(self, update: nn.Module | None) -> None:
         """Make the weight ``W = MPO + U D``: ``update.U`` is ``(in_features, r)``, ``update.D`` is
         ``(r, out_features)``, both read at every call; ``None`` detaches it.
@@ -317,12 +322,11 @@ class MPOLinear(nn.Module):
     def _cached_weight(self) -> torch.Tensor:
         # ParameterList's own iteration costs ~7 us (an attribute lookup per index): read its dict.
         # A new dtype or device means new storage, so the pointer and version identify the values.
-        update = self.update
-        tensors = [*self.cores._parameters.values(), *((update.U, update.D) if update is not None else ())]
+        tensors = [*self.cores._parameters.values(), *self.update_tensors]
         key = tuple((t.data_ptr(), t._version) for t in tensors)
         if self._cached is None or self._cached[0] != key:
             with torch.no_grad():
-                self._cached = (key, with_update(dense_weight(list(self.cores)), update).T.contiguous())
+                self._cached = (key, with_update(dense_weight(list(self.cores)), self.update).T.contiguous())
         return self._cached[1]
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -330,10 +334,7 @@ class MPOLinear(nn.Module):
         shared by several layers), in the same GEMM."""
         b = self.bias if bias is None else bias
         update = self.update
-        route = choose_route(x, self)
-        if route == "cached W" and torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (bias, *((update.U, update.D) if update is not None else ()))):
-            route = "planned"  # the cached W carries no gradient to a trainable update or bias
+        route = choose_route(x, self, b)
         if route == "step W":  # inside mpo_core.accumulate.weight_cache (the update is in the step weight)
             return _gemm_in_out(x, self.step_weight, b)
         if route == "cached W":  # nn.Linear's GEMM and (out, in) layout: (in, out) measured up to 1.27x
