@@ -3,19 +3,22 @@ checkpoint's own tokenizer, sentence embeddings, accuracy, one AdamW loop, and a
 smoke runs."""
 from __future__ import annotations
 
+import copy
 import math
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from mpobert.data import get_task, load_split, write_pydoc_topic_task
 from mpobert.data.glue import BUNDLED_TASKS
 
-__all__ = ["accuracy", "collate", "cosine", "encode", "load_task", "random_tiny_checkpoint", "sentence_embeddings",
-           "text_batches", "train"]
+__all__ = ["accuracy", "best_lr", "collate", "cosine", "encode", "finetune_sweep", "load_task", "random_tiny_checkpoint",
+           "sentence_embeddings", "text_batches", "train"]
 
 
 def load_task(task: str, data_dir: str | None, seed: int):
@@ -107,6 +110,39 @@ def train(model, rows, pad_id: int, lr: float, epochs: int, batch: int, seed: in
             opt.step()
             sched.step()
     return time.perf_counter() - start
+
+
+def finetune_sweep(model, train_rows, dev_rows, pad_id: int, lrs, seeds, epochs: int, batch: int,
+                   done: Callable[[float, int], dict | None] = lambda lr, seed: None, on_run=None) -> list[dict]:
+    """Fine-tune a copy of ``model`` (a sequence classifier; every parameter) at every lr and seed, its classifier
+    re-initialised from the seed: one ``{"lr", "seed", "accuracy", "train_s"}`` per pair. ``done(lr, seed)`` returns
+    an earlier run to keep instead (``--resume``); ``on_run(run)`` follows each new one."""
+    runs = []
+    for lr in lrs:
+        for seed in seeds:
+            kept = done(lr, seed)
+            if kept is not None:
+                runs.append(kept)
+                continue
+            tuned = copy.deepcopy(model)
+            torch.manual_seed(seed)
+            tuned.classifier.reset_parameters()
+            seconds = train(tuned, train_rows, pad_id, lr, epochs, batch, seed)
+            runs.append({"lr": lr, "seed": seed, "accuracy": accuracy(tuned, dev_rows, pad_id), "train_s": seconds})
+            if on_run is not None:
+                on_run(runs[-1])
+    return runs
+
+
+def best_lr(runs: list[dict]) -> dict:
+    """The lr whose mean accuracy over seeds is highest: ``best_lr``, ``acc_mean``, ``acc_std``, ``accs``, ``seeds``
+    and ``per_lr`` (the mean at every lr, so a reader sees whether the best is interior)."""
+    per_lr: dict[float, list[float]] = {}
+    for r in runs:
+        per_lr.setdefault(r["lr"], []).append(r["accuracy"])
+    lr, accs = max(per_lr.items(), key=lambda kv: statistics.mean(kv[1]))
+    return {"best_lr": lr, "acc_mean": statistics.mean(accs), "acc_std": statistics.pstdev(accs), "accs": accs,
+            "seeds": len(accs), "per_lr": {str(k): statistics.mean(v) for k, v in per_lr.items()}}
 
 
 def random_tiny_checkpoint(folder: str, texts: list[str]) -> str:

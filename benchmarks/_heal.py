@@ -9,10 +9,15 @@ resumes at its last step and trains no further), so an interrupted benchmark con
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
-from mpobert.distill.heal import HealConfig, heal
+from torch import nn
+
+from mpo_core.lightweight import load_mpo_model
+from mpobert.distill.heal import HealConfig, compress_student, heal
+from mpobert.distill.teacher import load_teacher
 from mpobert.distill.workflow import DistillConfig, distill
 from mpobert.train import TrainConfig
 
@@ -27,21 +32,28 @@ def _train(args, name: str, lr: float) -> TrainConfig:
                        log_every=0, progress="none", resume=True)
 
 
-def _row(section: str, contender: str, budget: float | None, lr: float, report: dict[str, Any]) -> dict[str, Any]:
+def _row(section: str, contender: str, budget: float | None, lr: float, report: dict[str, Any], run_dir: str
+         ) -> dict[str, Any]:
     student = report["student"]
-    return {"section": section, "contender": contender, "budget": budget, "lr": lr, "params": student["params"],
+    return {"section": section, "contender": contender, "budget": budget, "lr": lr, "run_dir": run_dir,
+            "params": student["params"],
             "teacher_params": report["teacher"]["params"], "cosine_before": report["before"]["sentence_cosine"],
             "cosine_after": report["after"]["sentence_cosine"], "last_layer_err_after": report["after"]["layer_rel_error"][-1],
             "steps": report["train"]["steps"], "train_s": report["train"]["train_time_s"]}
 
 
-def heal_contender(args, contender: str, budget: float, lr: float) -> dict[str, Any]:
-    """Compress the checkpoint as ``contender`` to ``budget`` of the encoder matrices' entries, heal, report."""
+def _heal_config(args, contender: str, budget: float, lr: float) -> HealConfig:
     n, calibration = HEAL_CONTENDERS[contender]
     name = f"heal_{contender}_{budget:g}_{args.heal_optimizer}{lr:g}_{args.heal_steps}_local{args.heal_teacher_input_steps}"
-    cfg = HealConfig(teacher=args.checkpoint, budget=budget, n=n, calibration_sequences=calibration,
-                     teacher_input_steps=args.heal_teacher_input_steps, threads=args.threads, train=_train(args, name, lr))
-    row = _row("heal", contender, budget, lr, heal(cfg))
+    return HealConfig(teacher=args.checkpoint, budget=budget, n=n, calibration_sequences=calibration,
+                      teacher_input_steps=args.heal_teacher_input_steps, threads=args.threads,
+                      train=_train(args, name, lr))
+
+
+def heal_contender(args, contender: str, budget: float, lr: float) -> dict[str, Any]:
+    """Compress the checkpoint as ``contender`` to ``budget`` of the encoder matrices' entries, heal, report."""
+    cfg = _heal_config(args, contender, budget, lr)
+    row = _row("heal", contender, budget, lr, heal(cfg), cfg.train.output_dir)
     print(f"[heal] {budget:.2f} {contender:<11} lr {lr:g}: cosine {row['cosine_before']:.4f} -> "
           f"{row['cosine_after']:.4f} in {row['steps']} steps ({row['train_s']:.0f} s)", flush=True)
     return row
@@ -50,6 +62,21 @@ def heal_contender(args, contender: str, budget: float, lr: float) -> dict[str, 
 def run_heal(args) -> list[dict[str, Any]]:
     """Every ``--heal-contenders`` at every ``--heal-budgets`` and ``--heal-lrs``, ``--heal-steps`` each."""
     return [heal_contender(args, c, b, lr) for b in args.heal_budgets for c in args.heal_contenders for lr in args.heal_lrs]
+
+
+def heal_students(args, row: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    """A heal row's encoder as compressed, before healing (rebuilt: :func:`compress_student` is deterministic, and
+    is given the run's own training text; its ranks are checked against the run's report) and as healed (its MPO
+    checkpoint)."""
+    cfg = _heal_config(args, row["contender"], row["budget"], row["lr"])
+    teacher = load_teacher(args.checkpoint)
+    compressed, report = compress_student(cfg, teacher, [os.path.join(row["run_dir"], "corpus.txt")])
+    with open(os.path.join(row["run_dir"], "heal_report.json")) as f:
+        healed_ranks = {m["name"]: m["ranks"] for m in json.load(f)["compression"]["matrices"]}
+    if {m.name: list(m.ranks) for m in report.matrices} != healed_ranks:
+        raise RuntimeError(f"{row['run_dir']}: the rebuilt compression differs from the healed run's")
+    healed = load_mpo_model(type(teacher.model), os.path.join(row["run_dir"], "mpo"))
+    return compressed.base_model, healed.base_model
 
 
 def matched_budget(student_params: int, teacher_params: int, dense_entries: int) -> float:
@@ -70,7 +97,7 @@ def run_convert(args, dense_entries: int) -> list[dict[str, Any]]:
                              f"_local{args.heal_teacher_input_steps}", lr)
         report = distill(DistillConfig(teacher=args.checkpoint, teacher_input_steps=args.heal_teacher_input_steps,
                                        threads=args.threads, train=train))
-        rows.append(_row("convert", "mpobert conversion", None, lr, report))
+        rows.append(_row("convert", "mpobert conversion", None, lr, report, train.output_dir))
         print(f"[convert] MPOBERT lr {lr:g}: {report['student']['params']:,} parameters, cosine "
               f"{rows[-1]['cosine_before']:.4f} -> {rows[-1]['cosine_after']:.4f}", flush=True)
     try:
@@ -113,5 +140,5 @@ def check_arguments(p, args) -> None:
         args.work_dir = os.path.splitext(args.output)[0] + "_runs"
 
 
-__all__ = ["HEAL_CONTENDERS", "add_arguments", "check_arguments", "matched_budget", "run_convert",
+__all__ = ["HEAL_CONTENDERS", "add_arguments", "check_arguments", "heal_students", "matched_budget", "run_convert",
            "run_heal"]

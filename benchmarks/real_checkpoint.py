@@ -16,9 +16,11 @@ Sections (``--sections``):
     one rank per matrix, ``svd-llm``); MPO n=3 and n=5 allocated, n=5 with one uniform bond; the family's
     own choice ``auto`` without and with calibration data (``auto+calib``), and ``svd+calib`` (the
     calibrated allocation restricted to the SVD member, to separate the member choice from the data).
+    ``uncompressed`` is the original model, for the fine-tuning reference.
     Reported: the relative weight error ``sum ||dW||^2 / sum ||W||^2``, the held-out sentence cosine to
     the original (mean-pooled last hidden state, task dev texts), and with ``--finetune-epochs > 0`` the
-    dev accuracy after the same full fine-tuning (every parameter, ``--compress-lr``, each ``--seeds``).
+    dev accuracy after the same full fine-tuning (every parameter, at every ``--compress-lrs`` and each
+    ``--seeds``; mean +- std over seeds at each contender's best lr, and the mean at every lr).
     Calibration texts are task train texts; held-out texts are dev texts (never used for calibration).
 ``peft``
     Fine-tuning at equal trainable counts: head only (pooler + classifier), peft LoRA (rank chosen so its
@@ -28,11 +30,13 @@ Sections (``--sections``):
     deployed model has the original architecture and latency); each contender at every one of its
     ``--*-lrs`` and every seed; the table gives mean +- std over seeds at each contender's best lr.
     ``--resume`` keeps the runs of an earlier ``--output`` made with the same settings and runs only
-    the missing (contender, lr, seed) triples.
+    the missing (contender, lr, seed) triples; the compress and heal sections' fine-tuning runs likewise.
 ``heal`` (``benchmarks/_heal.py``)
     Each ``--heal-contenders`` (SVD or MPO n=5, by weight error or calibrated, and ``auto+calib``) compressed
     to each ``--heal-budgets`` and healed toward the original for the same ``--heal-steps`` with the library's
-    ``heal`` workflow (bundled pydoc corpus; held-out sentence cosine before and after).
+    ``heal`` workflow (bundled pydoc corpus; held-out sentence cosine before and after). With
+    ``--finetune-epochs > 0``, each student is then fine-tuned on the task as the compress section does, as
+    compressed (rebuilt: the same compression of the same calibration text) and as healed.
 ``convert``
     MPOBERT's conversion of the checkpoint (one shared central per matrix kind) distilled for ``--heal-steps``
     with ``distill``, beside ``--convert-contenders`` compressed per matrix to the same parameter count and
@@ -50,7 +54,6 @@ import argparse
 import copy
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -60,9 +63,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import format_table, write_json  # noqa: E402
-from _heal import add_arguments, check_arguments, run_convert, run_heal  # noqa: E402
+from _heal import add_arguments, check_arguments, heal_students, run_convert, run_heal  # noqa: E402
 from _finetune import (  # noqa: E402
-    accuracy, cosine, encode, load_task, random_tiny_checkpoint, sentence_embeddings, text_batches, train,
+    accuracy, best_lr, cosine, encode, finetune_sweep, load_task, random_tiny_checkpoint, sentence_embeddings,
+    text_batches, train,
 )
 
 from mpo_core.compress import analyze, compress  # noqa: E402
@@ -73,11 +77,14 @@ from mpo_core.opf import OverParameterization  # noqa: E402
 from mpo_core.shapes import core_params  # noqa: E402
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-COMPRESS_CONTENDERS = ("svd uniform", "svd allocated", "svd-llm", "mpo3 allocated", "mpo5 allocated", "mpo5 uniform",
+COMPRESS_CONTENDERS = ("uncompressed", "svd uniform", "svd allocated", "svd-llm", "mpo3 allocated", "mpo5 allocated", "mpo5 uniform",
                        "auto", "svd+calib", "auto+calib")
 PEFT_CONTENDERS = ("lora", "mpo auxiliary", "full", "head only", "opf")
-# settings a PEFT run's accuracy depends on: --resume reuses earlier runs only where all of them match
-RUN_SETTINGS = ("task", "data_dir", "peft_targets", "mpo_n", "peft_epochs", "batch_size", "max_len", "limit")
+# settings each section's fine-tuning runs depend on: --resume reuses earlier runs only where all of them match
+_DATA = ("task", "data_dir", "batch_size", "max_len", "limit")
+RUN_SETTINGS = {"peft": (*_DATA, "peft_targets", "mpo_n", "peft_epochs"),
+                "compress": (*_DATA, "calibration_texts", "finetune_epochs"),
+                "heal": (*_DATA, "finetune_epochs", "heal_steps", "heal_optimizer", "heal_teacher_input_steps")}
 
 
 # ----------------------------------------------------------------------------------------------- compression
@@ -124,7 +131,9 @@ def compress_as(contender: str, encoder, fraction: float, analyses: dict) -> dic
     include = lambda name, mod: name in names  # noqa: E731
     start = time.perf_counter()
     info: dict[str, Any] = {}
-    if contender in ("svd uniform", "mpo5 uniform"):
+    if contender == "uncompressed":
+        pass
+    elif contender in ("svd uniform", "mpo5 uniform"):
         info["bond"] = compress_uniform(encoder, targets, 5 if contender.startswith("mpo5") else 2, budget)
     elif contender == "svd-llm":
         info["bond"] = compress_uniform(encoder, targets, 2, budget, analyses["calib"].whitenings)
@@ -144,7 +153,25 @@ def compress_as(contender: str, encoder, fraction: float, analyses: dict) -> dic
     return info
 
 
-def run_compress(args, tokenizer, model_cls, spec, train_ex, dev_ex) -> list[dict]:
+def _sweep(args, key: dict, model, train_rows, dev_rows, pad, old: list[dict], runs: list[dict],
+           partial: Callable[[], None]) -> dict:
+    """Fine-tune ``model`` at every ``--compress-lrs`` and seed (runs of ``old`` with the same ``key`` kept), append
+    the runs (with ``key``) to ``runs``; returns the best lr's summary (:func:`best_lr`)."""
+    kept = {(r["lr"], r["seed"]): r for r in old if all(r.get(k) == v for k, v in key.items())}
+
+    def on_run(run: dict) -> None:
+        runs.append({**key, **run})
+        partial()
+
+    mine = finetune_sweep(model, train_rows, dev_rows, pad, args.compress_lrs, args.seeds, args.finetune_epochs,
+                          args.batch_size, done=lambda lr, seed: kept.get((lr, seed)), on_run=on_run)
+    runs.extend(r for r in mine if kept.get((r["lr"], r["seed"])) is r)
+    return best_lr(mine)
+
+
+def run_compress(args, tokenizer, model_cls, spec, train_ex, dev_ex, partial: Callable[[dict], None]
+                 ) -> tuple[list[dict], list[dict]]:
+    """Every compress contender at every budget; with ``--finetune-epochs``, each fine-tuned (the runs, second)."""
     pad = tokenizer.pad_token_id
     dev_rows = encode(tokenizer, dev_ex, args.max_len)
     train_rows = encode(tokenizer, train_ex, args.max_len)
@@ -162,28 +189,49 @@ def run_compress(args, tokenizer, model_cls, spec, train_ex, dev_ex) -> list[dic
                 "calib": analyze(encoder, lambda name, mod: name in names, calibration=calibration)}
     print(f"[compress] calibration statistics and sensitivities of {len(names)} matrices in "
           f"{time.perf_counter() - start:.0f} s", flush=True)
-    rows = []
-    for fraction in args.budgets:
-        for contender in args.compress_contenders:
-            model = copy.deepcopy(base)
-            info = compress_as(contender, model.base_model, fraction, analyses)
-            row = {"budget": fraction, "contender": contender, "weight_err": weight_error(original, model.base_model),
-                   "cosine": cosine(sentence_embeddings(model.base_model, held), reference), **info}
-            accs = []
-            for seed in args.seeds if args.finetune_epochs > 0 else []:
-                tuned = copy.deepcopy(model)
-                torch.manual_seed(seed)
-                tuned.classifier.reset_parameters()
-                train(tuned, train_rows, pad, args.compress_lr, args.finetune_epochs, args.batch_size, seed)
-                accs.append(accuracy(tuned, dev_rows, pad))
-            if accs:
-                row["acc_mean"] = statistics.mean(accs)
-                row["acc_std"] = statistics.pstdev(accs)
-                row["accs"] = accs
-            rows.append(row)
-            print(f"[compress] {fraction:.2f} {contender:<15} cos {row['cosine']:.4f} werr {row['weight_err']:.4f}"
-                  + (f" acc {row['acc_mean']:.4f}" if accs else "") + f" ({info['seconds']:.1f} s)", flush=True)
-    return rows
+    rows: list[dict] = []
+    runs: list[dict] = []
+    old = earlier_runs(args, "compress")
+    plan = [(1.0, "uncompressed")] if "uncompressed" in args.compress_contenders else []  # the same at every budget
+    plan += [(f, c) for f in args.budgets for c in args.compress_contenders if c != "uncompressed"]
+    for fraction, contender in plan:
+        model = copy.deepcopy(base)
+        info = compress_as(contender, model.base_model, fraction, analyses)
+        row = {"budget": fraction, "contender": contender, "weight_err": weight_error(original, model.base_model),
+               "cosine": cosine(sentence_embeddings(model.base_model, held), reference), **info}
+        if args.finetune_epochs > 0:
+            row.update(_sweep(args, {"budget": fraction, "contender": contender}, model, train_rows, dev_rows, pad,
+                              old, runs, lambda: partial({"compress": rows, "compress_runs": runs})))
+        rows.append(row)
+        partial({"compress": rows, "compress_runs": runs})
+        print(f"[compress] {fraction:.2f} {contender:<15} cos {row['cosine']:.4f} werr {row['weight_err']:.4f}"
+              + (f" acc {row['acc_mean']:.4f} (lr {row['best_lr']:g})" if "acc_mean" in row else "")
+              + f" ({info['seconds']:.1f} s)", flush=True)
+    return rows, runs
+
+
+def finetune_healed(args, tokenizer, model_cls, spec, train_ex, dev_ex, heal_rows: list[dict],
+                    partial: Callable[[dict], None]) -> list[dict]:
+    """Each healed student fine-tuned on the task as compressed and as healed (``--compress-lrs``, seeds); adds
+    ``acc_before`` / ``acc_after`` (best lr's mean) and their summaries to the rows; returns the runs."""
+    pad = tokenizer.pad_token_id
+    train_rows = encode(tokenizer, train_ex, args.max_len)
+    dev_rows = encode(tokenizer, dev_ex, args.max_len)
+    old = earlier_runs(args, "heal")
+    runs: list[dict] = []
+    for row in heal_rows:
+        for stage, encoder in zip(("compressed", "healed"), heal_students(args, row)):
+            torch.manual_seed(0)
+            model = model_cls.from_pretrained(args.checkpoint, num_labels=spec.num_labels)
+            setattr(model, model.base_model_prefix, encoder)
+            key = {"contender": row["contender"], "budget": row["budget"], "heal_lr": row["lr"], "stage": stage}
+            summary = _sweep(args, key, model, train_rows, dev_rows, pad, old, runs,
+                             lambda: partial({"heal_runs": runs}))
+            row[f"acc_{'before' if stage == 'compressed' else 'after'}"] = summary["acc_mean"]
+            row[f"finetune_{stage}"] = summary
+            print(f"[heal] {row['budget']:.2f} {row['contender']:<11} {stage}: accuracy {summary['acc_mean']:.4f} "
+                  f"+- {summary['acc_std']:.4f} (lr {summary['best_lr']:g})", flush=True)
+    return runs
 
 
 # ----------------------------------------------------------------------------------------------- PEFT
@@ -237,8 +285,9 @@ def matched_lora_rank(base, mpo_targets: list[str], mpo_n: int) -> tuple[int, in
     return best[0], best[1], aux
 
 
-def earlier_runs(args) -> list[dict]:
-    """The PEFT runs of an earlier ``--output`` with the same :data:`RUN_SETTINGS` and checkpoint (``--resume``)."""
+def earlier_runs(args, section: str = "peft") -> list[dict]:
+    """The ``section``'s fine-tuning runs of an earlier ``--output`` with the same :data:`RUN_SETTINGS` and
+    checkpoint (``--resume``), of the contenders asked for."""
     if not args.resume or not os.path.isfile(args.output):
         return []
     import json
@@ -246,12 +295,14 @@ def earlier_runs(args) -> list[dict]:
     with open(args.output) as f:
         old = json.load(f)
     settings = old.get("settings", {})
-    differ = [k for k in RUN_SETTINGS if settings.get(k) != getattr(args, k)]
+    differ = [k for k in RUN_SETTINGS[section] if settings.get(k) != getattr(args, k)]
     if old.get("checkpoint") != args.source:
         differ.append("checkpoint")
     if differ:
         raise SystemExit(f"--resume: {args.output} was made with other {', '.join(differ)}; use another --output")
-    return [r for r in old.get("peft_runs", []) if r["contender"] in args.peft_contenders]
+    wanted = {"peft": args.peft_contenders, "compress": getattr(args, "compress_contenders", ()),
+              "heal": getattr(args, "heal_contenders", ())}[section]
+    return [r for r in old.get(f"{section}_runs", []) if r["contender"] in wanted]
 
 
 def run_peft(args, tokenizer, model_cls, spec, train_ex, dev_ex, partial: Callable[[list[dict], dict], None]
@@ -298,15 +349,8 @@ def run_peft(args, tokenizer, model_cls, spec, train_ex, dev_ex, partial: Callab
 def summarise_peft(runs: list[dict]) -> list[dict]:
     table = []
     for contender in dict.fromkeys(r["contender"] for r in runs):
-        per_lr = {}
-        for r in runs:
-            if r["contender"] == contender:
-                per_lr.setdefault(r["lr"], []).append(r["accuracy"])
-        lr, accs = max(per_lr.items(), key=lambda kv: statistics.mean(kv[1]))
-        table.append({"contender": contender, "best_lr": lr, "acc_mean": statistics.mean(accs),
-                      "acc_std": statistics.pstdev(accs), "seeds": len(accs),
-                      "trainable": next(r["trainable"] for r in runs if r["contender"] == contender),
-                      "per_lr": {str(k): statistics.mean(v) for k, v in per_lr.items()}})
+        mine = [r for r in runs if r["contender"] == contender]
+        table.append({"contender": contender, **best_lr(mine), "trainable": mine[0]["trainable"]})
     return table
 
 
@@ -346,7 +390,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compress-contenders", default=",".join(COMPRESS_CONTENDERS))
     p.add_argument("--calibration-texts", type=int, default=256)
     p.add_argument("--finetune-epochs", type=int, default=0, help="full fine-tuning epochs after compression (0: none)")
-    p.add_argument("--compress-lr", type=float, default=1e-4)
+    p.add_argument("--compress-lrs", type=_floats, default=[1e-4],
+                   help="learning rates of the fine-tuning after compression (and after healing); the best is reported")
     p.add_argument("--peft-contenders", default=",".join(PEFT_CONTENDERS))
     p.add_argument("--peft-targets", default="query,value")
     p.add_argument("--mpo-n", type=int, default=5)
@@ -405,25 +450,30 @@ def _run(args, spec, train_ex, dev_ex, transformers) -> dict:
                                "task": spec.name, "train": len(train_ex), "dev": len(dev_ex),
                                "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "source")}}
     sections = [s for s in args.sections.split(",") if s]
+    def partial(part: dict) -> None:
+        write_json(args.output, {**payload, **part, "complete": False})
+
     if "compress" in sections:
-        rows = run_compress(args, tokenizer, model_cls, spec, train_ex, dev_ex)
-        payload["compress"] = rows
+        rows, runs = run_compress(args, tokenizer, model_cls, spec, train_ex, dev_ex, partial)
+        payload["compress"], payload["compress_runs"] = rows, runs
         cols = ["budget", "contender", "params", "weight_err", "cosine"] + (["acc_mean", "acc_std"]
                                                                            if args.finetune_epochs else []) + ["seconds"]
         print(format_table(rows, cols))
         payload["compress_plot"] = plot(rows, os.path.splitext(args.output)[0] + "_compress.png")
     if "peft" in sections:
-        def partial(runs: list[dict], meta: dict) -> None:
-            write_json(args.output, {**payload, "peft_runs": runs, "peft": summarise_peft(runs), "peft_counts": meta,
-                                     "complete": False})
-
-        runs, meta = run_peft(args, tokenizer, model_cls, spec, train_ex, dev_ex, partial)
+        runs, meta = run_peft(args, tokenizer, model_cls, spec, train_ex, dev_ex,
+                              lambda runs, meta: partial({"peft_runs": runs, "peft": summarise_peft(runs),
+                                                          "peft_counts": meta}))
         payload["peft_runs"], payload["peft"], payload["peft_counts"] = runs, summarise_peft(runs), meta
         print(format_table(payload["peft"], ["contender", "trainable", "best_lr", "acc_mean", "acc_std", "seeds"]))
     heal_cols = ["section", "contender", "budget", "params", "lr", "cosine_before", "cosine_after", "steps", "train_s"]
     if "heal" in sections:
         payload["heal"] = run_heal(args)
-        write_json(args.output, {**payload, "complete": False})
+        partial({})
+        if args.finetune_epochs > 0:
+            payload["heal_runs"] = finetune_healed(args, tokenizer, model_cls, spec, train_ex, dev_ex, payload["heal"],
+                                                   partial)
+            heal_cols += ["acc_before", "acc_after"]
         print(format_table(payload["heal"], heal_cols))
     if "convert" in sections:
         dense = sum(m.weight.numel() for _, m in _targets(transformers.AutoModel.from_pretrained(args.checkpoint)))

@@ -334,15 +334,19 @@ def test_real_checkpoint_resume_keeps_only_runs_of_the_same_settings(tmp_path):
 
     rc = _load("real_checkpoint")
     out = tmp_path / "rc.json"
-    settings = {k: f"value of {k}" for k in rc.RUN_SETTINGS}
+    settings = {k: f"value of {k}" for keys in rc.RUN_SETTINGS.values() for k in keys}
     args = SimpleNamespace(resume=True, output=str(out), source="/ckpt", peft_contenders=["lora"], **settings)
     assert rc.earlier_runs(args) == []  # nothing written yet
     runs = [{"contender": "lora", "lr": 1e-3, "seed": 0}, {"contender": "full", "lr": 1e-4, "seed": 0}]
     out.write_text(json.dumps({"checkpoint": "/ckpt", "settings": settings, "peft_runs": runs}))
     assert rc.earlier_runs(args) == runs[:1]  # only the contenders asked for
+    args.peft_epochs = "another count"  # a PEFT setting: the compress section's runs stay valid
+    with pytest.raises(SystemExit, match="was made with other peft_epochs; use another --output"):
+        rc.earlier_runs(args)
+    assert rc.earlier_runs(args, "compress") == []
     args.limit, args.source = "another limit", "/other"
     with pytest.raises(SystemExit, match="was made with other limit, checkpoint; use another --output"):
-        rc.earlier_runs(args)
+        rc.earlier_runs(args, "compress")
 
 
 def test_real_checkpoint_uniform_compression_keeps_small_matrices_dense_and_refuses_a_tiny_budget():
@@ -422,6 +426,56 @@ def test_real_checkpoint_resume_runs_only_the_missing_peft_runs(tmp_path, capsys
                        "--output", str(out)])
     assert "--resume: 1 runs kept from" in capsys.readouterr().out
     assert [(r["lr"], r["accuracy"] == 0.125) for r in payload["peft_runs"]] == [(1e-3, True), (3e-3, False)]
+
+
+def test_real_checkpoint_compress_sweeps_lrs_and_resumes_its_finetuning_runs(tmp_path, capsys):
+    import json
+
+    rc = _load("real_checkpoint")
+    out = tmp_path / "rc.json"
+    common = ["--checkpoint", "random-tiny", "--sections", "compress", "--limit", "16", "--seeds", "0",
+              "--budgets", "0.5,0.3", "--finetune-epochs", "1", "--compress-contenders", "uncompressed,svd uniform",
+              "--output", str(out)]
+    first = rc.main([*common, "--compress-lrs", "1e-3"])
+    assert [(r["contender"], r["budget"]) for r in first["compress"]] == [
+        ("uncompressed", 1.0), ("svd uniform", 0.5), ("svd uniform", 0.3)]  # the original once, at every budget
+    assert len(first["compress_runs"]) == 3 and all(r["per_lr"].keys() == {"0.001"} for r in first["compress"])
+    data = json.loads(out.read_text())
+    for run in data["compress_runs"]:
+        run["accuracy"] = 0.125  # a marker: kept runs are not retrained
+    out.write_text(json.dumps(data))
+    second = rc.main([*common, "--compress-lrs", "1e-3,1e-2", "--resume"])
+    kept = [r for r in second["compress_runs"] if r["lr"] == 1e-3]
+    assert len(second["compress_runs"]) == 6 and [r["accuracy"] for r in kept] == [0.125] * 3
+    assert all(set(r["per_lr"]) == {"0.001", "0.01"} for r in second["compress"])
+    assert second["compress"][0]["per_lr"]["0.001"] == 0.125
+
+
+def test_real_checkpoint_heal_students_are_the_compression_before_healing_and_the_healed_model(tmp_path):
+    """heal_students rebuilds the compression a heal run started from: with an lr too small to move anything, the
+    healed model equals it; a run whose report disagrees is refused."""
+    import json
+    import os
+    from types import SimpleNamespace
+
+    rc = _load("real_checkpoint")
+    heal_mod = sys.modules[rc.run_heal.__module__]
+    finetune = sys.modules[rc.load_task.__module__]
+    ckpt = finetune.random_tiny_checkpoint(str(tmp_path / "ckpt"), ["the module defines a class", "open a file"])
+    args = SimpleNamespace(checkpoint=ckpt, work_dir=str(tmp_path / "runs"), heal_steps=2, heal_optimizer="adamw",
+                           heal_teacher_input_steps=0, threads=1)
+    row = heal_mod.heal_contender(args, "svd+calib", 0.5, 1e-30)
+    compressed, healed = heal_mod.heal_students(args, row)
+    mpos = {n: m for n, m in compressed.named_modules() if isinstance(m, rc.MPOLinear)}
+    assert mpos and {n for n, m in healed.named_modules() if isinstance(m, rc.MPOLinear)} == set(mpos)
+    for name, tensor in compressed.state_dict().items():
+        torch.testing.assert_close(healed.state_dict()[name], tensor, rtol=1e-6, atol=1e-20, msg=name)  # lr 1e-30
+    report_path = tmp_path / "runs" / os.path.basename(row["run_dir"]) / "heal_report.json"
+    report = json.loads(report_path.read_text())
+    report["compression"]["matrices"][0]["ranks"][1] += 1
+    report_path.write_text(json.dumps(report))
+    with pytest.raises(RuntimeError, match="the rebuilt compression differs from the healed run's"):
+        heal_mod.heal_students(args, row)
 
 
 def test_real_checkpoint_refuses_an_opf_merge_that_changes_the_architecture(tmp_path, monkeypatch):
