@@ -343,7 +343,7 @@ def get_lightweight_model(model: nn.Module, config: LightweightConfig) -> Lightw
     all-MiniLM-L6-v2, query/value, n=5, balanced cores, one epoch, mean of 3 seeds at 3e-4 / 1e-3 / 3e-3 / 1e-2
     (``benchmarks/real_checkpoint.py --sections peft``): pydoc-topics 0.613 / 0.752 / 0.760 / 0.466, stdlib-docs
     0.634 / 0.731 / 0.770 / 0.737; peft LoRA at the same trainable count 0.601 / 0.737 / 0.751 / 0.259 and
-    0.625 / 0.725 / 0.758 / 0.270: the same best lr, and a softer fall above it.
+    0.625 / 0.724 / 0.758 / 0.270: the same best lr, and a softer fall above it.
 
     Raises
     ------
