@@ -14,8 +14,8 @@ Sections (``--sections``):
     compresses a copy of the encoder, no healing: plain truncated SVD with one rank per matrix
     (``svd uniform``) and MPOP's global allocation (``svd allocated``); SVD-LLM (input-whitened SVD,
     one rank per matrix, ``svd-llm``); MPO n=3 and n=5 allocated, n=5 with one uniform bond; the family's
-    own choice ``auto`` without and with calibration data (``auto+calib``), and ``svd+calib`` (the
-    calibrated allocation restricted to the SVD member, to separate the member choice from the data).
+    own choice ``auto`` without and with calibration data (``auto+calib``), and ``svd+calib`` / ``mpo5+calib``
+    (the calibrated allocation restricted to one member, to separate the member choice from the data).
     ``uncompressed`` is the original model, for the fine-tuning reference.
     Reported: the relative weight error ``sum ||dW||^2 / sum ||W||^2``, the held-out sentence cosine to
     the original (mean-pooled last hidden state, task dev texts), and with ``--finetune-epochs > 0`` the
@@ -77,8 +77,8 @@ from mpo_core.opf import OverParameterization  # noqa: E402
 from mpo_core.shapes import core_params  # noqa: E402
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-COMPRESS_CONTENDERS = ("uncompressed", "svd uniform", "svd allocated", "svd-llm", "mpo3 allocated", "mpo5 allocated", "mpo5 uniform",
-                       "auto", "svd+calib", "auto+calib")
+COMPRESS_CONTENDERS = ("uncompressed", "svd uniform", "svd allocated", "svd-llm", "mpo3 allocated", "mpo5 allocated",
+                       "mpo5 uniform", "auto", "svd+calib", "mpo5+calib", "auto+calib")
 PEFT_CONTENDERS = ("lora", "mpo auxiliary", "full", "head only", "opf")
 # settings each section's fine-tuning runs depend on: --resume reuses earlier runs only where all of them match
 _DATA = ("task", "data_dir", "batch_size", "max_len", "limit")
@@ -139,7 +139,7 @@ def compress_as(contender: str, encoder, fraction: float, analyses: dict) -> dic
         info["bond"] = compress_uniform(encoder, targets, 2, budget, analyses["calib"].whitenings)
     else:
         n = {"svd allocated": 2, "mpo3 allocated": 3, "mpo5 allocated": 5, "auto": "auto",
-             "svd+calib": 2, "auto+calib": "auto"}[contender]
+             "svd+calib": 2, "mpo5+calib": 5, "auto+calib": "auto"}[contender]
         report = compress(encoder, budget=budget, include=include, n=n, progress=False,
                           analysis=analyses["calib" if contender.endswith("calib") else "plain"])
         info["members"] = {m: sum(x.member == m for x in report.matrices) for m in {x.member for x in report.matrices}}

@@ -37,7 +37,7 @@ BENCHMARK_RUNS: dict[str, tuple[list[str], list[str]]] = {
          "--finetune-epochs", "1", "--output", "{json}"],
         ["--checkpoint", "random-tiny", "--limit", "32", "--budgets", "0.5", "--seeds", "0", "--head-lrs", "1e-3",
          "--lora-lrs", "1e-3", "--mpo-lrs", "1e-3", "--full-lrs", "1e-4", "--opf-lrs", "1e-4", "--peft-epochs", "1", "--finetune-epochs", "1",
-         "--compress-contenders", "svd uniform,svd-llm,mpo5 uniform,auto+calib", "--sections",
+         "--compress-contenders", "uncompressed,svd uniform,svd-llm,mpo5 uniform,mpo5+calib,auto+calib", "--sections",
          "compress,peft,heal,convert", "--heal-steps", "2", "--heal-contenders", "svd,mpo5+calib",
          "--convert-contenders", "svd+calib", "--output", "{json}"]),
     "train_step": (["--presets", "tiny", "--repeats", "3", "--out", "{json}"],
