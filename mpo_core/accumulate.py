@@ -229,13 +229,8 @@ def build_weight_blocks(layers: list[MPOLinear]) -> list[tuple[torch.Tensor, lis
     return blocks
 
 
-def _weight_tensors(layer: MPOLinear) -> list[torch.Tensor]:
-    """What ``layer``'s dense weight is built from: its cores and its attached update's ``U`` and ``D``."""
-    return [*layer.cores, *layer.update_tensors]
-
-
 def _versions(layers: list[MPOLinear]) -> list[tuple[int, ...]]:
-    return [tuple(t._version for t in _weight_tensors(layer)) for layer in layers]
+    return [tuple(t._version for t in layer.weight_tensors) for layer in layers]
 
 
 def _all_reduce_mean(grads: list[torch.Tensor], group) -> None:
@@ -266,7 +261,7 @@ def forward_weights(module: nn.Module) -> Iterator[None]:
     """
     layers = _layers(module) if torch.is_grad_enabled() else []  # inference: not even the module walk
     busy = any(layer.step_weight is not None for layer in layers)
-    track = [] if busy else [layer for layer in layers if any(t.requires_grad for t in _weight_tensors(layer))]
+    track = [] if busy else [layer for layer in layers if any(t.requires_grad for t in layer.weight_tensors)]
     if not track:
         yield
         return
@@ -314,7 +309,7 @@ def weight_cache(module: nn.Module, process_group: object = None, dtype: torch.d
     if any(layer.step_weight is not None for layer in layers):
         raise RuntimeError("weight_cache is already active on a layer of this module (nested weight_cache)")
     grad = torch.is_grad_enabled()
-    track = [layer for layer in layers if grad and any(t.requires_grad for t in _weight_tensors(layer))]
+    track = [layer for layer in layers if grad and any(t.requires_grad for t in layer.weight_tensors)]
     frozen = [layer for layer in layers if layer not in track]
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
@@ -356,7 +351,7 @@ def weight_cache(module: nn.Module, process_group: object = None, dtype: torch.d
     if outs:
         torch.autograd.backward(outs, grads)
     if process_group is not None:
-        cores = {id(c): c for layer in track for c in _weight_tensors(layer) if c.requires_grad}
+        cores = {id(c): c for layer in track for c in layer.weight_tensors if c.requires_grad}
         present = [c.grad for c in cores.values() if c.grad is not None]
         _all_reduce_mean(present, process_group)
 
@@ -365,7 +360,7 @@ def mpo_core_names(module: nn.Module) -> list[str]:
     """Qualified names of every MPO core of ``module``'s layers (and of their attached updates' ``U`` and
     ``D``, whose gradients also arrive when :func:`weight_cache` ends), each alias of a shared core included
     (a shared central is reachable under one name per layer and one in its owner)."""
-    ids = {id(c) for layer in _layers(module) for c in _weight_tensors(layer)}
+    ids = {id(c) for layer in _layers(module) for c in layer.weight_tensors}
     return [name for name, p in module.named_parameters(remove_duplicate=False) if id(p) in ids]
 
 
@@ -379,7 +374,7 @@ def exclude_cores_from_ddp(module: nn.Module, broadcast: bool = True) -> list[st
     names = mpo_core_names(module)
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
     if broadcast and dist.is_initialized():
-        cores = {id(c): c for layer in _layers(module) for c in _weight_tensors(layer)}
+        cores = {id(c): c for layer in _layers(module) for c in layer.weight_tensors}
         with torch.no_grad():
             for core in cores.values():
                 dist.broadcast(core.data, src=0)

@@ -61,13 +61,7 @@ class MPOLayer(Protocol):
     cache_weight: bool
     step_weight: torch.Tensor | None
     route_memo: dict
-    update_tensors: tuple[torch.Tensor, ...]
-
-
-def _weight_tensors(layer: MPOLayer) -> Sequence[torch.Tensor]:
-    """What the layer's ``W`` is built from: its cores, and its attached low-rank update's ``U`` and ``D``."""
-    extra = layer.update_tensors
-    return layer.cores if not extra else (*layer.cores, *extra)
+    weight_tensors: tuple[torch.Tensor, ...]  # what W is built from: the cores, then an attached update's U, D
 
 
 def needs_grad(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None) -> bool:
@@ -83,7 +77,7 @@ def choose_route(x: torch.Tensor, layer: MPOLayer, bias: torch.Tensor | None = N
     if layer.step_weight is not None:
         return "step W"
     bias = layer.bias if bias is None else bias
-    if layer.cache_weight and layer.strategy in ("auto", "dense") and not needs_grad(x, _weight_tensors(layer), bias):
+    if layer.cache_weight and layer.strategy in ("auto", "dense") and not needs_grad(x, layer.weight_tensors, bias):
         dev = x.device.type
         key = (token_bucket(x.numel() // layer.in_features), x.dtype, dev, torch.is_autocast_enabled(dev),
                device_model(dev))
@@ -141,7 +135,7 @@ def explain_route(x: torch.Tensor | int, layer: MPOLayer, bias: torch.Tensor | N
         return Route("step W", None)
     bias = layer.bias if bias is None else bias
     plan = resolve(x, list(layer.cores), bias, layer.strategy, None, None)[1]
-    grad = needs_grad(x if isinstance(x, torch.Tensor) else torch.empty(0), _weight_tensors(layer), bias)
+    grad = needs_grad(x if isinstance(x, torch.Tensor) else torch.empty(0), layer.weight_tensors, bias)
     if not (layer.cache_weight and layer.strategy in ("auto", "dense") and not grad):
         return Route("planned", plan)
     return Route("cached W" if gemm_beats_plan(plan) else "planned", plan, _gemm_seconds(plan))

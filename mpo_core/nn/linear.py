@@ -166,9 +166,11 @@ class MPOLinear(nn.Module):
         return self._update[0] if self._update else None
 
     @property
-    def update_tensors(self) -> tuple[torch.Tensor, ...]:
-        """``(U, D)`` of the attached update, or ``()``: with the cores, what ``W`` is built from."""
-        return (self._update[0].U, self._update[0].D) if self._update else ()
+    def weight_tensors(self) -> tuple[torch.Tensor, ...]:
+        """What ``W`` is built from: the cores, then the attached update's ``U`` and ``D``."""
+        # ParameterList's own iteration costs ~7 us (an attribute lookup per index): read its dict.
+        cores = tuple(self.cores._parameters.values())
+        return (*cores, self._update[0].U, self._update[0].D) if self._update else cores
 
     def attach_update(self, update: nn.Module | None) -> None:
         """Make the weight ``W = MPO + U D``: ``update.U`` is ``(in_features, r)``, ``update.D`` is
@@ -320,10 +322,8 @@ class MPOLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _cached_weight(self) -> torch.Tensor:
-        # ParameterList's own iteration costs ~7 us (an attribute lookup per index): read its dict.
         # A new dtype or device means new storage, so the pointer and version identify the values.
-        tensors = [*self.cores._parameters.values(), *self.update_tensors]
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        key = tuple((t.data_ptr(), t._version) for t in self.weight_tensors)
         if self._cached is None or self._cached[0] != key:
             with torch.no_grad():
                 self._cached = (key, with_update(dense_weight(list(self.cores)), self.update).T.contiguous())
