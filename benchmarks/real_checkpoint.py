@@ -169,12 +169,9 @@ def _sweep(args, key: dict, model, train_rows, dev_rows, pad, old: list[dict], r
     return best_lr(mine)
 
 
-def run_compress(args, tokenizer, model_cls, spec, train_ex, dev_ex, partial: Callable[[dict], None]
+def run_compress(args, pad: int, model_cls, spec, train_rows, dev_rows, partial: Callable[[dict], None]
                  ) -> tuple[list[dict], list[dict]]:
     """Every compress contender at every budget; with ``--finetune-epochs``, each fine-tuned (the runs, second)."""
-    pad = tokenizer.pad_token_id
-    dev_rows = encode(tokenizer, dev_ex, args.max_len)
-    train_rows = encode(tokenizer, train_ex, args.max_len)
     held = text_batches(dev_rows, pad)
     rng = random.Random(0)
     calib_rows = rng.sample(train_rows, min(args.calibration_texts, len(train_rows)))
@@ -210,13 +207,10 @@ def run_compress(args, tokenizer, model_cls, spec, train_ex, dev_ex, partial: Ca
     return rows, runs
 
 
-def finetune_healed(args, tokenizer, model_cls, spec, train_ex, dev_ex, heal_rows: list[dict],
+def finetune_healed(args, pad: int, model_cls, spec, train_rows, dev_rows, heal_rows: list[dict],
                     partial: Callable[[dict], None]) -> list[dict]:
     """Each healed student fine-tuned on the task as compressed and as healed (``--compress-lrs``, seeds); adds
     ``acc_before`` / ``acc_after`` (best lr's mean) and their summaries to the rows; returns the runs."""
-    pad = tokenizer.pad_token_id
-    train_rows = encode(tokenizer, train_ex, args.max_len)
-    dev_rows = encode(tokenizer, dev_ex, args.max_len)
     old = earlier_runs(args, "heal")
     runs: list[dict] = []
     for row in heal_rows:
@@ -305,13 +299,10 @@ def earlier_runs(args, section: str = "peft") -> list[dict]:
     return [r for r in old.get(f"{section}_runs", []) if r["contender"] in wanted]
 
 
-def run_peft(args, tokenizer, model_cls, spec, train_ex, dev_ex, partial: Callable[[list[dict], dict], None]
+def run_peft(args, pad: int, model_cls, spec, train_rows, dev_rows, partial: Callable[[list[dict], dict], None]
              ) -> tuple[list[dict], dict]:
     """Every PEFT contender at every lr and seed (but those ``--resume`` kept); ``partial(runs, meta)`` after each
     run (the JSON so far)."""
-    pad = tokenizer.pad_token_id
-    train_rows = encode(tokenizer, train_ex, args.max_len)
-    dev_rows = encode(tokenizer, dev_ex, args.max_len)
     torch.manual_seed(0)
     base = model_cls.from_pretrained(args.checkpoint, num_labels=spec.num_labels)
     rank, lora_count, aux_count = matched_lora_rank(base, args.peft_targets, args.mpo_n)
@@ -450,18 +441,21 @@ def _run(args, spec, train_ex, dev_ex, transformers) -> dict:
                                "task": spec.name, "train": len(train_ex), "dev": len(dev_ex),
                                "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "source")}}
     sections = [s for s in args.sections.split(",") if s]
+    pad = tokenizer.pad_token_id
+    train_rows, dev_rows = (encode(tokenizer, ex, args.max_len) for ex in (train_ex, dev_ex))  # once, for all sections
+
     def partial(part: dict) -> None:
         write_json(args.output, {**payload, **part, "complete": False})
 
     if "compress" in sections:
-        rows, runs = run_compress(args, tokenizer, model_cls, spec, train_ex, dev_ex, partial)
+        rows, runs = run_compress(args, pad, model_cls, spec, train_rows, dev_rows, partial)
         payload["compress"], payload["compress_runs"] = rows, runs
         cols = ["budget", "contender", "params", "weight_err", "cosine"] + (["acc_mean", "acc_std"]
                                                                            if args.finetune_epochs else []) + ["seconds"]
         print(format_table(rows, cols))
         payload["compress_plot"] = plot(rows, os.path.splitext(args.output)[0] + "_compress.png")
     if "peft" in sections:
-        runs, meta = run_peft(args, tokenizer, model_cls, spec, train_ex, dev_ex,
+        runs, meta = run_peft(args, pad, model_cls, spec, train_rows, dev_rows,
                               lambda runs, meta: partial({"peft_runs": runs, "peft": summarise_peft(runs),
                                                           "peft_counts": meta}))
         payload["peft_runs"], payload["peft"], payload["peft_counts"] = runs, summarise_peft(runs), meta
@@ -471,7 +465,7 @@ def _run(args, spec, train_ex, dev_ex, transformers) -> dict:
         payload["heal"] = run_heal(args)
         partial({})
         if args.finetune_epochs > 0:
-            payload["heal_runs"] = finetune_healed(args, tokenizer, model_cls, spec, train_ex, dev_ex, payload["heal"],
+            payload["heal_runs"] = finetune_healed(args, pad, model_cls, spec, train_rows, dev_rows, payload["heal"],
                                                    partial)
             heal_cols += ["acc_before", "acc_after"]
         print(format_table(payload["heal"], heal_cols))
